@@ -1,0 +1,37 @@
+# The two set-up commands: `make demo` and `make test`. Both create .venv and install what they need.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test lint bench install constraints clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dali,test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/raysemi demo
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+bench: $(STAMP)
+	$(BIN)/python bench/ingest.py
+	$(BIN)/python bench/pretrain.py
+	$(BIN)/python bench/pseudolabel.py
+
+constraints: $(STAMP)
+	(echo "# Exact versions that 'make' and CI install (pip -c constraints.txt). Regenerate with 'make constraints'."; \
+	 $(BIN)/python -m pip freeze --exclude-editable | grep -v '^raysemi') > constraints.txt
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache .ruff_cache

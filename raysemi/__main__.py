@@ -1,0 +1,5 @@
+import sys
+
+from raysemi.cli import main
+
+sys.exit(main())

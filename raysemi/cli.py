@@ -1,0 +1,166 @@
+"""``raysemi`` command line: ingest | pretrain | finetune | pseudolabel | evaluate | run | tune | demo.
+
+Every training command takes ``--config FILE`` and any number of ``--set key=value`` overrides; the
+resolved config is validated once, before any work starts. A problem with what the user gave is reported
+as one line on stderr with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from raysemi.errors import RaysemiError
+
+log = logging.getLogger("raysemi")
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config (defaults for every key not given)")
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override one config key, e.g. --set pretrain.epochs=50 (repeatable)",
+    )
+
+
+def _load(args: argparse.Namespace):
+    from raysemi.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from raysemi.data.ingest import ingest, summarize
+
+    manifest = ingest(
+        args.source, args.dest, fmt=args.format, shard_mb=args.shard_mb, min_shards=args.min_shards,
+        val_fraction=args.val_fraction, test_fraction=args.test_fraction, group_regex=args.group_regex,
+        unlabeled=args.unlabeled, seed=args.seed, overwrite=args.overwrite, progress=not args.quiet,
+    )
+    print(summarize(manifest))
+    print(f"dataset written to {args.dest}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from raysemi.demo import run_demo
+
+    report = run_demo(args.out, resume=args.resume, config_path=args.config, overrides=args.overrides)
+    print(f"report: {report.removesuffix('.json')}.md (and {report})")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from raysemi.pipeline import run_pipeline
+
+    cfg = _load(args)
+    report = run_pipeline(cfg, resume=args.resume, overwrite=args.overwrite, config_path=args.config or "")
+    print(f"report: {report.removesuffix('.json')}.md (and {report})")
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from raysemi.pipeline import finetune_only
+
+    cfg = _load(args)
+    print(f"classifier: {finetune_only(cfg, args.init, overwrite=args.overwrite)}")
+    return 0
+
+
+def cmd_pseudolabel(args: argparse.Namespace) -> int:
+    from raysemi.pipeline import pseudolabel_only
+
+    cfg = _load(args)
+    print(pseudolabel_only(cfg, args.model, args.out))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from raysemi.stages import evaluate
+
+    cfg = _load(args)
+    report = evaluate.run(cfg, args.model, args.split)
+    print(f"report: {report.removesuffix('.json')}.md (and {report})")
+    return 0
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from raysemi.stages import pretrain
+
+    cfg = _load(args)
+    result = pretrain.run(cfg, resume=args.resume, overwrite=args.overwrite)
+    print(f"pretrained backbone: {result.weights}")
+    return 0
+
+
+def _add_ingest(sub) -> None:
+    p = sub.add_parser("ingest", help="image folder / .npz / CSV -> validated Parquet shards + manifest")
+    p.add_argument("source", help="image folder (class subfolders, optional train/val/test), .npz, or .csv")
+    p.add_argument("dest", help="dataset folder or s3://bucket/prefix")
+    p.add_argument("--format", default="auto", choices=["auto", "folder", "npz", "csv"])
+    p.add_argument("--shard-mb", type=float, default=64.0, help="target shard size in MB (default 64)")
+    p.add_argument("--min-shards", type=int, default=4, help="at least this many shards per split (default 4)")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="when the source has no val split")
+    p.add_argument("--test-fraction", type=float, default=0.1, help="when the source has no test split")
+    p.add_argument("--group-regex", help="regex whose group 1 is the patient key, applied to the file name")
+    p.add_argument("--unlabeled", help="folder of images without labels (split 'unlabeled')")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace a dataset already at DEST")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_ingest)
+
+
+def _add_stage(sub, name: str, help_: str, func: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help_)
+    _add_config_args(p)
+    p.set_defaults(func=func)
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="raysemi", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_ingest(sub)
+    p = _add_stage(sub, "pretrain", "BYOL pretraining on Ray Train (DDP)", cmd_pretrain)
+    p.add_argument("--resume", action="store_true", help="continue the run in the output folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier run in the output folder")
+    p = _add_stage(sub, "finetune", "fine-tune a classifier on the labelled rows", cmd_finetune)
+    p.add_argument("--init", help="byol.safetensors to start from (default: random init)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier classifier in the output folder")
+    p = _add_stage(sub, "pseudolabel", "predict every unlabelled image with a classifier (Ray actor pool)",
+                   cmd_pseudolabel)
+    p.add_argument("--model", required=True, help="classifier.safetensors (local or s3://)")
+    p.add_argument("--out", help="prediction folder (default <run.output_dir>/predictions/manual)")
+    p = _add_stage(sub, "evaluate", "metrics and report of a classifier on one split", cmd_evaluate)
+    p.add_argument("--model", required=True, help="classifier.safetensors (local or s3://)")
+    p.add_argument("--split", default="test", help="split to evaluate (default test)")
+    p = _add_stage(sub, "run", "the whole method: pretrain, fine-tune, pseudo-label rounds, report", cmd_run)
+    p.add_argument("--resume", action="store_true", help="continue the run in run.output_dir")
+    p.add_argument("--overwrite", action="store_true", help="replace the run in run.output_dir")
+    p = _add_stage(sub, "demo", "generate the synthetic demo data set and run the method on it", cmd_demo)
+    p.add_argument("--out", default="outputs/demo", help="demo folder (default outputs/demo)")
+    p.add_argument("--resume", action="store_true", help="continue the previous demo instead of starting afresh")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s: %(message)s"
+    )
+    try:
+        return args.func(args)
+    except RaysemiError as err:
+        print(f"raysemi {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"raysemi {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,348 @@
+"""One frozen configuration tree for every raysemi command.
+
+Loaded from YAML (any subset of keys; the rest are the defaults below) with dotted overrides
+(``--set pretrain.epochs=50``). Unknown keys and values of the wrong type are refused with the key's
+dotted name, once, before any work starts. The resolved tree is dumped next to every output
+(``config.yaml``) so that a result always names what produced it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from raysemi.errors import RaysemiError
+
+
+class ConfigError(RaysemiError):
+    """A configuration problem, reported as one line naming the key."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    path: str = "outputs/demo/dataset"  # dataset URI: local folder or s3://bucket/prefix
+    image_size: int = 64  # training resolution (square)
+    loader: Literal["auto", "dali", "torch"] = "auto"  # auto = DALI wherever it imports
+    num_threads: int = 2  # decode threads per worker (DALI) / DataLoader workers (torch)
+    # "Few labels" on a fully labeled set: keep a deterministic subset (by id hash) of train labels.
+    label_fraction: float | None = None
+    labels_per_class: int | None = None
+    label_seed: int = 0
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """BYOL's asymmetric two-view recipe (Grill et al. 2020, Table 6); greyscale-friendly defaults."""
+
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    hflip_p: float = 0.5
+    jitter_p: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.2
+    hue: float = 0.0  # 0.1 in the paper; hue carries no information in greyscale radiographs
+    grey_p: float = 0.2
+    blur_p: tuple[float, float] = (1.0, 0.1)  # view 1, view 2
+    solarize_p: tuple[float, float] = (0.0, 0.2)
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    backbone: str = "resnet18"  # any timm model name
+    small_image: bool = True  # 3x3 stem, no max-pool: for 28-64 px inputs
+    proj_hidden_dim: int = 4096  # BYOL paper defaults
+    proj_dim: int = 256
+    pred_hidden_dim: int = 4096
+    head: Literal["projector", "encoder"] = "projector"  # paper: classifier on the projector output
+    sync_batchnorm: bool = False
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    epochs: int = 100
+    batch_size: int = 256  # global, split across workers
+    optimizer: Literal["lars", "sgd", "adamw"] = "lars"
+    lr: float = 0.2  # base lr per 256 images, scaled linearly with the global batch (BYOL: 0.2 x B/256)
+    weight_decay: float = 1.5e-6
+    warmup_epochs: int = 10
+    tau_base: float = 0.99
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast on GPU only
+    channels_last: bool = True  # GPU only
+    checkpoint_every: int = 1  # epochs
+    knn_every: int = 5  # epochs; 0 disables the kNN monitor
+    knn_k: int = 20
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    epochs: int = 30
+    batch_size: int = 128
+    optimizer: Literal["lars", "sgd", "adamw"] = "sgd"
+    lr: float = 0.01  # not scaled
+    weight_decay: float = 1e-4
+    warmup_epochs: int = 0
+    freeze_backbone: bool = False  # True = linear probe
+    class_weighting: bool = False  # inverse-frequency class weights in the loss
+    pseudo_weight: float = 1.0  # loss weight of a pseudo-labeled row relative to a true label
+    label_smoothing: float = 0.0
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    checkpoint_every: int = 5  # epochs
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class PseudoLabelConfig:
+    rounds: int = 2
+    budget: int = 1000  # pseudo-labels added per round (cumulative selection from the pool)
+    class_balanced: bool = False
+    min_confidence: float = 0.0
+    num_actors: int = 2
+    batch_size: int = 256
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 0.0
+    retrain_from: Literal["pretrained", "previous"] = "pretrained"
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    address: str | None = None  # None: attach to a running cluster if there is one, else start a local Ray
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    # Ray Train's checkpoints; None = <run.output_dir>/ray. Must be shared by all nodes (s3://) on a cluster.
+    storage_path: str | None = None
+    max_failures: int = 2
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    output_dir: str = "outputs/run"
+    mode: Literal["full", "byol_finetune", "supervised"] = "full"
+    name: str = "raysemi"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    pseudolabel: PseudoLabelConfig = field(default_factory=PseudoLabelConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def replace(self, **dotted: Any) -> Config:
+        """A copy with dotted keys replaced: ``cfg.replace(**{"pretrain.epochs": 5})``."""
+        return apply_overrides(self, dotted)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(dataclasses.asdict(self))
+
+
+def _to_plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
+    if isinstance(value, tuple | list):
+        return [_to_plain(v) for v in value]
+    return value
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check (and minimally coerce) ``value`` against the annotation ``tp``; raise naming ``key``."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if errors else f"{key}: must not be null")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, list | tuple) or len(value) != len(args):
+            raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {tp!r}")  # pragma: no cover - schema bug
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"unknown config key {where}{unknown[0]} (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, key)
+        else:
+            kwargs[name] = _coerce(value, tp, key)
+    return cls(**kwargs)
+
+
+def from_dict(data: dict[str, Any] | None) -> Config:
+    cfg = _build(Config, data or {}, "")
+    validate(cfg)
+    return cfg
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``"pretrain.epochs=50"`` -> ``("pretrain.epochs", 50)``; the value is parsed as YAML."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{key}: cannot parse value {raw!r}: {err}") from None
+    return key, value
+
+
+def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
+    data = cfg.to_dict()
+    for key, value in overrides.items():
+        parts = key.split(".")
+        node = data
+        for i, part in enumerate(parts[:-1]):
+            if not isinstance(node.get(part), dict):
+                raise ConfigError(f"unknown config key {'.'.join(parts[: i + 1])}")
+            node = node[part]
+        if parts[-1] not in node or isinstance(node[parts[-1]], dict):
+            raise ConfigError(f"unknown config key {key}")
+        node[parts[-1]] = value
+    return from_dict(data)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (or the defaults when ``path`` is None) and apply ``key=value`` overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}".splitlines()[0]) from None
+    cfg = from_dict(data)
+    if overrides:
+        cfg = apply_overrides(cfg, dict(parse_override(o) for o in overrides))
+    return cfg
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise ConfigError(message)
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that the types alone cannot express."""
+    d, p, f, pl, r = cfg.data, cfg.pretrain, cfg.finetune, cfg.pseudolabel, cfg.ray
+    _check(16 <= d.image_size <= 1024, f"data.image_size: {d.image_size} is outside [16, 1024]")
+    _check(d.num_threads >= 1, "data.num_threads: must be >= 1")
+    _check(
+        d.label_fraction is None or 0.0 < d.label_fraction <= 1.0,
+        f"data.label_fraction: {d.label_fraction} is outside (0, 1]",
+    )
+    _check(d.labels_per_class is None or d.labels_per_class >= 1, "data.labels_per_class: must be >= 1")
+    _check(
+        d.label_fraction is None or d.labels_per_class is None,
+        "data.label_fraction and data.labels_per_class: set at most one",
+    )
+    a = cfg.augment
+    _check(0.0 < a.crop_scale[0] <= a.crop_scale[1] <= 1.0, f"augment.crop_scale: {a.crop_scale} is not in (0, 1]")
+    for name in ("hflip_p", "jitter_p", "grey_p"):
+        v = getattr(a, name)
+        _check(0.0 <= v <= 1.0, f"augment.{name}: {v} is not a probability")
+    for name in ("blur_p", "solarize_p"):
+        for v in getattr(a, name):
+            _check(0.0 <= v <= 1.0, f"augment.{name}: {v} is not a probability")
+    _check(all(s > 0 for s in a.std), "augment.std: must be positive")
+    m = cfg.model
+    for name in ("proj_hidden_dim", "proj_dim", "pred_hidden_dim"):
+        _check(getattr(m, name) >= 1, f"model.{name}: must be >= 1")
+    for stage, s in (("pretrain", p), ("finetune", f)):
+        _check(s.epochs >= 1, f"{stage}.epochs: must be >= 1")
+        _check(s.batch_size >= 1, f"{stage}.batch_size: must be >= 1")
+        _check(s.lr > 0, f"{stage}.lr: must be > 0")
+        _check(s.weight_decay >= 0, f"{stage}.weight_decay: must be >= 0")
+        _check(
+            0 <= s.warmup_epochs <= s.epochs,
+            f"{stage}.warmup_epochs: {s.warmup_epochs} is outside [0, {stage}.epochs={s.epochs}]",
+        )
+        _check(
+            s.batch_size >= r.num_workers,
+            f"{stage}.batch_size: {s.batch_size} is smaller than ray.num_workers ({r.num_workers})",
+        )
+    _check(0.0 <= p.tau_base < 1.0, f"pretrain.tau_base: {p.tau_base} is outside [0, 1)")
+    _check(p.checkpoint_every >= 1, "pretrain.checkpoint_every: must be >= 1")
+    _check(f.checkpoint_every >= 1, "finetune.checkpoint_every: must be >= 1")
+    _check(p.knn_every >= 0 and p.knn_k >= 1, "pretrain.knn_every must be >= 0 and pretrain.knn_k >= 1")
+    _check(f.pseudo_weight > 0, "finetune.pseudo_weight: must be > 0")
+    _check(0.0 <= f.label_smoothing < 1.0, "finetune.label_smoothing: must be in [0, 1)")
+    _check(pl.rounds >= 0, "pseudolabel.rounds: must be >= 0")
+    _check(pl.budget >= 1, "pseudolabel.budget: must be >= 1")
+    _check(0.0 <= pl.min_confidence <= 1.0, "pseudolabel.min_confidence: must be in [0, 1]")
+    _check(pl.num_actors >= 1 and pl.batch_size >= 1, "pseudolabel.num_actors and batch_size must be >= 1")
+    _check(pl.cpus_per_actor > 0 or pl.gpus_per_actor > 0, "pseudolabel: an actor needs CPUs or GPUs")
+    _check(r.num_workers >= 1, "ray.num_workers: must be >= 1")
+    # PyTorch's SyncBatchNorm runs on CUDA only; on CPU workers each rank normalises its own half-batch.
+    _check(r.use_gpu or not m.sync_batchnorm, "model.sync_batchnorm: needs ray.use_gpu=true (CUDA only)")
+    _check(r.cpus_per_worker > 0, "ray.cpus_per_worker: must be > 0")
+    _check(r.max_failures >= 0, "ray.max_failures: must be >= 0")
+
+
+def dump_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML (what ``load_config`` reads back)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def config_to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def config_from_yaml(text: str) -> Config:
+    return from_dict(yaml.safe_load(text) or {})

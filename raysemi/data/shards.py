@@ -1,0 +1,241 @@
+"""The dataset contract: Parquet shards + ``manifest.json``, on a local path or ``s3://bucket/prefix``.
+
+A dataset is ``<root>/manifest.json`` and ``<root>/<split>/part-NNNNN.parquet``. Shards are written under
+a temporary name and renamed; the manifest is written last, so a folder without a manifest is never
+mistaken for a dataset. Every path is a URI and goes through fsspec (s3fs for ``s3://``), so the same code
+reads and writes both. S3 endpoints and credentials come from the standard AWS environment
+(``AWS_ENDPOINT_URL``, ``AWS_PROFILE``, instance roles); nothing is read from configs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import uuid
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
+
+from raysemi.errors import RaysemiError
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+SPLITS = ("train", "val", "test", "unlabeled")
+
+SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("image", pa.binary(), nullable=False),
+        pa.field("label", pa.int16(), nullable=True),
+        pa.field("group", pa.string(), nullable=True),
+        pa.field("source", pa.string(), nullable=False),
+    ]
+)
+
+
+class DatasetError(RaysemiError):
+    """A dataset that cannot be read or written; the message is one line for the user."""
+
+
+def image_id(data: bytes) -> str:
+    """Stable id of an encoded image: the sha256 of its bytes (so exact copies share an id)."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem and in-filesystem path for a local path or URI."""
+    fs, path = fsspec.core.url_to_fs(str(uri))
+    return fs, path
+
+
+def join(uri: str, *parts: str) -> str:
+    base = str(uri).rstrip("/")
+    return "/".join([base, *[p.strip("/") for p in parts]])
+
+
+def is_remote(uri: str) -> bool:
+    return "://" in str(uri) and not str(uri).startswith("file://")
+
+
+@dataclass
+class ShardInfo:
+    path: str  # relative to the dataset root, e.g. "train/part-00000.parquet"
+    rows: int
+    labeled: int
+    sha256: str
+
+
+@dataclass
+class SplitInfo:
+    rows: int = 0
+    labeled: int = 0
+    label_counts: dict[str, int] = field(default_factory=dict)  # class name -> count
+    shards: list[ShardInfo] = field(default_factory=list)
+
+
+@dataclass
+class Manifest:
+    classes: list[str]
+    splits: dict[str, SplitInfo]
+    quarantine: list[dict[str, str]] = field(default_factory=list)  # {"source", "reason"}
+    duplicates: int = 0  # exact copies (same sha256) dropped at ingest
+    source: str = ""
+    synthetic: bool = False
+    format_version: int = FORMAT_VERSION
+    created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def shard_uris(self, root: str, split: str) -> list[str]:
+        if split not in self.splits:
+            raise DatasetError(f"dataset {root} has no split {split!r} (it has: {', '.join(self.splits)})")
+        return [join(root, s.path) for s in self.splits[split].shards]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> Manifest:
+        raw = json.loads(text)
+        if raw.get("format_version") != FORMAT_VERSION:
+            raise DatasetError(f"manifest format {raw.get('format_version')!r} is not {FORMAT_VERSION}")
+        splits = {
+            name: SplitInfo(
+                rows=s["rows"],
+                labeled=s["labeled"],
+                label_counts=dict(s.get("label_counts", {})),
+                shards=[ShardInfo(**sh) for sh in s["shards"]],
+            )
+            for name, s in raw["splits"].items()
+        }
+        raw["splits"] = splits
+        return cls(**raw)
+
+
+def dataset_exists(root: str) -> bool:
+    fs, path = filesystem(root)
+    return fs.exists(f"{path.rstrip('/')}/{MANIFEST}")
+
+
+def read_manifest(root: str) -> Manifest:
+    """The manifest of the dataset at ``root``; a clear error when there is none."""
+    fs, path = filesystem(root)
+    mpath = f"{path.rstrip('/')}/{MANIFEST}"
+    try:
+        with fs.open(mpath, "rb") as fh:
+            text = fh.read().decode()
+    except FileNotFoundError:
+        raise DatasetError(f"no {MANIFEST} at {root}: not a raysemi dataset (or an unfinished ingest)") from None
+    except PermissionError as err:
+        raise DatasetError(f"cannot read {root}: access denied ({err})") from None
+    try:
+        return Manifest.from_json(text)
+    except (KeyError, TypeError, json.JSONDecodeError) as err:
+        raise DatasetError(f"{root}/{MANIFEST} is malformed: {err}") from None
+
+
+def write_bytes_atomic(uri: str, data: bytes) -> None:
+    """Write under a temporary name, then move into place (on S3 the final PUT is atomic)."""
+    fs, path = filesystem(uri)
+    if isinstance(fs, LocalFileSystem):
+        # Only local folders need creating; on S3, makedirs would create a missing *bucket* (s3fs's
+        # create_parents), so a typo in a bucket name would silently make a new bucket.
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        with fs.open(tmp, "wb") as fh:
+            fh.write(data)
+        fs.mv(tmp, path)
+    except BaseException:
+        try:  # leave no temporary behind; the original error is what matters
+            if fs.exists(tmp):
+                fs.rm(tmp)
+        except Exception:
+            pass
+        raise
+
+
+def write_manifest(root: str, manifest: Manifest) -> None:
+    write_bytes_atomic(join(root, MANIFEST), manifest.to_json().encode())
+
+
+def table_bytes(table: pa.Table) -> bytes:
+    buf = io.BytesIO()
+    # Small row groups keep the loader's memory bounded when it streams a shard.
+    pq.write_table(table, buf, row_group_size=512, compression="zstd")
+    return buf.getvalue()
+
+
+def write_shard(root: str, relpath: str, table: pa.Table, class_count: int | None = None) -> ShardInfo:
+    """Write one shard atomically and describe it for the manifest."""
+    table = table.cast(SCHEMA) if table.schema != SCHEMA else table
+    data = table_bytes(table)
+    write_bytes_atomic(join(root, relpath), data)
+    labeled = table.num_rows - table.column("label").null_count
+    return ShardInfo(path=relpath, rows=table.num_rows, labeled=labeled, sha256=hashlib.sha256(data).hexdigest())
+
+
+def read_shard(uri: str, columns: Sequence[str] | None = None) -> pa.Table:
+    fs, path = filesystem(uri)
+    try:
+        with fs.open(path, "rb") as fh:
+            return pq.read_table(fh, columns=list(columns) if columns else None)
+    except FileNotFoundError:
+        raise DatasetError(f"shard {uri} is missing") from None
+
+
+def read_split(root: str, split: str, columns: Sequence[str] | None = None) -> pa.Table:
+    manifest = read_manifest(root)
+    tables = [read_shard(u, columns) for u in manifest.shard_uris(root, split)]
+    if not tables:
+        return SCHEMA.empty_table().select(list(columns) if columns else SCHEMA.names)
+    return pa.concat_tables(tables)
+
+
+def remove_dataset(root: str) -> None:
+    """Delete a dataset: the manifest first, so a half-deleted folder never looks complete."""
+    fs, path = filesystem(root)
+    mpath = f"{path.rstrip('/')}/{MANIFEST}"
+    if fs.exists(mpath):
+        fs.rm(mpath)
+    for split in SPLITS:
+        sp = f"{path.rstrip('/')}/{split}"
+        if fs.exists(sp):
+            fs.rm(sp, recursive=True)
+
+
+def assign_shards(shards: Sequence[Any], rank: int, world_size: int) -> list[Any]:
+    """Round-robin shards over global ranks: rank r gets shards r, r+W, r+2W, ..."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not within a world of size {world_size}")
+    if len(shards) < world_size:
+        raise DatasetError(f"{len(shards)} shards cannot feed {world_size} workers: re-ingest with more shards")
+    return list(shards[rank::world_size])
+
+
+def steps_per_epoch(shard_rows: Sequence[int], world_size: int, batch_per_rank: int) -> int:
+    """Equal step count for every rank (the smallest rank's full batches), or DDP hangs at epoch end."""
+    per_rank = [sum(shard_rows[r::world_size]) for r in range(world_size)]
+    steps = min(per_rank) // batch_per_rank
+    if steps < 1:
+        raise DatasetError(
+            f"a batch of {batch_per_rank} per worker is larger than the smallest worker's {min(per_rank)} rows"
+        )
+    return steps
+
+
+def split_batch(global_batch: int, world_size: int) -> int:
+    """Per-rank batch of a global batch (rounded down: the global batch is at most what was asked)."""
+    if global_batch < world_size:
+        raise ValueError(f"batch size {global_batch} is smaller than the {world_size} workers")
+    return global_batch // world_size

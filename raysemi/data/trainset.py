@@ -1,0 +1,83 @@
+"""The training set of a fine-tuning round, written as shards of its own: labelled + pseudo-labelled rows.
+
+Each round trains on a few thousand rows picked from shards that may hold millions, so those rows are
+copied once into small shards (``id, image, label, weight``) that the loader streams like any other; the
+Ray Train workers then need no id filtering and every rank gets an equal share.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from raysemi.data.shards import DatasetError, Manifest, join, read_shard, table_bytes, write_bytes_atomic
+
+TRAINSET_SCHEMA = pa.schema(
+    [("id", pa.string()), ("image", pa.binary()), ("label", pa.int16()), ("weight", pa.float32())]
+)
+
+
+@dataclass(frozen=True)
+class TrainSet:
+    uris: list[str]
+    rows: list[int]  # per shard
+    class_counts: list[int]
+
+    @property
+    def total(self) -> int:
+        return sum(self.rows)
+
+
+def write_trainset(
+    root: str,
+    manifest: Manifest,
+    rows: dict[str, tuple[int, float]],
+    out_uri: str,
+    num_shards: int,
+    splits: tuple[str, ...] = ("train", "unlabeled"),
+) -> TrainSet:
+    """Copy the rows ``{id: (label, weight)}`` out of the dataset's ``splits`` into ``num_shards`` shards."""
+    if not rows:
+        raise DatasetError("the training set is empty: no labelled rows were chosen")
+    wanted = pa.array(sorted(rows), pa.string())
+    parts = []
+    for split in splits:
+        if split not in manifest.splits:
+            continue
+        for uri in manifest.shard_uris(root, split):
+            t = read_shard(uri, ["id", "image"])
+            parts.append(t.filter(pc.is_in(t.column("id"), value_set=wanted)))
+    found = pa.concat_tables(parts) if parts else pa.table({"id": [], "image": []})
+    found = found.take(pc.unique_indices(found.column("id"))) if hasattr(pc, "unique_indices") else found
+    ids = found.column("id").to_pylist()
+    missing = len(rows) - len(set(ids))
+    if missing:
+        raise DatasetError(f"{missing} training rows were not found in the dataset {root}")
+    # Deterministic order that mixes classes across shards.
+    order = sorted(range(len(ids)), key=lambda i: hashlib.sha256(ids[i].encode()).hexdigest())
+    found = found.take(pa.array(order))
+    ids = found.column("id").to_pylist()
+    labels = pa.array([rows[i][0] for i in ids], pa.int16())
+    weights = pa.array([rows[i][1] for i in ids], pa.float32())
+    table = pa.table([found.column("id"), found.column("image"), labels, weights], schema=TRAINSET_SCHEMA)
+    num_shards = max(1, min(num_shards, table.num_rows))
+    uris, counts = [], []
+    for s in range(num_shards):
+        part = table.take(pa.array(range(s, table.num_rows, num_shards)))
+        uri = join(out_uri, f"part-{s:05d}.parquet")
+        write_bytes_atomic(uri, table_bytes(part))
+        uris.append(uri)
+        counts.append(part.num_rows)
+    n_classes = max(manifest.num_classes, 1)
+    class_counts = [0] * n_classes
+    for label, _ in rows.values():
+        class_counts[label] += 1
+    return TrainSet(uris, counts, class_counts)
+
+
+def read_trainset_labels(uri: str) -> pa.Table:
+    return pq.read_table(uri, columns=["id", "label", "weight"])

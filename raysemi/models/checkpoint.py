@@ -1,0 +1,74 @@
+"""Model files: the fine-tuned classifier as safetensors with the resolved config in its metadata.
+
+A classifier file holds tensors only, plus metadata strings (config YAML, class names, head type), so
+loading it never unpickles anything. The model is rebuilt from the config (``timm.create_model``) and
+the weights are loaded strictly: a file from another architecture or class count is refused.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from raysemi.config import Config, config_from_yaml, config_to_yaml
+from raysemi.models.backbone import create_backbone, feature_dim
+from raysemi.models.byol import Classifier
+from raysemi.models.heads import ProjectionHead
+from raysemi.ray_utils import CheckpointError, load_weights, save_weights
+
+
+def build_classifier(cfg: Config, num_classes: int) -> Classifier:
+    """A randomly initialised classifier of ``cfg``'s architecture (the supervised-only baseline)."""
+    m = cfg.model
+    backbone = create_backbone(m.backbone, small_image=m.small_image)
+    projector = None
+    if m.head == "projector":
+        projector = ProjectionHead(feature_dim(backbone), m.proj_hidden_dim, m.proj_dim)
+    return Classifier(backbone, num_classes, head=m.head, projector=projector)
+
+
+def classifier_from_byol(cfg: Config, num_classes: int, byol_uri: str) -> Classifier:
+    """A classifier initialised from pretrained BYOL weights (online encoder, + projector by default)."""
+    tensors, meta = load_weights(byol_uri)
+    saved = config_from_yaml(meta.get("config", "{}"))
+    if (saved.model.backbone, saved.model.small_image) != (cfg.model.backbone, cfg.model.small_image):
+        raise CheckpointError(
+            f"{byol_uri} holds a {saved.model.backbone} (small_image={saved.model.small_image}) backbone, "
+            f"not the configured {cfg.model.backbone} (small_image={cfg.model.small_image})"
+        )
+    backbone = create_backbone(cfg.model.backbone, small_image=cfg.model.small_image)
+    try:
+        return Classifier.from_byol(tensors, num_classes, head=cfg.model.head, backbone=backbone)
+    except (RuntimeError, ValueError, KeyError) as err:
+        raise CheckpointError(
+            f"{byol_uri} does not fit the configured model: {str(err).splitlines()[0]}"
+        ) from None
+
+
+def save_classifier(
+    uri: str, model: Classifier, cfg: Config, classes: list[str], extra: dict | None = None
+) -> str:
+    """Write the classifier; returns the file's sha256 (the model's identity for prediction commits)."""
+    meta = {
+        "config": config_to_yaml(cfg),
+        "classes": json.dumps(classes),
+        "head": model.head_type,
+        "extra": json.dumps(extra or {}),
+    }
+    return save_weights(uri, model.state_dict(), meta)
+
+
+def load_classifier(uri: str, device: torch.device | str = "cpu") -> tuple[Classifier, Config, list[str]]:
+    """Rebuild a saved classifier in eval mode, with its config and class names."""
+    tensors, meta = load_weights(uri)
+    if "classes" not in meta or "config" not in meta:
+        raise CheckpointError(f"{uri} is not a raysemi classifier (no classes/config metadata)")
+    cfg = config_from_yaml(meta["config"])
+    classes = json.loads(meta["classes"])
+    model = build_classifier(cfg, len(classes))
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(f"{uri} does not match its own config: {str(err).splitlines()[0]}") from None
+    return model.to(device).eval(), cfg, classes

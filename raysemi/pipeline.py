@@ -1,0 +1,191 @@
+"""``run_pipeline(cfg)``: pretrain -> fine-tune -> R x (pseudo-label -> retrain) -> evaluate. Sequencing only.
+
+``run.mode`` picks the method or one of its baselines: ``full`` (the method), ``byol_finetune`` (BYOL then
+fine-tuning, no pseudo-labels) and ``supervised`` (random init, labelled rows only). Round 0 is fine-tuning
+on the labelled rows; round r >= 1 retrains on them plus the ``r x budget`` most confident predictions of
+the previous round's model over the unlabelled pool. The round with the best validation accuracy is
+evaluated on test. Everything lands in ``run.output_dir`` (local or s3://), ``report.json`` last.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+
+from raysemi import ray_utils
+from raysemi.config import Config, config_to_yaml
+from raysemi.data.labels import label_split
+from raysemi.data.shards import (
+    DatasetError,
+    Manifest,
+    filesystem,
+    join,
+    read_manifest,
+    table_bytes,
+    write_bytes_atomic,
+)
+from raysemi.data.trainset import write_trainset
+from raysemi.errors import RaysemiError
+from raysemi.metrics import pseudo_label_precision
+from raysemi.stages import finetune, pretrain
+from raysemi.stages.evaluate import publish_report, split_metrics
+from raysemi.stages.pseudolabel import check_budget, predict_shards, read_predictions
+from raysemi.stages.selection import select_pseudo_labels
+
+log = logging.getLogger("raysemi.pipeline")
+
+CONFIG = "config.yaml"
+
+
+def _check_dataset(cfg: Config) -> Manifest:
+    manifest = read_manifest(cfg.data.path)
+    for split in ("train", "val", "test"):
+        if split not in manifest.splits or manifest.splits[split].rows == 0:
+            raise DatasetError(f"dataset {cfg.data.path} has no {split!r} split (re-ingest with val/test fractions)")
+    for split in ("val", "test"):
+        if manifest.splits[split].labeled == 0:
+            raise DatasetError(f"the {split!r} split of {cfg.data.path} has no labels")
+    return manifest
+
+
+def _prepare_output(cfg: Config, resume: bool, overwrite: bool) -> None:
+    """Refuse an output folder that holds an earlier run unless told to resume it or start afresh."""
+    fs, path = filesystem(cfg.run.output_dir)
+    earlier = fs.exists(f"{path.rstrip('/')}/{CONFIG}")
+    if earlier and overwrite:
+        fs.rm(path, recursive=True)
+    elif earlier and not resume:
+        raise RaysemiError(
+            f"{cfg.run.output_dir} holds an earlier run: pass --resume to continue it or --overwrite to replace it"
+        )
+    write_bytes_atomic(join(cfg.run.output_dir, CONFIG), config_to_yaml(cfg).encode())
+
+
+def _train_round(cfg: Config, manifest: Manifest, rows: dict[str, tuple[int, float]], r: int,
+                 init: str | None, resume: bool) -> finetune.FinetuneResult:
+    out = join(cfg.run.output_dir, f"round={r}")
+    weights = join(out, finetune.WEIGHTS)
+    fs, path = filesystem(weights)
+    if resume and fs.exists(path):
+        log.info("round %d: reusing %s", r, weights)
+        return finetune.FinetuneResult(weights, ray_utils.file_sha256(weights), [], 0.0)
+    trainset = write_trainset(cfg.data.path, manifest, rows, join(out, "trainset"),
+                              num_shards=max(2 * cfg.ray.num_workers, 4))
+    return finetune.run(cfg, trainset, init, out, f"{cfg.run.name}-round{r}", manifest.classes)
+
+
+def run_pipeline(cfg: Config, *, resume: bool = False, overwrite: bool = False, config_path: str = "") -> str:
+    """Run the configured method end to end; returns the URI of ``report.json``."""
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    manifest = _check_dataset(cfg)
+    labels = label_split(cfg.data.path, cfg.data)
+    pl = cfg.pseudolabel
+    rounds = pl.rounds if cfg.run.mode == "full" else 0
+    if rounds:
+        check_budget(pl.budget * rounds, len(labels.pool_ids))
+    if cfg.run.mode != "supervised":
+        pretrain.check_inputs(cfg)
+    _prepare_output(cfg, resume, overwrite)
+
+    stages: dict[str, float] = {}
+    byol = None
+    if cfg.run.mode != "supervised":
+        t0 = time.time()
+        byol = pretrain.run(cfg, resume=resume).weights
+        stages["pretrain"] = time.time() - t0
+
+    classes = manifest.classes
+    labeled = {i: (int(y), 1.0) for i, y in zip(labels.labeled_ids, labels.labeled_targets)}
+    history: list[dict[str, Any]] = []
+    models: list[str] = []
+    pool_uris = [u for s in ("train", "unlabeled") if s in manifest.splits
+                 for u in manifest.shard_uris(cfg.data.path, s)]
+    pool = set(labels.pool_ids)
+
+    for r in range(rounds + 1):
+        t0 = time.time()
+        rows, n_pseudo, precision = dict(labeled), 0, None
+        if r > 0:
+            pred_uri = join(cfg.run.output_dir, f"predictions/round={r}")
+            predict_shards(models[-1], pool_uris, pred_uri, cfg)
+            chosen = select_pseudo_labels(read_predictions(pred_uri), pool, pl.budget * r, len(classes),
+                                          class_balanced=pl.class_balanced, min_confidence=pl.min_confidence)
+            ids = chosen.column("id").to_pylist()
+            preds = np.asarray(chosen.column("pred").to_pylist(), dtype=np.int64)
+            rows.update({i: (int(p), cfg.finetune.pseudo_weight) for i, p in zip(ids, preds)})
+            truth = np.array([labels.pool_truth.get(i, -1) for i in ids], dtype=np.int64)
+            precision = pseudo_label_precision(truth, preds, classes)
+            n_pseudo = len(ids)
+        init = byol
+        if r > 0 and pl.retrain_from == "previous":
+            init = models[-1]
+        result = _train_round(cfg, manifest, rows, r, init, resume)
+        models.append(result.weights)
+        val = split_metrics(result.weights, cfg, "val", classes)
+        history.append({
+            "round": r, "val": val, "n_pseudo": n_pseudo, "train_rows": len(rows),
+            "pseudo_precision": precision["precision"] if precision else None,
+            "pseudo_detail": precision, "seconds": time.time() - t0, "model": result.weights,
+        })
+        stages["finetune" if r == 0 else f"round_{r}"] = time.time() - t0
+        log.info("round %d: val accuracy %.4f (%d pseudo-labels, precision %s)", r, val["accuracy"], n_pseudo,
+                 None if precision is None else precision["precision"])
+
+    best = max(range(len(history)), key=lambda i: (history[i]["val"]["accuracy"], -i))
+    t0 = time.time()
+    test = split_metrics(models[best], cfg, "test", classes)
+    stages["evaluate"] = time.time() - t0
+    report = {
+        "run": {
+            "name": cfg.run.name, "mode": cfg.run.mode, "head": cfg.model.head, "dataset": cfg.data.path,
+            "config_path": config_path, "started": started, "backbone": cfg.model.backbone,
+            "best_model": models[best], "label_fraction": cfg.data.label_fraction,
+            "labels_per_class": cfg.data.labels_per_class,
+        },
+        "classes": classes,
+        "data": {
+            "n_train_labeled": len(labeled), "n_unlabeled": len(labels.pool_ids),
+            "n_val": manifest.splits["val"].rows, "n_test": manifest.splits["test"].rows,
+        },
+        "stages": stages,
+        "rounds": history,
+        "best_round": best,
+        "test": test,
+    }
+    return publish_report(report, cfg.run.output_dir)
+
+
+def finetune_only(cfg: Config, init: str | None, overwrite: bool = False) -> str:
+    """``raysemi finetune``: round 0 alone (the labelled rows), from ``init`` or random weights."""
+    manifest = _check_dataset(cfg)
+    labels = label_split(cfg.data.path, cfg.data)
+    out = join(cfg.run.output_dir, "finetune")
+    fs, path = filesystem(join(out, finetune.WEIGHTS))
+    if fs.exists(path) and not overwrite:
+        raise RaysemiError(f"{out} already holds a classifier: pass --overwrite to replace it")
+    if overwrite:
+        ray_utils.remove_train_run(f"{cfg.run.name}-finetune", cfg)
+    rows = {i: (int(y), 1.0) for i, y in zip(labels.labeled_ids, labels.labeled_targets)}
+    trainset = write_trainset(cfg.data.path, manifest, rows, join(out, "trainset"),
+                              num_shards=max(2 * cfg.ray.num_workers, 4))
+    return finetune.run(cfg, trainset, init, out, f"{cfg.run.name}-finetune", manifest.classes).weights
+
+
+def pseudolabel_only(cfg: Config, model: str, out: str | None = None) -> str:
+    """``raysemi pseudolabel``: predictions for the whole pool, then the top-``budget`` selection."""
+    manifest = read_manifest(cfg.data.path)
+    labels = label_split(cfg.data.path, cfg.data)
+    check_budget(cfg.pseudolabel.budget, len(labels.pool_ids))
+    out = out or join(cfg.run.output_dir, "predictions/manual")
+    uris = [u for s in ("train", "unlabeled") if s in manifest.splits for u in manifest.shard_uris(cfg.data.path, s)]
+    result = predict_shards(model, uris, out, cfg)
+    pl = cfg.pseudolabel
+    chosen = select_pseudo_labels(read_predictions(out), set(labels.pool_ids), pl.budget, manifest.num_classes,
+                                  class_balanced=pl.class_balanced, min_confidence=pl.min_confidence)
+    write_bytes_atomic(join(out, "selected.parquet"), table_bytes(chosen))
+    return (f"{result.rows} predictions in {out} ({result.shards_computed} shards computed, "
+            f"{result.shards_skipped} reused); {chosen.num_rows} selected -> {join(out, 'selected.parquet')}")

@@ -1,0 +1,306 @@
+"""Ray plumbing, and no ML: starting/attaching Ray, Train configs, rank/device helpers, checkpoint I/O.
+
+Stages call these helpers so that the same worker code runs in a Ray Train worker (DDP over gloo or NCCL)
+and in a plain process (tests, single-process benchmarks): outside Ray Train the rank is 0 of 1 and the
+device is CUDA when available, else CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from raysemi.config import Config, RayConfig, config_to_yaml, from_dict
+from raysemi.data.shards import filesystem, is_remote, join, write_bytes_atomic
+from raysemi.errors import RaysemiError
+
+log = logging.getLogger("raysemi")
+
+STATE_FILE = "state.pt"
+CONFIG_FILE = "config.yaml"
+FAULT_ENV = "RAYSEMI_INJECT_FAILURE"  # test hook: "<stage>:<epoch>:<rank>:<marker path>"
+
+
+class CheckpointError(RaysemiError):
+    """A checkpoint that is missing, unreadable, unsafe or from another model."""
+
+
+# ---------------------------------------------------------------- starting Ray
+
+
+def init_ray(address: str | None = None) -> None:
+    """Attach to a running cluster if there is one (``ray job submit`` sets RAY_ADDRESS), else start a local
+    Ray bound to loopback. Token authentication stays as Ray configures it (on by default)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return
+    try:
+        ray.init(address="auto", log_to_driver=True)
+        log.info("attached to the running Ray cluster")
+    except ConnectionError:
+        # No cluster: a private local Ray whose dashboard and ports listen on loopback only.
+        ray.init(dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", log_to_driver=True)
+
+
+# ---------------------------------------------------------------- Train configs
+
+
+def scaling_config(rc: RayConfig):
+    from ray.train import ScalingConfig
+
+    resources: dict[str, float] = {"CPU": rc.cpus_per_worker}
+    if rc.use_gpu:
+        resources["GPU"] = 1
+    return ScalingConfig(num_workers=rc.num_workers, use_gpu=rc.use_gpu, resources_per_worker=resources)
+
+
+def storage_for(uri: str) -> tuple[str, Any]:
+    """``storage_path`` and ``storage_filesystem`` for Ray Train from a local path or URI. Remote storage goes
+    through the same fsspec filesystem as the data (so the same AWS environment and endpoint apply)."""
+    if not is_remote(uri):
+        return str(Path(uri).expanduser().resolve()), None
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(uri)
+    return path, pafs.PyFileSystem(pafs.FSSpecHandler(fs))
+
+
+def storage_root(cfg: Config) -> str:
+    """Where Ray Train keeps a run's checkpoints: ``ray.storage_path``, else inside the run's output folder."""
+    return cfg.ray.storage_path or join(cfg.run.output_dir, "ray")
+
+
+def run_config(name: str, cfg: Config):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+
+    path, fs = storage_for(storage_root(cfg))
+    return RunConfig(
+        name=name,
+        storage_path=path,
+        storage_filesystem=fs,
+        failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+        checkpoint_config=CheckpointConfig(num_to_keep=2),
+    )
+
+
+# ---------------------------------------------------------------- inside a worker
+
+
+def _train_context():
+    try:
+        import ray.train
+
+        return ray.train.get_context()
+    except Exception:  # not inside a Ray Train worker
+        return None
+
+
+def world_rank() -> int:
+    ctx = _train_context()
+    return ctx.get_world_rank() if ctx is not None else 0
+
+
+def world_size() -> int:
+    ctx = _train_context()
+    return ctx.get_world_size() if ctx is not None else 1
+
+
+def local_rank() -> int:
+    ctx = _train_context()
+    return ctx.get_local_rank() if ctx is not None else 0
+
+
+def get_device() -> torch.device:
+    """The worker's device: Ray Train's assignment inside a worker, else CUDA if present, else CPU."""
+    if _train_context() is not None:
+        import ray.train.torch
+
+        return ray.train.torch.get_device()
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def is_distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def barrier() -> None:
+    if is_distributed():
+        torch.distributed.barrier()
+
+
+def report(metrics: dict[str, Any], state: dict[str, Any] | None = None, cfg: Config | None = None) -> None:
+    """Report metrics (and, from the rank that passes ``state``, a checkpoint) to Ray Train.
+    Every rank must call this the same number of times. Outside Ray Train it only logs."""
+    if _train_context() is None:
+        log.info("%s", {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
+        return
+    import ray.train
+
+    if state is None:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        save_state(tmp, state, cfg)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def restored_state(map_location: str | torch.device = "cpu") -> dict[str, Any] | None:
+    """The state of the latest reported checkpoint when Ray Train restarts this worker group, else None."""
+    if _train_context() is None:
+        return None
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return None
+    with ckpt.as_directory() as d:
+        return load_state(d, map_location)
+
+
+def maybe_inject_failure(spec: str | None, stage: str, epoch: int) -> None:
+    """Test hook: kill this worker process once at ``epoch`` of ``stage`` on one rank (``FAULT_ENV`` format).
+    A marker file makes it fire once, so the restarted worker group runs on."""
+    if not spec:
+        return
+    want_stage, want_epoch, want_rank, marker = spec.split(":", 3)
+    if want_stage != stage or int(want_epoch) != epoch or int(want_rank) != world_rank():
+        return
+    if os.path.exists(marker):
+        return
+    Path(marker).write_text(f"killed {stage} epoch {epoch} rank {world_rank()}\n")
+    log.warning("injected failure: killing %s worker rank %d at epoch %d", stage, world_rank(), epoch)
+    os._exit(1)
+
+
+# ---------------------------------------------------------------- checkpoint I/O
+
+
+def save_state(directory: str | Path, state: dict[str, Any], cfg: Config | None = None) -> None:
+    """Tensors and plain containers only (``torch.save``), read back with ``weights_only=True``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.save(state, directory / STATE_FILE)
+    if cfg is not None:
+        (directory / CONFIG_FILE).write_text(config_to_yaml(cfg))
+
+
+def load_state(directory: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    path = Path(directory) / STATE_FILE
+    if not path.is_file():
+        raise CheckpointError(f"no {STATE_FILE} in checkpoint {directory}")
+    return safe_torch_load(path.read_bytes(), str(path), map_location)
+
+
+def safe_torch_load(data: bytes, name: str, map_location: str | torch.device = "cpu") -> Any:
+    """``torch.load`` that never unpickles code: anything but tensors and plain containers is refused."""
+    try:
+        return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    except Exception as err:  # torch raises UnpicklingError (or RuntimeError) for a refused payload
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"refusing checkpoint {name}: not a plain tensor checkpoint ({first})") from None
+
+
+def save_weights(uri: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
+    """Model weights as safetensors at a local path or URI; returns the sha256 of the file."""
+    from safetensors.torch import save
+
+    data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata)
+    write_bytes_atomic(uri, data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def load_weights(uri: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read safetensors weights and their metadata from a local path or URI."""
+    from safetensors import safe_open
+    from safetensors.torch import load
+
+    fs, path = filesystem(uri)
+    try:
+        with fs.open(path, "rb") as fh:
+            data = fh.read()
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {uri} does not exist") from None
+    try:
+        tensors = load(data)
+        with tempfile.NamedTemporaryFile(suffix=".safetensors") as tmp:
+            tmp.write(data)
+            tmp.flush()
+            with safe_open(tmp.name, framework="pt") as fh:
+                meta = fh.metadata() or {}
+    except Exception as err:
+        raise CheckpointError(f"{uri} is not a safetensors checkpoint ({err})") from None
+    return tensors, meta
+
+
+def file_sha256(uri: str) -> str:
+    fs, path = filesystem(uri)
+    h = hashlib.sha256()
+    with fs.open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_config_beside(uri: str) -> Config:
+    """The resolved config saved next to an output (``<dir>/config.yaml``)."""
+    import yaml
+
+    fs, path = filesystem(join(uri, CONFIG_FILE))
+    with fs.open(path, "rb") as fh:
+        return from_dict(yaml.safe_load(fh.read()))
+
+
+@contextlib.contextmanager
+def rank_zero_first() -> Iterator[None]:
+    """Rank 0 does the enclosed work first (e.g. a download or cache fill), then the others."""
+    if world_rank() != 0:
+        barrier()
+    yield
+    if world_rank() == 0:
+        barrier()
+
+
+# ---------------------------------------------------------------- launching
+
+
+def train_run_exists(name: str, cfg: Config) -> bool:
+    fs, path = filesystem(join(storage_root(cfg), name))
+    return fs.exists(path)
+
+
+def remove_train_run(name: str, cfg: Config) -> None:
+    """Forget a Ray Train run (its checkpoints): Ray Train V2 resumes any run whose name it finds."""
+    fs, path = filesystem(join(storage_root(cfg), name))
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+def fit(worker_fn, loop_config: dict[str, Any], cfg: Config, name: str):
+    """Run ``worker_fn`` on ``cfg.ray.num_workers`` Ray Train workers (DDP process group set up by Ray:
+    NCCL on GPU, gloo on CPU) and return the ``ray.train.Result``. A run of the same name in the storage
+    path is resumed from its latest checkpoint (Ray Train V2 restores it)."""
+    from ray.train.torch import TorchTrainer
+
+    init_ray(cfg.ray.address)
+    loop_config = {**loop_config, "fault": os.environ.get(FAULT_ENV)}
+    trainer = TorchTrainer(
+        worker_fn,
+        train_loop_config=loop_config,
+        scaling_config=scaling_config(cfg.ray),
+        run_config=run_config(name, cfg),
+    )
+    return trainer.fit()

@@ -1,0 +1,220 @@
+"""Fine-tuning (and each round's retraining): builder, ``train_one_epoch``, ``evaluate``, worker, ``run``.
+
+The BYOL predictor is replaced by a linear classifier (on the projector output by default, as in the
+method paper; on the encoder features with ``model.head=encoder``), and the network is trained with
+cross-entropy on a training set written by ``data.trainset`` (true labels with weight 1, pseudo-labels with
+``finetune.pseudo_weight``). ``finetune.freeze_backbone`` turns it into a linear probe. Validation
+accuracy is measured on rank 0 after every epoch; the model of the last epoch is kept (the best *round*
+is chosen by the pipeline).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from raysemi import ray_utils
+from raysemi.config import Config, from_dict
+from raysemi.data.loader import build_loader
+from raysemi.data.shards import join, read_manifest, split_batch
+from raysemi.data.trainset import TrainSet
+from raysemi.errors import RaysemiError
+from raysemi.losses import cross_entropy
+from raysemi.models.byol import Classifier
+from raysemi.models.checkpoint import build_classifier, classifier_from_byol, load_classifier, save_classifier
+from raysemi.optim import build_optimizer, set_lr
+from raysemi.schedules import warmup_cosine_lr
+from raysemi.stages.common import StepTimer, all_reduce_sum, autocast, grad_scaler, wrap_ddp, write_json
+
+log = logging.getLogger("raysemi.finetune")
+
+WEIGHTS = "classifier.safetensors"
+
+
+@dataclass(frozen=True)
+class FinetuneResult:
+    weights: str
+    sha256: str
+    history: list[dict[str, Any]]
+    seconds: float
+
+
+# ---------------------------------------------------------------- builders
+
+
+def build_model(cfg: Config, num_classes: int, init: str | None) -> Classifier:
+    """Classifier from BYOL weights (``byol.safetensors``), a previous round's classifier, or random init."""
+    if init is None:
+        model = build_classifier(cfg, num_classes)
+    elif init.endswith(WEIGHTS):
+        model, _, classes = load_classifier(init)
+        if len(classes) != num_classes:
+            raise RaysemiError(f"{init} predicts {len(classes)} classes, the dataset has {num_classes}")
+        model.train()
+    else:
+        model = classifier_from_byol(cfg, num_classes, init)
+    if cfg.finetune.freeze_backbone:
+        model.freeze_backbone(include_projector=True)
+    return model
+
+
+def class_weights(counts: list[int]) -> torch.Tensor:
+    """Inverse-frequency weights N / (C * n_c); classes without rows get weight 0."""
+    c = torch.tensor(counts, dtype=torch.float32)
+    w = torch.where(c > 0, c.sum() / (len(counts) * c.clamp(min=1)), torch.zeros_like(c))
+    return w
+
+
+# ---------------------------------------------------------------- one epoch / evaluation
+
+
+def train_one_epoch(
+    model: torch.nn.Module,
+    loader,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    cfg: Config,
+    *,
+    epoch: int,
+    total_steps: int,
+    device: torch.device,
+    weights_per_class: torch.Tensor | None,
+) -> dict[str, float]:
+    f = cfg.finetune
+    steps = len(loader)
+    model.train()
+    timer = StepTimer()
+    loss_sum = correct = seen = 0.0
+    lr = 0.0
+    for i, batch in enumerate(timer.batches(loader)):
+        step = epoch * steps + i
+        lr = warmup_cosine_lr(step, total_steps, f.warmup_epochs * steps, f.lr)
+        set_lr(optimizer, lr)
+        with autocast(device, f.precision):
+            logits = model(batch["image"])
+        loss = cross_entropy(
+            logits.float(), batch["label"], weights=batch["weight"], class_weights=weights_per_class,
+            label_smoothing=f.label_smoothing,
+        )
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        loss_sum += loss.item()
+        correct += (logits.argmax(1) == batch["label"]).sum().item()
+        seen += len(batch["label"])
+    timer.stop()
+    loss_tot, steps_tot, correct_tot, seen_tot = all_reduce_sum([loss_sum, steps, correct, seen], device)
+    return {
+        "epoch": epoch,
+        "loss": loss_tot / max(steps_tot, 1),
+        "train_accuracy": correct_tot / max(seen_tot, 1),
+        "lr": lr,
+        "images_per_s_total": seen_tot / timer.total if timer.total else 0.0,
+        "data_wait_fraction": timer.data_wait_fraction,
+    }
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader, device: torch.device, precision: str = "fp32"):
+    """Ids, labels (-1 = none) and softmax probabilities of every row the eval loader yields."""
+    model.eval()
+    ids, labels, probs = [], [], []
+    for batch in loader:
+        with autocast(device, precision):
+            logits = model(batch["image"])
+        probs.append(torch.softmax(logits.float(), dim=1).cpu())
+        labels.append(batch["label"].cpu())
+        ids += list(batch["id"])
+    if not probs:
+        return [], np.zeros(0, dtype=np.int64), np.zeros((0, 0), dtype=np.float32)
+    return ids, torch.cat(labels).numpy(), torch.cat(probs).numpy()
+
+
+# ---------------------------------------------------------------- the Ray Train worker
+
+
+def train_worker(loop_config: dict[str, Any]) -> None:
+    cfg = from_dict(loop_config["cfg"])
+    f = cfg.finetune
+    device = ray_utils.get_device()
+    rank, world = ray_utils.world_rank(), ray_utils.world_size()
+    trainset = TrainSet(**loop_config["trainset"])
+    num_classes = len(trainset.class_counts)
+
+    torch.manual_seed(f.seed)
+    model = build_model(cfg, num_classes, loop_config["init"]).to(device)
+    if cfg.model.sync_batchnorm and world > 1:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    ddp_model = wrap_ddp(model, device)
+    optimizer = build_optimizer(f.optimizer, [p for p in model.parameters() if p.requires_grad], f.lr,
+                                f.weight_decay)
+    scaler = grad_scaler(device, f.precision)
+    start_epoch, history = 0, []
+    state = ray_utils.restored_state(device)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch, history = int(state["epoch"]) + 1, list(state["history"])
+
+    batch = min(split_batch(f.batch_size, world), min(sum(trainset.rows[r::world]) for r in range(world)))
+    if batch < split_batch(f.batch_size, world) and rank == 0:
+        log.warning("finetune.batch_size lowered to %d per worker: the training set has %d rows",
+                    batch, trainset.total)
+    loader = build_loader(
+        trainset.uris, mode="train", size=cfg.data.image_size, batch_size=batch, augment=cfg.augment,
+        rank=rank, world_size=world, seed=f.seed, backend=cfg.data.loader, device=device,
+        num_threads=cfg.data.num_threads, shard_rows=trainset.rows,
+    )
+    val_loader = None
+    if rank == 0:
+        manifest = read_manifest(cfg.data.path)
+        val_loader = build_loader(
+            manifest.shard_uris(cfg.data.path, "val"), mode="eval", size=cfg.data.image_size,
+            batch_size=max(batch, 64), augment=cfg.augment, backend=cfg.data.loader, device=device,
+            num_threads=cfg.data.num_threads,
+        )
+    cw = class_weights(trainset.class_counts).to(device) if f.class_weighting else None
+    total_steps = f.epochs * len(loader)
+    for epoch in range(start_epoch, f.epochs):
+        ray_utils.maybe_inject_failure(loop_config.get("fault"), "finetune", epoch)
+        loader.set_epoch(epoch)
+        metrics = train_one_epoch(ddp_model, loader, optimizer, scaler, cfg, epoch=epoch,
+                                  total_steps=total_steps, device=device, weights_per_class=cw)
+        if val_loader is not None:
+            _, y, p = evaluate(model, val_loader, device, f.precision)
+            metrics["val_accuracy"] = float((p.argmax(1) == y).mean()) if len(y) else float("nan")
+            log.info("finetune %s", {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
+        history.append(metrics)
+        last = epoch == f.epochs - 1
+        state = None
+        if rank == 0 and ((epoch + 1) % f.checkpoint_every == 0 or last):
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                     "history": history}
+        ray_utils.report(metrics, state, cfg if state is not None else None)
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def run(cfg: Config, trainset: TrainSet, init: str | None, out_dir: str, name: str,
+        classes: list[str]) -> FinetuneResult:
+    """Train a classifier on ``trainset`` with Ray Train and save it as ``<out_dir>/classifier.safetensors``."""
+    t0 = time.time()
+    loop = {"cfg": cfg.to_dict(), "trainset": trainset.__dict__, "init": init}
+    result = ray_utils.fit(train_worker, loop, cfg, name)
+    if result.checkpoint is None:
+        raise RaysemiError(f"fine-tuning run {name!r} finished without a checkpoint")
+    with result.checkpoint.as_directory() as d:
+        state = ray_utils.load_state(d)
+    model = build_classifier(cfg, len(classes))
+    model.load_state_dict(state["model"])
+    weights = join(out_dir, WEIGHTS)
+    sha = save_classifier(weights, model, cfg, classes, extra={"trainset_rows": trainset.total})
+    write_json(join(out_dir, "finetune_metrics.json"), state["history"])
+    return FinetuneResult(weights, sha, state["history"], time.time() - t0)

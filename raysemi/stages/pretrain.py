@@ -1,0 +1,340 @@
+"""BYOL pretraining: builder, ``train_one_epoch``, the kNN monitor, the Ray Train worker and ``run``.
+
+Every image of the ``train`` and ``unlabeled`` splits is used, labels ignored (val/test stay unseen, so
+pretraining cannot leak them). The online network is DDP-wrapped, the EMA target is not (it has no
+gradients; every rank computes the same EMA from the synchronised online weights). Output, under
+``<run.output_dir>/pretrain/``: ``byol.safetensors`` (online + target weights, the config in its metadata),
+``metrics.json`` (one row per epoch) and ``config.yaml``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import timm
+import torch
+
+from raysemi import ray_utils
+from raysemi.config import Config, config_from_yaml, config_to_yaml, from_dict
+from raysemi.data.loader import build_loader
+from raysemi.data.shards import (
+    DatasetError,
+    Manifest,
+    join,
+    read_manifest,
+    split_batch,
+    steps_per_epoch,
+    write_bytes_atomic,
+)
+from raysemi.errors import RaysemiError
+from raysemi.knn import knn_accuracy
+from raysemi.losses import symmetric_byol_loss
+from raysemi.models.backbone import create_backbone
+from raysemi.models.byol import BYOL, byol_forward
+from raysemi.optim import build_optimizer, set_lr
+from raysemi.schedules import byol_tau, scale_lr, warmup_cosine_lr
+from raysemi.stages.common import (
+    StepTimer,
+    all_reduce_sum,
+    autocast,
+    grad_scaler,
+    guard_output,
+    read_json,
+    wrap_ddp,
+    write_json,
+)
+
+log = logging.getLogger("raysemi.pretrain")
+
+WEIGHTS = "byol.safetensors"
+PRETRAIN_SPLITS = ("train", "unlabeled")
+KNN_MAX_ROWS = 10_000  # per side (bank / queries): the monitor must stay cheap on big data sets
+
+
+@dataclass(frozen=True)
+class PretrainResult:
+    weights: str  # URI of byol.safetensors
+    metrics: list[dict[str, Any]]
+    output_dir: str
+
+
+# ---------------------------------------------------------------- builders
+
+
+def build_model(cfg: Config) -> BYOL:
+    m = cfg.model
+    backbone = create_backbone(m.backbone, small_image=m.small_image)
+    return BYOL(backbone, None, m.proj_hidden_dim, m.proj_dim, m.pred_hidden_dim)
+
+
+def pretrain_shards(manifest: Manifest, root: str) -> tuple[list[str], list[int]]:
+    uris, rows = [], []
+    for split in PRETRAIN_SPLITS:
+        if split in manifest.splits:
+            uris += manifest.shard_uris(root, split)
+            rows += [s.rows for s in manifest.splits[split].shards]
+    return uris, rows
+
+
+def _monitor_shards(manifest: Manifest, root: str, split: str) -> list[str]:
+    """The first shards of ``split`` up to ``KNN_MAX_ROWS`` rows (deterministic, cheap)."""
+    if split not in manifest.splits:
+        return []
+    uris, total = [], 0
+    for shard, uri in zip(manifest.splits[split].shards, manifest.shard_uris(root, split)):
+        if total >= KNN_MAX_ROWS:
+            break
+        uris.append(uri)
+        total += shard.rows
+    return uris
+
+
+def check_inputs(cfg: Config) -> Manifest:
+    """Everything that can be wrong with the inputs, found before any worker starts."""
+    if not timm.is_model(cfg.model.backbone):
+        raise RaysemiError(f"model.backbone: unknown timm model {cfg.model.backbone!r}")
+    manifest = read_manifest(cfg.data.path)
+    uris, rows = pretrain_shards(manifest, cfg.data.path)
+    if sum(rows) == 0:
+        raise DatasetError(f"dataset {cfg.data.path} has no images in its train/unlabeled splits")
+    workers = cfg.ray.num_workers
+    if len(uris) < workers:
+        raise DatasetError(
+            f"ray.num_workers={workers} is more than the {len(uris)} shards of {cfg.data.path}: "
+            "use fewer workers or re-ingest with --min-shards"
+        )
+    steps_per_epoch(rows, workers, split_batch(cfg.pretrain.batch_size, workers))
+    return manifest
+
+
+# ---------------------------------------------------------------- one step, one epoch
+
+
+def byol_step(
+    model: BYOL,
+    online: torch.nn.Module,
+    x1: torch.Tensor,
+    x2: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    tau: float,
+    cfg: Config,
+    device: torch.device,
+) -> float:
+    """One BYOL update: symmetric loss through ``online`` (DDP-wrapped or not), optimizer step, EMA."""
+    p = cfg.pretrain
+    if device.type == "cuda" and p.channels_last:
+        x1, x2 = x1.to(memory_format=torch.channels_last), x2.to(memory_format=torch.channels_last)
+    with autocast(device, p.precision):
+        out = byol_forward(online, model.target, x1, x2)
+        loss = symmetric_byol_loss({k: v.float() for k, v in out.items()})
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    model.update_target(tau)
+    return loss.item()
+
+
+
+def train_one_epoch(
+    model: BYOL,
+    online: torch.nn.Module,
+    loader,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    cfg: Config,
+    *,
+    epoch: int,
+    total_steps: int,
+    lr_peak: float,
+    device: torch.device,
+) -> dict[str, float]:
+    """One pass over this rank's shards; lr and tau are set from the global step before each update."""
+    p = cfg.pretrain
+    steps = len(loader)
+    warmup_steps = p.warmup_epochs * steps
+    model.train()
+    timer = StepTimer()
+    loss_sum, n = 0.0, 0
+    lr = tau = 0.0
+    for i, batch in enumerate(timer.batches(loader)):
+        step = epoch * steps + i
+        lr = warmup_cosine_lr(step, total_steps, warmup_steps, lr_peak)
+        set_lr(optimizer, lr)
+        # tau follows the step *after* the update: 1 - (1 - tau_base)(cos(pi k / K) + 1) / 2 (BYOL).
+        tau = byol_tau(step + 1, total_steps, p.tau_base)
+        loss = byol_step(model, online, batch["view1"], batch["view2"], optimizer, scaler, tau, cfg, device)
+        loss_sum += loss
+        n += 1
+        timer.images += batch["view1"].shape[0]
+    timer.stop()
+    loss_tot, n_tot, img_tot = all_reduce_sum([loss_sum, n, timer.images], device)
+    world = ray_utils.world_size()
+    return {
+        "epoch": epoch,
+        "loss": loss_tot / max(n_tot, 1),
+        "lr": lr,
+        "tau": tau,
+        "images_per_s_worker": timer.images / timer.total if timer.total else 0.0,
+        "images_per_s_total": img_tot / timer.total if timer.total else 0.0,
+        "data_wait_fraction": timer.data_wait_fraction,
+        "epoch_seconds": timer.total,
+        "workers": world,
+    }
+
+
+@torch.no_grad()
+def extract_features(backbone: torch.nn.Module, loader) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frozen backbone features and labels (-1 = unlabelled) of every row the loader yields."""
+    was_training = backbone.training
+    backbone.eval()
+    feats, labels = [], []
+    for batch in loader:
+        feats.append(backbone(batch["image"]).float().cpu())
+        labels.append(batch["label"].cpu())
+    backbone.train(was_training)
+    if not feats:
+        return torch.empty(0), torch.empty(0, dtype=torch.long)
+    return torch.cat(feats), torch.cat(labels)
+
+
+def knn_monitor(backbone: torch.nn.Module, bank_loader, query_loader, num_classes: int, k: int) -> float | None:
+    """kNN accuracy of frozen features: labelled train rows as the bank, val rows as queries."""
+    bank, bank_y = extract_features(backbone, bank_loader)
+    query, query_y = extract_features(backbone, query_loader)
+    bank, bank_y = bank[bank_y >= 0], bank_y[bank_y >= 0]
+    query, query_y = query[query_y >= 0], query_y[query_y >= 0]
+    if len(bank) == 0 or len(query) == 0:
+        return None
+    return knn_accuracy(bank, bank_y, query, query_y, num_classes, k)
+
+
+# ---------------------------------------------------------------- the Ray Train worker
+
+
+def train_worker(loop_config: dict[str, Any]) -> None:
+    """Ray Train worker: a thin adapter from Ray (rank, device, checkpoints) to the functions above."""
+    cfg = from_dict(loop_config["cfg"])
+    p = cfg.pretrain
+    device = ray_utils.get_device()
+    rank, world = ray_utils.world_rank(), ray_utils.world_size()
+    manifest = read_manifest(cfg.data.path)
+    uris, rows = pretrain_shards(manifest, cfg.data.path)
+    batch = split_batch(p.batch_size, world)
+
+    torch.manual_seed(p.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
+    model = build_model(cfg).to(device)
+    if cfg.model.sync_batchnorm and world > 1:
+        # Online and target alike, so that both normalise with the statistics of the global batch.
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    online = wrap_ddp(model.online, device)
+    if device.type == "cuda" and p.channels_last:
+        model.to(memory_format=torch.channels_last)
+    lr_peak = scale_lr(p.lr, batch * world)
+    optimizer = build_optimizer(p.optimizer, model.online, lr_peak, p.weight_decay)
+    scaler = grad_scaler(device, p.precision)
+
+    start_epoch, history = 0, []
+    state = ray_utils.restored_state(device)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        start_epoch, history = int(state["epoch"]) + 1, list(state["history"])
+        log.info("rank %d resumed from the checkpoint of epoch %d", rank, start_epoch - 1)
+
+    loader = build_loader(
+        uris, mode="byol", size=cfg.data.image_size, batch_size=batch, augment=cfg.augment, rank=rank,
+        world_size=world, seed=p.seed, backend=cfg.data.loader, device=device,
+        num_threads=cfg.data.num_threads, shard_rows=rows,
+    )
+    total_steps = p.epochs * len(loader)
+    monitor = None
+    if rank == 0 and p.knn_every:
+        eval_kw = dict(mode="eval", size=cfg.data.image_size, batch_size=max(batch, 64), augment=cfg.augment,
+                       backend=cfg.data.loader, device=device, num_threads=cfg.data.num_threads)
+        bank_uris = _monitor_shards(manifest, cfg.data.path, "train")
+        query_uris = _monitor_shards(manifest, cfg.data.path, "val")
+        if bank_uris and query_uris:
+            monitor = (build_loader(bank_uris, **eval_kw), build_loader(query_uris, **eval_kw))
+
+    for epoch in range(start_epoch, p.epochs):
+        ray_utils.maybe_inject_failure(loop_config.get("fault"), "pretrain", epoch)
+        loader.set_epoch(epoch)
+        metrics = train_one_epoch(
+            model, online, loader, optimizer, scaler, cfg, epoch=epoch, total_steps=total_steps,
+            lr_peak=lr_peak, device=device,
+        )
+        metrics["start_epoch"] = start_epoch  # > 0 after a restore: the run resumed, it did not start over
+        last = epoch == p.epochs - 1
+        if monitor is not None and ((epoch + 1) % p.knn_every == 0 or last or epoch == 0):
+            acc = knn_monitor(model.backbone, *monitor, manifest.num_classes, p.knn_k)
+            if acc is not None:
+                metrics["knn_accuracy"] = acc
+        history.append(metrics)
+        if rank == 0:
+            shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
+            log.info("pretrain %s", shown)
+        state = None
+        if rank == 0 and ((epoch + 1) % p.checkpoint_every == 0 or last):
+            state = {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                "epoch": epoch, "history": history,
+            }
+        ray_utils.report(metrics, state, cfg if state is not None else None)
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def run_name(cfg: Config) -> str:
+    return f"{cfg.run.name}-pretrain"
+
+
+def run(cfg: Config, resume: bool = False, overwrite: bool = False) -> PretrainResult:
+    """Pretrain on a Ray Train worker group and write ``byol.safetensors``; see the module docstring."""
+    out = join(cfg.run.output_dir, "pretrain")
+    weights = join(out, WEIGHTS)
+    check_inputs(cfg)
+    name = run_name(cfg)
+    if guard_output(out, WEIGHTS, resume, overwrite, "pretrained model"):
+        _, meta = ray_utils.load_weights(weights)
+        if config_from_yaml(meta["config"]).model != cfg.model:
+            raise RaysemiError(f"{weights} was pretrained with another model config: pass --overwrite")
+        log.info("reusing the pretrained model at %s", weights)
+        return PretrainResult(weights, read_json(join(out, "metrics.json")), out)
+    if overwrite:
+        ray_utils.remove_train_run(name, cfg)
+    elif ray_utils.train_run_exists(name, cfg) and not resume:
+        raise RaysemiError(
+            f"an unfinished pretraining run {name!r} is in {ray_utils.storage_root(cfg)}: "
+            "pass --resume or --overwrite"
+        )
+
+    t0 = time.time()
+    result = ray_utils.fit(train_worker, {"cfg": cfg.to_dict()}, cfg, name)
+    if result.checkpoint is None:
+        raise RaysemiError(f"pretraining run {name!r} finished without a checkpoint")
+    with result.checkpoint.as_directory() as d:
+        state = ray_utils.load_state(d)
+    history = state["history"]
+    write_bytes_atomic(join(out, "config.yaml"), config_to_yaml(cfg).encode())
+    write_json(join(out, "metrics.json"), history)
+    ray_utils.save_weights(
+        weights, state["model"],
+        metadata={"config": config_to_yaml(cfg), "backbone": cfg.model.backbone, "epochs": str(len(history))},
+    )
+    log.info("pretraining done in %.0f s: %s", time.time() - t0, weights)
+    return PretrainResult(weights, history, out)
+
+
+def total_steps_for(cfg: Config, manifest: Manifest) -> int:
+    """Optimizer steps of a full pretraining (for estimates and tests)."""
+    _, rows = pretrain_shards(manifest, cfg.data.path)
+    world = cfg.ray.num_workers
+    return cfg.pretrain.epochs * steps_per_epoch(rows, world, split_batch(cfg.pretrain.batch_size, world))
+

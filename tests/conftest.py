@@ -1,0 +1,128 @@
+"""Session-wide fixtures: a real S3 API on loopback (moto's server mode) and one local Ray session.
+
+The S3 server is started before Ray so that Ray's workers inherit the endpoint and credentials from the
+standard AWS environment variables, exactly as they would on a cluster node.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+COVID = REPO.parent / "shared" / "data" / "covid19-radiography-3class"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A moto S3 server on a free loopback port; yields its endpoint URL and sets the AWS environment."""
+    pytest.importorskip("moto")
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                break
+        except OSError:
+            time.sleep(0.2)
+    else:
+        proc.kill()
+        pytest.fail("moto server did not start")
+    yield endpoint
+    proc.terminate()
+    proc.wait(timeout=10)
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture
+def s3_bucket(s3_server):
+    """A fresh bucket on the loopback S3 server; yields ``s3://<bucket>``."""
+    import s3fs
+
+    name = f"raysemi-{uuid.uuid4().hex[:10]}"
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server})
+    fs.mkdir(name)
+    s3fs.S3FileSystem.clear_instance_cache()
+    yield f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def ray_session(s3_server):
+    """One local Ray for the whole test run (2 CPUs, like the CI machine)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def covid_dir() -> Path:
+    if not COVID.is_dir():
+        pytest.skip(f"real data set absent: {COVID}")
+    return COVID
+
+
+@pytest.fixture
+def tmp_out(tmp_path):
+    yield tmp_path
+    shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def demo_dataset(tmp_path_factory) -> str:
+    """A small synthetic data set (3 classes x 60 + 60 unlabelled, 32 px), ingested locally."""
+    from raysemi.data.synthetic import make_demo_dataset
+
+    root = tmp_path_factory.mktemp("demo")
+    make_demo_dataset(str(root), per_class=60, unlabeled=60, size=32, seed=0)
+    return str(root / "dataset")
+
+
+@pytest.fixture(scope="session")
+def demo_dataset_s3(s3_server, demo_dataset, tmp_path_factory) -> str:
+    """The same demo images ingested into a bucket on the loopback S3 server."""
+    import s3fs
+
+    from raysemi.data.ingest import ingest
+
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server})
+    fs.mkdir("raysemi-demo")
+    images = Path(demo_dataset).parent / "images" / "SYNTHETIC-demo"
+    from raysemi.data.synthetic import GROUP_REGEX
+
+    ingest(str(images), "s3://raysemi-demo/dataset", group_regex=GROUP_REGEX, seed=0, progress=False)
+    return "s3://raysemi-demo/dataset"

@@ -1,0 +1,308 @@
+"""Ingest: image folders, npz, CSV, unlabeled images, group-disjoint splits, duplicates, bad input, S3."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from raysemi.data import shards
+from raysemi.data.ingest import ingest, summarize
+from raysemi.data.shards import DatasetError
+
+
+def encode(arr: np.ndarray, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def image_bytes(seed: int, fmt: str = "PNG", size: int = 16) -> bytes:
+    return encode(np.random.default_rng(seed).integers(0, 256, (size, size), dtype=np.uint8), fmt)
+
+
+def make_folder(
+    root: Path, counts: dict[str, int], *, seed: int = 0, name="img{i:03d}.png"
+) -> dict[str, str]:
+    """``root/<class>/<name>`` with distinct images; returns {sha256: class}."""
+    truth = {}
+    for k, (cls, n) in enumerate(counts.items()):
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            data = image_bytes(seed * 100_000 + k * 1000 + i, "JPEG" if i % 3 == 0 else "PNG")
+            (root / cls / name.format(i=i, cls=cls)).write_bytes(data)
+            truth[hashlib.sha256(data).hexdigest()] = cls
+    return truth
+
+
+def rows(dest: str, split: str) -> list[dict]:
+    return shards.read_split(dest, split).to_pylist()
+
+
+def no_dataset(dest: Path | str) -> bool:
+    return not shards.dataset_exists(str(dest))
+
+
+def test_folder_without_splits(tmp_path):
+    truth = make_folder(tmp_path / "src", {"cat": 20, "ant": 30, "bee": 10})
+    (tmp_path / "src" / "README.md").write_text("ignored: not in a class folder")
+    m = ingest(str(tmp_path / "src"), str(tmp_path / "ds"), progress=False)
+    assert m.classes == ["ant", "bee", "cat"]
+    assert {s: m.splits[s].rows for s in shards.SPLITS} == {"train": 48, "val": 6, "test": 6, "unlabeled": 0}
+    assert m.splits["val"].label_counts == {"ant": 3, "bee": 1, "cat": 2}  # stratified: 10% of each class
+    assert [len(m.splits[s].shards) for s in shards.SPLITS] == [4, 4, 4, 0]
+    assert m.extra["carved"] == {"val": 0.1, "test": 0.1} and m.extra["inputs"] == 60
+    assert shards.read_manifest(str(tmp_path / "ds")) == m
+    seen = []
+    for split in ("train", "val", "test"):
+        for r in rows(str(tmp_path / "ds"), split):
+            assert r["id"] == hashlib.sha256(r["image"]).hexdigest()
+            assert m.classes[r["label"]] == truth[r["id"]] == r["source"].split("/")[0]
+            seen.append(r["id"])
+    assert sorted(seen) == sorted(truth)
+    text = summarize(m)
+    assert "60 images stored" in text and "quarantined: 0" in text and "duplicates dropped: 0" in text
+
+
+def test_folder_with_splits_and_unlabeled(tmp_path):
+    src = tmp_path / "src"
+    make_folder(src / "train", {"a": 8, "b": 6}, seed=1)
+    make_folder(src / "val", {"a": 2, "b": 2}, seed=2)
+    make_folder(src / "test", {"a": 3, "b": 1}, seed=3)
+    unl = tmp_path / "more"
+    for i in range(5):
+        (unl / "x").mkdir(parents=True, exist_ok=True)
+        (unl / "x" / f"u{i}.png").write_bytes(image_bytes(900 + i))
+    (src / "unlabeled").mkdir()
+    (src / "unlabeled" / "u.jpg").write_bytes(image_bytes(999, "JPEG"))
+    m = ingest(str(src), str(tmp_path / "ds"), unlabeled=str(unl), progress=False, min_shards=2)
+    assert {s: m.splits[s].rows for s in shards.SPLITS} == {"train": 14, "val": 4, "test": 4, "unlabeled": 6}
+    assert m.splits["test"].label_counts == {"a": 3, "b": 1}
+    assert m.extra["carved"] == {} and m.extra["splits_from_source"] == ["test", "train", "val"]
+    unlabeled = rows(str(tmp_path / "ds"), "unlabeled")
+    assert all(r["label"] is None for r in unlabeled)
+    assert sorted(r["source"] for r in unlabeled)[:2] == ["unlabeled:u.jpg", "unlabeled:x/u0.png"]
+    assert m.splits["unlabeled"].labeled == 0 and m.splits["train"].labeled == 14
+
+
+def test_npz(tmp_path):
+    rng = np.random.default_rng(0)
+    arrays = {
+        "train_images": rng.integers(0, 256, (12, 8, 8), dtype=np.uint8),
+        "train_labels": rng.integers(0, 3, (12, 1)),
+        "test_images": rng.integers(0, 256, (5, 8, 8, 3), dtype=np.uint8),
+        "test_labels": np.array([0, 1, 2, 2, 1]),
+        "label_names": np.array(["normal", "benign", "malignant"]),
+    }
+    np.savez(tmp_path / "d.npz", **arrays)
+    m = ingest(str(tmp_path / "d.npz"), str(tmp_path / "ds"), progress=False, val_fraction=0.25)
+    assert m.classes == ["normal", "benign", "malignant"]
+    assert m.extra["carved"] == {"val": 0.25}  # the npz has test, not val
+    assert m.splits["test"].rows == 5 and m.splits["train"].rows + m.splits["val"].rows == 12
+    for r in rows(str(tmp_path / "ds"), "test"):
+        i = int(r["source"].split(":")[2])
+        assert r["source"].startswith("npz:test:") and r["label"] == arrays["test_labels"][i]
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(r["image"]))), arrays["test_images"][i])
+
+
+def test_npz_missing_keys(tmp_path):
+    np.savez(tmp_path / "a.npz", images=np.zeros((2, 4, 4), np.uint8))
+    with pytest.raises(DatasetError, match="no 'train_images' key"):
+        ingest(str(tmp_path / "a.npz"), str(tmp_path / "ds"), progress=False)
+    np.savez(tmp_path / "b.npz", train_images=np.zeros((2, 4, 4), np.uint8))
+    with pytest.raises(DatasetError, match="no 'train_labels' key"):
+        ingest(str(tmp_path / "b.npz"), str(tmp_path / "ds"), progress=False)
+    np.savez(tmp_path / "c.npz", train_images=np.zeros((2, 4, 4), np.float32), train_labels=np.zeros(2, int))
+    with pytest.raises(DatasetError, match="expected uint8"):
+        ingest(str(tmp_path / "c.npz"), str(tmp_path / "ds"), progress=False)
+    assert not (tmp_path / "ds").exists()
+
+
+def test_csv_with_group_column(tmp_path):
+    img = tmp_path / "img"
+    img.mkdir()
+    lines = ["path,label,group"]
+    for i in range(60):
+        (img / f"{i}.png").write_bytes(image_bytes(i))
+        label = "" if i >= 54 else str([2, 10, 1][i % 3])
+        lines.append(f"img/{i}.png,{label},patient{i // 4}")
+    (tmp_path / "list.csv").write_text("\n".join(lines) + "\n")
+    m = ingest(
+        str(tmp_path / "list.csv"), str(tmp_path / "ds"), progress=False, val_fraction=0.2, test_fraction=0.2
+    )
+    assert m.classes == ["1", "2", "10"]  # integer labels sort as numbers, kept as strings
+    assert m.splits["unlabeled"].rows == 6
+    groups = {s: {r["group"] for r in rows(str(tmp_path / "ds"), s)} for s in ("train", "val", "test")}
+    assert not (
+        groups["train"] & groups["val"] or groups["train"] & groups["test"] or groups["val"] & groups["test"]
+    )
+    assert sum(len(g) for g in groups.values()) == 14  # patients 0..13 hold labeled rows
+    for r in rows(str(tmp_path / "ds"), "train"):
+        i = int(Path(r["source"]).stem)
+        assert m.classes[r["label"]] == str([2, 10, 1][i % 3]) and r["group"] == f"patient{i // 4}"
+
+
+def test_csv_without_header_and_missing_file(tmp_path):
+    (tmp_path / "a.png").write_bytes(image_bytes(1))
+    (tmp_path / "l.csv").write_text("a.png,x\nmissing/b.png,y\n")
+    with pytest.raises(DatasetError, match=r"1 missing file\(s\), e.g. missing/b.png"):
+        ingest(str(tmp_path / "l.csv"), str(tmp_path / "ds"), progress=False)
+    assert not (tmp_path / "ds").exists()
+    (tmp_path / "l.csv").write_text("a.png,x\n")
+    m = ingest(str(tmp_path / "l.csv"), str(tmp_path / "ds"), progress=False)
+    assert m.classes == ["x"] and m.splits["train"].rows == 1
+
+
+def test_group_regex_keeps_patients_on_one_side(tmp_path):
+    src = tmp_path / "src"
+    rng = np.random.default_rng(0)
+    n = 0
+    for cls in ("neg", "pos"):
+        (src / cls).mkdir(parents=True)
+        for _ in range(25):
+            pid = n
+            for k in range(int(rng.integers(1, 6))):
+                (src / cls / f"P{pid:03d}_scan{k}.png").write_bytes(image_bytes(10_000 + n * 10 + k))
+            n += 1
+    m = ingest(str(src), str(tmp_path / "ds"), group_regex=r"^(P\d+)_", seed=3, progress=False)
+    where: dict[str, set] = {}
+    for split in ("train", "val", "test"):
+        for r in rows(str(tmp_path / "ds"), split):
+            assert r["group"] == r["source"].split("/")[1].split("_")[0]
+            where.setdefault(r["group"], set()).add(split)
+    assert len(where) == 50 and all(len(s) == 1 for s in where.values())
+    assert m.splits["val"].rows > 0 and m.splits["test"].rows > 0
+    assert all(m.splits[s].label_counts["pos"] > 0 for s in ("train", "val", "test"))  # stratified
+    again = ingest(str(src), str(tmp_path / "ds2"), group_regex=r"^(P\d+)_", seed=3, progress=False)
+    assert [s.sha256 for s in again.splits["val"].shards] == [s.sha256 for s in m.splits["val"].shards]
+    with pytest.raises(DatasetError, match="matches none"):
+        ingest(str(src), str(tmp_path / "ds3"), group_regex=r"^(Q\d+)_", progress=False)
+
+
+def test_duplicates_are_stored_once(tmp_path):
+    src = tmp_path / "src"
+    make_folder(src, {"a": 5, "b": 5})
+    shutil.copy(src / "a" / "img000.png", src / "a" / "zzz_copy.png")  # same label: a duplicate
+    shutil.copy(src / "a" / "img001.png", src / "a" / "zzz_copy2.png")
+    shutil.copy(src / "a" / "img002.png", src / "b" / "zzz_conflict.png")  # other label: quarantined
+    m = ingest(str(src), str(tmp_path / "ds"), progress=False)
+    stored = sum(s.rows for s in m.splits.values())
+    assert (stored, m.duplicates, len(m.quarantine)) == (10, 2, 1)
+    assert m.quarantine[0]["source"] == "b/zzz_conflict.png"
+    assert m.quarantine[0]["reason"].startswith("duplicate with conflicting label")
+    assert stored + m.duplicates + len(m.quarantine) == m.extra["inputs"] == 13
+    ids = [r["id"] for s in ("train", "val", "test") for r in rows(str(tmp_path / "ds"), s)]
+    assert len(ids) == len(set(ids)) == 10
+
+
+def test_bad_inputs_raise_and_leave_no_manifest(tmp_path):
+    src = tmp_path / "src"
+    make_folder(src, {"a": 3, "b": 3})
+    dest = tmp_path / "ds"
+    with pytest.raises(DatasetError, match="does not exist"):
+        ingest(str(tmp_path / "nope"), str(dest), progress=False)
+    (tmp_path / "list.txt").write_text("hello")
+    with pytest.raises(DatasetError, match="unknown source format"):
+        ingest(str(tmp_path / "list.txt"), str(dest), progress=False)
+    with pytest.raises(DatasetError, match="unknown format"):
+        ingest(str(src), str(dest), fmt="dicom", progress=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match="no class subfolders"):
+        ingest(str(tmp_path / "empty"), str(dest), progress=False)
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(DatasetError, match="cannot write"):
+        ingest(str(src), str(tmp_path / "afile" / "ds"), progress=False)
+    with pytest.raises(DatasetError, match="overlaps the source"):
+        ingest(str(src), str(src / "ds"), progress=False)
+    with pytest.raises(DatasetError, match="fractions"):
+        ingest(str(src), str(dest), val_fraction=0.6, test_fraction=0.5, progress=False)
+    assert no_dataset(dest) and not dest.exists()
+
+    ingest(str(src), str(dest), progress=False)
+    before = (dest / "manifest.json").read_text()
+    with pytest.raises(DatasetError, match="already holds a dataset.*--overwrite"):
+        ingest(str(src), str(dest), progress=False)
+    assert (dest / "manifest.json").read_text() == before
+    m = ingest(str(src), str(dest), progress=False, overwrite=True, min_shards=1)
+    parts = sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*.parquet"))
+    assert parts == sorted(s.path for sp in m.splits.values() for s in sp.shards)  # old shards are gone
+
+
+def test_missing_bucket(s3_server, tmp_path):
+    import s3fs
+
+    make_folder(tmp_path / "src", {"a": 2, "b": 2})
+    with pytest.raises(DatasetError, match="bucket 'raysemi-missing-bucket' does not exist"):
+        ingest(str(tmp_path / "src"), "s3://raysemi-missing-bucket/ds", progress=False)
+    assert not s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server}).exists("raysemi-missing-bucket")
+
+
+def test_failure_midway_leaves_nothing(tmp_path, monkeypatch):
+    make_folder(tmp_path / "src", {"a": 10, "b": 10})
+    real = shards.write_shard
+    calls = []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise OSError("connection reset")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(shards, "write_shard", flaky)
+    with pytest.raises(DatasetError, match="connection reset"):
+        ingest(str(tmp_path / "src"), str(tmp_path / "ds"), progress=False)
+    assert no_dataset(tmp_path / "ds")
+    assert [p for p in (tmp_path / "ds").rglob("*") if p.is_file()] == []
+
+
+def test_local_and_s3_are_identical(tmp_path, s3_bucket):
+    make_folder(tmp_path / "src", {"a": 12, "b": 9})
+    local = ingest(str(tmp_path / "src"), str(tmp_path / "ds"), progress=False)
+    remote = ingest(str(tmp_path / "src"), f"{s3_bucket}/data/ds", progress=False)
+    assert shards.read_manifest(f"{s3_bucket}/data/ds") == remote
+    for split in shards.SPLITS:
+        assert local.splits[split].shards == remote.splits[split].shards  # same paths, rows, sha256
+        assert shards.read_split(str(tmp_path / "ds"), split).equals(
+            shards.read_split(f"{s3_bucket}/data/ds", split)
+        )
+    fs, path = shards.filesystem(f"{s3_bucket}/data/ds")
+    assert not [f for f in fs.find(path) if ".tmp-" in f or "probe" in f]
+    with pytest.raises(DatasetError, match="already holds a dataset"):
+        ingest(str(tmp_path / "src"), f"{s3_bucket}/data/ds", progress=False)
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+def test_covid_local_and_s3(covid_dir, tmp_path, s3_bucket):
+    # Independent count: unique file contents per class folder (exact copies are stored once).
+    unique: dict[str, set] = {}
+    files = 0
+    for f in covid_dir.glob("*/*"):
+        unique.setdefault(f.parent.name, set()).add(hashlib.sha256(f.read_bytes()).hexdigest())
+        files += 1
+    local = ingest(str(covid_dir), str(tmp_path / "covid"), progress=False)
+    remote = ingest(str(covid_dir), f"{s3_bucket}/covid", progress=False)
+    assert local.classes == sorted(unique) == ["COVID", "Normal", "Viral_Pneumonia"]
+    assert local.quarantine == [] and files == 3330
+    stored = Counter()
+    for split in ("train", "val", "test"):
+        stored.update(local.splits[split].label_counts)
+    assert stored == {cls: len(ids) for cls, ids in unique.items()}  # 992 / 1000 / 1338 less any copies
+    assert sum(stored.values()) + local.duplicates == files
+    ids = set()
+    for split in ("train", "val", "test"):
+        table = shards.read_split(str(tmp_path / "covid"), split, columns=["id"])
+        ids |= set(table.column("id").to_pylist())
+        remote_table = shards.read_split(f"{s3_bucket}/covid", split, columns=["id"])
+        assert remote_table.equals(table)
+    assert ids == set().union(*unique.values())
+    for split in shards.SPLITS:  # same shard files (paths, rows, sha256 of the bytes) in both places
+        assert local.splits[split].shards == remote.splits[split].shards
+    assert json.loads(local.to_json())["splits"] == json.loads(remote.to_json())["splits"]

@@ -1,0 +1,121 @@
+"""Top-N and class-balanced pseudo-label selection on hand-made predictions."""
+
+from __future__ import annotations
+
+import logging
+import random
+
+import pyarrow as pa
+import pytest
+
+from raysemi.errors import RaysemiError
+from raysemi.stages.selection import check_budget, class_counts, select_pseudo_labels
+
+
+def preds(rows: list[tuple[str, int, float]]) -> pa.Table:
+    ids, pred, conf = zip(*rows) if rows else ((), (), ())
+    return pa.table(
+        {
+            "id": pa.array(ids, pa.string()),
+            "pred": pa.array(pred, pa.int16()),
+            "confidence": pa.array(conf, pa.float32()),
+            "probs": pa.array([[c, 1 - c] for c in conf], pa.list_(pa.float32())),
+        }
+    )
+
+
+ROWS = [
+    ("a", 0, 0.99),
+    ("b", 0, 0.97),
+    ("c", 0, 0.95),
+    ("d", 0, 0.93),
+    ("e", 1, 0.90),
+    ("f", 1, 0.60),
+    ("g", 2, 0.85),
+    ("h", 2, 0.50),
+]
+
+
+def ids(table: pa.Table) -> list[str]:
+    return table.column("id").to_pylist()
+
+
+def test_top_n_by_confidence():
+    sel = select_pseudo_labels(preds(ROWS), None, 3, 3)
+    assert ids(sel) == ["a", "b", "c"]
+    assert sel.column_names == ["id", "pred", "confidence"]
+    assert sel.schema.field("pred").type == pa.int16()
+
+
+def test_row_order_does_not_matter_and_ties_break_by_id():
+    rows = [("z", 0, 0.8), ("m", 1, 0.8), ("k", 0, 0.8), ("q", 1, 0.9)]
+    expected = ["q", "k", "m"]
+    for seed in range(5):
+        shuffled = rows[:]
+        random.Random(seed).shuffle(shuffled)
+        assert ids(select_pseudo_labels(preds(shuffled), None, 3, 2)) == expected
+
+
+def test_pool_filter():
+    pool = {"c", "e", "f", "h"}
+    assert ids(select_pseudo_labels(preds(ROWS), pool, 2, 3)) == ["c", "e"]
+
+
+def test_class_balanced_even_split():
+    sel = select_pseudo_labels(preds(ROWS), None, 6, 3, class_balanced=True)
+    assert sorted(ids(sel)) == ["a", "b", "e", "f", "g", "h"]
+    assert class_counts(sel, 3) == [2, 2, 2]
+    conf = sel.column("confidence").to_pylist()
+    assert conf == sorted(conf, reverse=True)  # result is still most confident first
+
+
+def test_class_balanced_remainder_goes_by_confidence():
+    # 4 over 3 classes: one each, then the one leftover slot to the most confident remaining (b).
+    sel = select_pseudo_labels(preds(ROWS), None, 4, 3, class_balanced=True)
+    assert sorted(ids(sel)) == ["a", "b", "e", "g"]
+
+
+def test_class_balanced_shortfall_is_redistributed():
+    # Class 1 has one candidate in the pool, class 2 none: their shortfall goes to class 0 by confidence.
+    pool = {"a", "b", "c", "d", "e"}
+    sel = select_pseudo_labels(preds(ROWS), pool, 4, 3, class_balanced=True)
+    assert sorted(ids(sel)) == ["a", "b", "c", "e"]
+    assert class_counts(sel, 3) == [3, 1, 0]
+
+
+def test_class_balanced_differs_from_top_n():
+    top = select_pseudo_labels(preds(ROWS), None, 3, 3)
+    bal = select_pseudo_labels(preds(ROWS), None, 3, 3, class_balanced=True)
+    assert class_counts(top, 3) == [3, 0, 0]
+    assert class_counts(bal, 3) == [1, 1, 1]
+    assert ids(bal) == ["a", "e", "g"]
+
+
+def test_min_confidence_returns_fewer_with_a_warning(caplog):
+    with caplog.at_level(logging.WARNING, logger="raysemi.pseudolabel"):
+        sel = select_pseudo_labels(preds(ROWS), None, 6, 3, min_confidence=0.9)
+    assert ids(sel) == ["a", "b", "c", "d", "e"]
+    assert "only 5 of the budget of 6" in caplog.text
+    with caplog.at_level(logging.WARNING, logger="raysemi.pseudolabel"):
+        bal = select_pseudo_labels(preds(ROWS), None, 3, 3, class_balanced=True, min_confidence=0.9)
+    assert sorted(ids(bal)) == ["a", "b", "e"]  # class 2 has no confident candidate: class 0 fills in
+
+
+def test_budget_larger_than_pool():
+    check_budget(8, 8)
+    with pytest.raises(RaysemiError, match=r"pseudolabel.budget=9 is larger than the unlabeled pool \(8 images\)"):
+        check_budget(9, 8)
+    assert len(select_pseudo_labels(preds(ROWS), None, 100, 3)) == len(ROWS)
+    assert len(select_pseudo_labels(preds(ROWS), None, 100, 3, class_balanced=True)) == len(ROWS)
+
+
+def test_refuses_duplicate_ids_and_bad_classes():
+    with pytest.raises(RaysemiError, match="more than once"):
+        select_pseudo_labels(preds([*ROWS, ("a", 1, 0.1)]), None, 2, 3)
+    with pytest.raises(RaysemiError, match="outside"):
+        select_pseudo_labels(preds(ROWS), None, 2, 2)
+
+
+def test_empty():
+    sel = select_pseudo_labels(preds([]), None, 0, 3, class_balanced=True)
+    assert sel.num_rows == 0

@@ -1,0 +1,83 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from raysemi.config import Config, ConfigError, dump_config, load_config, parse_override
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_validate():
+    cfg = load_config(None)
+    assert isinstance(cfg, Config)
+    assert cfg.model.head == "projector"
+    assert cfg.pretrain.tau_base == 0.99
+
+
+def test_yaml_and_dotted_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump({"pretrain": {"epochs": 12, "warmup_epochs": 2}, "data": {"image_size": 32}}))
+    cfg = load_config(p, ["pretrain.lr=0.05", "augment.crop_scale=[0.2, 1.0]", "data.label_fraction=0.1"])
+    assert cfg.pretrain.epochs == 12 and cfg.pretrain.lr == 0.05
+    assert cfg.augment.crop_scale == (0.2, 1.0)
+    assert cfg.data.image_size == 32 and cfg.data.label_fraction == 0.1
+
+
+def test_frozen():
+    cfg = load_config(None)
+    with pytest.raises(AttributeError):
+        cfg.pretrain.epochs = 3  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("pretrain.epoch=3", "unknown config key pretrain.epoch"),
+        ("pretrainn.epochs=3", "unknown config key pretrainn"),
+        ("pretrain.epochs=three", "pretrain.epochs: expected an integer"),
+        ("pretrain.epochs=2.5", "pretrain.epochs: expected an integer"),
+        ("model.head=both", "model.head: 'both' is not one of"),
+        ("finetune.freeze_backbone=yes please", "finetune.freeze_backbone: expected true/false"),
+        ("augment.blur_p=[1.0]", "augment.blur_p: expected a list of 2 values"),
+        ("pretrain.batch_size=1", "pretrain.batch_size: 1 is smaller than ray.num_workers (2)"),
+        ("data.label_fraction=1.5", "data.label_fraction: 1.5 is outside (0, 1]"),
+        ("pretrain", "is not of the form key=value"),
+    ],
+)
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        load_config(None, [override])
+
+
+def test_unknown_key_in_yaml(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("model:\n  backbone: resnet18\n  heads: 2\n")
+    with pytest.raises(ConfigError, match="unknown config key model.heads"):
+        load_config(p)
+
+
+def test_missing_and_broken_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="is not valid YAML"):
+        load_config(bad)
+
+
+def test_dump_round_trip(tmp_path):
+    cfg = load_config(None, ["pretrain.epochs=7", "pretrain.warmup_epochs=1", "run.mode=supervised"])
+    dump_config(cfg, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == cfg
+
+
+def test_parse_override_types():
+    assert parse_override("a.b=1") == ("a.b", 1)
+    assert parse_override("a.b=null") == ("a.b", None)
+    assert parse_override("a.b=s3://x/y") == ("a.b", "s3://x/y")
+
+
+def test_shipped_configs_load():
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        load_config(path)
