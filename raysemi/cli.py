@@ -95,6 +95,20 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from raysemi.config import parse_override
+    from raysemi.tuning import run_tune
+
+    # On --resume the experiment's own config is used; one given anyway must match it. --set wins over the
+    # space's own `set`.
+    cfg = _load(args) if args.config or args.overrides or not args.resume else None
+    summary = run_tune(cfg, args.space, name=args.name, out=args.out, resume=args.resume,
+                       overwrite=args.overwrite, use_cache=not args.no_cache, config_path=args.config or "",
+                       overrides=dict(parse_override(o) for o in args.overrides))
+    print(summary.text)
+    return 0
+
+
 def _add_ingest(sub) -> None:
     p = sub.add_parser("ingest", help="image folder / .npz / CSV -> validated Parquet shards + manifest")
     p.add_argument("source", help="image folder (class subfolders, optional train/val/test), .npz, or .csv")
@@ -140,6 +154,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = _add_stage(sub, "run", "the whole method: pretrain, fine-tune, pseudo-label rounds, report", cmd_run)
     p.add_argument("--resume", action="store_true", help="continue the run in run.output_dir")
     p.add_argument("--overwrite", action="store_true", help="replace the run in run.output_dir")
+    p = _add_stage(sub, "tune", "Ray Tune over the whole method: one pipeline run per trial", cmd_tune)
+    p.add_argument("--space", help="search space, e.g. tune_spaces/paper_grid.yaml (optional with --resume)")
+    p.add_argument("--name", help="experiment name (default: the space file's name)")
+    p.add_argument("--out", default="outputs/tune", help="experiments folder, local or s3:// (default outputs/tune)")
+    p.add_argument("--resume", action="store_true", help="continue the experiment <out>/<name>")
+    p.add_argument("--overwrite", action="store_true", help="replace the experiment <out>/<name>")
+    p.add_argument("--no-cache", action="store_true",
+                   help="pretrain in every trial instead of sharing pretrainings through <out>/pretrain_cache")
     p = _add_stage(sub, "demo", "generate the synthetic demo data set and run the method on it", cmd_demo)
     p.add_argument("--out", default="outputs/demo", help="demo folder (default outputs/demo)")
     p.add_argument("--resume", action="store_true", help="continue the previous demo instead of starting afresh")

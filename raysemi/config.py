@@ -80,6 +80,7 @@ class PretrainConfig:
     knn_every: int = 5  # epochs; 0 disables the kNN monitor
     knn_k: int = 20
     seed: int = 0
+    cache: str | None = None  # URI of the content-addressed pretraining cache (raysemi.pretrain_cache); None = off
 
 
 @dataclass(frozen=True)

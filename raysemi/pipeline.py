@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
@@ -78,8 +79,13 @@ def _train_round(cfg: Config, manifest: Manifest, rows: dict[str, tuple[int, flo
     return finetune.run(cfg, trainset, init, out, f"{cfg.run.name}-round{r}", manifest.classes)
 
 
-def run_pipeline(cfg: Config, *, resume: bool = False, overwrite: bool = False, config_path: str = "") -> str:
-    """Run the configured method end to end; returns the URI of ``report.json``."""
+def run_pipeline(cfg: Config, *, resume: bool = False, overwrite: bool = False, config_path: str = "",
+                 on_round: Callable[[dict[str, Any]], None] | None = None) -> str:
+    """Run the configured method end to end; returns the URI of ``report.json``.
+
+    ``on_round``, when given, is called after each round with ``{"round", "val_accuracy", "val_macro_f1",
+    "n_pseudo", "pseudo_precision", "seconds", "pretrain_reused"}`` (tuning reports it to Ray Tune).
+    """
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     manifest = _check_dataset(cfg)
     labels = label_split(cfg.data.path, cfg.data)
@@ -93,9 +99,16 @@ def run_pipeline(cfg: Config, *, resume: bool = False, overwrite: bool = False, 
 
     stages: dict[str, float] = {}
     byol = None
+    reused, cache_key = False, None
     if cfg.run.mode != "supervised":
         t0 = time.time()
-        byol = pretrain.run(cfg, resume=resume).weights
+        if cfg.pretrain.cache:
+            from raysemi.pretrain_cache import pretrain_cached
+
+            cached = pretrain_cached(cfg)
+            byol, reused, cache_key = cached.weights, cached.reused, cached.key
+        else:
+            byol = pretrain.run(cfg, resume=resume).weights
         stages["pretrain"] = time.time() - t0
 
     classes = manifest.classes
@@ -134,6 +147,10 @@ def run_pipeline(cfg: Config, *, resume: bool = False, overwrite: bool = False, 
         stages["finetune" if r == 0 else f"round_{r}"] = time.time() - t0
         log.info("round %d: val accuracy %.4f (%d pseudo-labels, precision %s)", r, val["accuracy"], n_pseudo,
                  None if precision is None else precision["precision"])
+        if on_round is not None:
+            on_round({"round": r, "val_accuracy": val["accuracy"], "val_macro_f1": val.get("macro_f1"),
+                      "n_pseudo": n_pseudo, "pseudo_precision": history[-1]["pseudo_precision"],
+                      "seconds": history[-1]["seconds"], "pretrain_reused": reused})
 
     best = max(range(len(history)), key=lambda i: (history[i]["val"]["accuracy"], -i))
     t0 = time.time()
@@ -145,6 +162,7 @@ def run_pipeline(cfg: Config, *, resume: bool = False, overwrite: bool = False, 
             "config_path": config_path, "started": started, "backbone": cfg.model.backbone,
             "best_model": models[best], "label_fraction": cfg.data.label_fraction,
             "labels_per_class": cfg.data.labels_per_class,
+            "pretrain_reused": reused, "pretrain_cache_key": cache_key,
         },
         "classes": classes,
         "data": {

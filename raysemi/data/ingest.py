@@ -1,14 +1,7 @@
 """``raysemi ingest``: an image folder, a MedMNIST-style ``.npz`` or a CSV -> validated, deduplicated,
 group-split Parquet shards with a manifest (the data contract in ``shards.py``).
 
-Sources:
-
-* **folder**: one subfolder per class (``ROOT/<class>/**``), optionally under split folders
-  (``ROOT/{train,val,test}/<class>/**``); a top-level ``ROOT/unlabeled/**`` holds unlabeled images.
-* **npz**: ``train_images`` + ``train_labels`` (and ``val_*``, ``test_*``, ``unlabeled_images``), uint8
-  ``NxHxW`` or ``NxHxWxC``; class names from a ``label_names`` or ``classes`` key, else ``"0".."C-1"``.
-* **csv**: rows ``path,label[,group]`` (a header naming ``path,label,group[,split]`` is optional); paths
-  are relative to the CSV's folder; an empty label makes the row unlabeled.
+The sources and their layouts are described in ``sources.py``.
 
 Everything that can be checked is checked before anything is written (source, format, keys, paths,
 destination writable, bucket exists); every image is decoded once (``validate.check_image``); failures go to
@@ -19,7 +12,6 @@ complete. Ids are the sha256 of the original bytes, stable across re-ingests.
 
 from __future__ import annotations
 
-import csv
 import itertools
 import logging
 import math
@@ -31,7 +23,6 @@ import threading
 import uuid
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -41,205 +32,21 @@ from tqdm import tqdm
 
 from raysemi.data import shards
 from raysemi.data.shards import SPLITS, DatasetError, Manifest, ShardInfo, SplitInfo
+from raysemi.data.sources import FORMATS, _detect, _Item, _scan_csv, _scan_folder, _scan_npz, _scan_unlabeled
 from raysemi.data.validate import DEFAULT_MAX_PIXELS, Checked, check_image, encode_array
+
+__all__ = ["FORMATS", "ingest", "summarize"]  # FORMATS: re-exported from sources
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("auto", "folder", "npz", "csv")
-_SPLIT_DIRS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 _PART = re.compile(r"part-\d+\.parquet(\.tmp-[0-9a-f]+)?$")
-
-
-@dataclass
-class _Item:
-    source: str  # relative path, "npz:train:12" or "unlabeled:<relpath>"
-    label: str | None
-    group: str | None
-    split: str | None  # split named by the source, or None (carved by fraction)
-    path: Path | None = None
-    array: np.ndarray | None = None
-    sha: str = ""
-    check: Checked | None = None
-    keep: bytes | None = None  # stored bytes held in memory (converted or generated); else re-read
-    nbytes: int = 0
-
-
-def _visible(p: Path) -> bool:
-    return not p.name.startswith((".", "_"))
-
-
-def _files(root: Path) -> list[Path]:
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith((".", "_")))
-        out += [Path(dirpath) / f for f in sorted(filenames) if not f.startswith(".")]
-    return out
-
-
-def _group_of(name: str, regex: re.Pattern | None) -> str | None:
-    if regex is None:
-        return None
-    m = regex.search(name)
-    return None if m is None else (m.group(1) if regex.groups else m.group(0))
-
-
-def _scan_folder(root: Path, regex) -> tuple[list[_Item], list[str], set[str]]:
-    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and _visible(p))
-    split_dirs = [p for p in subdirs if p.name.lower() in _SPLIT_DIRS]
-    items: list[_Item] = []
-    if split_dirs:
-        others = [p.name for p in subdirs if p not in split_dirs and p.name != "unlabeled"]
-        if others:
-            raise DatasetError(
-                f"{root} mixes split folders (train/val/test) with other folders: {', '.join(others)}"
-            )
-        layout = [(_SPLIT_DIRS[p.name.lower()], p) for p in split_dirs]
-    else:
-        layout = [(None, root)]
-    classes: set[str] = set()
-    for split, base in layout:
-        for cdir in sorted(p for p in base.iterdir() if p.is_dir() and _visible(p)):
-            if split is None and cdir.name == "unlabeled":
-                continue
-            classes.add(cdir.name)
-            for f in _files(cdir):
-                rel = f.relative_to(root).as_posix()
-                items.append(_Item(rel, cdir.name, _group_of(f.name, regex), split, path=f))
-    if (root / "unlabeled").is_dir():
-        items += _scan_unlabeled(root / "unlabeled", regex)
-    if not classes:
-        raise DatasetError(f"{root} has no class subfolders (expected {root}/<class>/<image files>)")
-    return items, sorted(classes), {s for s, _ in layout if s}
-
-
-def _scan_unlabeled(root: Path, regex) -> list[_Item]:
-    return [
-        _Item(
-            f"unlabeled:{f.relative_to(root).as_posix()}", None, _group_of(f.name, regex), "unlabeled", path=f
-        )
-        for f in _files(root)
-    ]
-
-
-def _scan_npz(path: Path) -> tuple[list[_Item], list[str], set[str]]:
-    try:
-        npz = np.load(path, allow_pickle=False)
-        keys = set(npz.files)
-    except Exception as err:
-        raise DatasetError(f"{path} is not a readable .npz file ({err})") from None
-    if "train_images" not in keys:
-        raise DatasetError(f"{path} has no 'train_images' key (it has: {', '.join(sorted(keys)) or 'none'})")
-    items: list[_Item] = []
-    max_label = -1
-    provided = set()
-    for split in ("train", "val", "test", "unlabeled"):
-        if f"{split}_images" not in keys:
-            continue
-        images = npz[f"{split}_images"]
-        if images.dtype != np.uint8 or images.ndim not in (3, 4):
-            raise DatasetError(
-                f"{path}: '{split}_images' is {images.dtype} {images.shape}, expected uint8 NxHxW[xC]"
-            )
-        labels = None
-        if split != "unlabeled":
-            if f"{split}_labels" not in keys:
-                raise DatasetError(f"{path} has '{split}_images' but no '{split}_labels' key")
-            labels = np.asarray(npz[f"{split}_labels"])
-            if labels.ndim == 2 and labels.shape[1] == 1:
-                labels = labels[:, 0]
-            if labels.ndim != 1 or labels.shape[0] != images.shape[0] or labels.dtype.kind not in "iu":
-                raise DatasetError(
-                    f"{path}: '{split}_labels' is {labels.dtype} {labels.shape}, expected {images.shape[0]} integer "
-                    "labels (multi-label data is not supported)"
-                )
-            if labels.size and labels.min() < 0:
-                raise DatasetError(f"{path}: '{split}_labels' has negative labels")
-            max_label = max(max_label, int(labels.max()) if labels.size else -1)
-            provided.add(split)
-        for i in range(images.shape[0]):
-            label = None if labels is None else int(labels[i])
-            items.append(_Item(f"npz:{split}:{i}", label, None, split, array=images[i]))
-    names_key = next((k for k in ("label_names", "classes") if k in keys), None)
-    if names_key:
-        classes = [str(c) for c in np.asarray(npz[names_key]).ravel()]
-        if len(classes) <= max_label:
-            raise DatasetError(
-                f"{path}: '{names_key}' names {len(classes)} classes but a label is {max_label}"
-            )
-    else:
-        classes = [str(c) for c in range(max_label + 1)]
-    for it in items:
-        if it.label is not None:
-            it.label = classes[it.label]
-    return items, classes, provided
-
-
-def _scan_csv(path: Path, regex) -> tuple[list[_Item], list[str], set[str]]:
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as fh:
-            rows = [r for r in csv.reader(fh) if r and any(c.strip() for c in r) and not r[0].startswith("#")]
-    except (OSError, UnicodeDecodeError, csv.Error) as err:
-        raise DatasetError(f"cannot read CSV {path}: {err}") from None
-    cols = {"path": 0, "label": 1, "group": 2, "split": None}
-    first = [c.strip().lower() for c in rows[0]] if rows else []
-    if "path" in first:
-        cols = {k: (first.index(k) if k in first else None) for k in cols}
-        if cols["label"] is None:
-            raise DatasetError(f"CSV {path} has a header without a 'label' column")
-        rows = rows[1:]
-    if not rows:
-        raise DatasetError(f"CSV {path} has no rows")
-    base = path.parent
-    items, missing, labels = [], [], set()
-    for n, row in enumerate(rows, start=1):
-
-        def cell(key, row=row):
-            i = cols[key]
-            return row[i].strip() if i is not None and i < len(row) else ""
-
-        rel = cell("path")
-        if len(row) < 2 or not rel:
-            raise DatasetError(f"CSV {path} row {n} is not 'path,label[,group]': {','.join(row)}")
-        f = Path(rel) if Path(rel).is_absolute() else base / rel
-        if not f.is_file():
-            missing.append(rel)
-            continue
-        label = cell("label") or None
-        split = cell("split").lower() or None
-        if split is not None and split not in ("train", "val", "test", "unlabeled"):
-            raise DatasetError(f"CSV {path} row {n}: unknown split {split!r}")
-        split = "unlabeled" if label is None else split
-        group = cell("group") or _group_of(f.name, regex)
-        if label is not None:
-            labels.add(label)
-        items.append(_Item(rel, label, group, split, path=f))
-    if missing:
-        raise DatasetError(f"CSV {path} names {len(missing)} missing file(s), e.g. {missing[0]}")
-    numeric = all(re.fullmatch(r"-?\d+", x) for x in labels)
-    classes = sorted(labels, key=(lambda x: int(x)) if numeric else None)
-    return items, classes, {it.split for it in items if it.split in ("train", "val", "test")}
-
-
-def _detect(source: Path, fmt: str) -> str:
-    if fmt not in FORMATS:
-        raise DatasetError(f"unknown format {fmt!r} (expected one of: {', '.join(FORMATS)})")
-    if not source.exists():
-        raise DatasetError(f"source {source} does not exist")
-    if fmt != "auto":
-        return fmt
-    if source.is_dir():
-        return "folder"
-    suffix = source.suffix.lower()
-    if suffix in (".npz", ".csv"):
-        return suffix[1:]
-    raise DatasetError(f"unknown source format: {source} (expected an image folder, a .npz or a .csv file)")
 
 
 def _inside(child: Path, parent: Path) -> bool:
     return child == parent or parent in child.parents
 
 
-def _check_destination(dest: str, overwrite: bool, sources: list[Path]) -> None:
+def _check_destination(dest: str, overwrite: bool, sources: list[Path]) -> bool:
     """Refuse an existing dataset (unless overwrite) and prove the destination writable, writing nothing
     that stays."""
     fs, root = shards.filesystem(dest)
@@ -259,9 +66,11 @@ def _check_destination(dest: str, overwrite: bool, sources: list[Path]) -> None:
     if exists and not overwrite:
         raise DatasetError(f"{dest} already holds a dataset (manifest.json); pass --overwrite to replace it")
     probe = f"{root.rstrip('/')}/.raysemi-write-probe-{uuid.uuid4().hex[:8]}"
+    created = False
     try:
-        if isinstance(fs, LocalFileSystem):
+        if isinstance(fs, LocalFileSystem) and not fs.exists(root):
             fs.makedirs(root, exist_ok=True)
+            created = True
         fs.pipe_file(probe, b"probe")
         fs.rm_file(probe)
     except FileNotFoundError as err:
@@ -271,6 +80,14 @@ def _check_destination(dest: str, overwrite: bool, sources: list[Path]) -> None:
         raise DatasetError(f"cannot write to {dest}: access denied ({err})") from None
     except Exception as err:
         raise DatasetError(f"cannot write to {dest}: {type(err).__name__}: {err}") from None
+    return created
+
+
+def _remove_if_empty(dest: str, created: bool) -> None:
+    """Undo the folder the destination probe created, when a failed ingest left it empty."""
+    path = Path(shards.filesystem(dest)[1])
+    if created and path.is_dir() and not any(path.iterdir()):
+        path.rmdir()
 
 
 def _clear_parts(dest: str) -> None:
@@ -382,6 +199,87 @@ def _bar(total: int, desc: str, progress: bool) -> tqdm:
     )
 
 
+def _collect(source: str, fmt: str, regex: re.Pattern | None, unlabeled: str | None):
+    """Scan the source (and the unlabeled folder): every input as an item, nothing decoded yet."""
+    if shards.is_remote(str(source)):
+        raise DatasetError(f"source {source} must be a local path (copy it down first)")
+    src = Path(source).expanduser().resolve()
+    kind = _detect(src, fmt)
+    scan = {
+        "folder": lambda: _scan_folder(src, regex),
+        "npz": lambda: _scan_npz(src),
+        "csv": lambda: _scan_csv(src, regex),
+    }
+    items, classes, provided = scan[kind]()
+    sources = [src]
+    if unlabeled:
+        udir = Path(unlabeled).expanduser().resolve()
+        if not udir.is_dir():
+            raise DatasetError(f"unlabeled folder {unlabeled} does not exist")
+        items += _scan_unlabeled(udir, regex, prefix="unlabeled:")
+        sources.append(udir)
+    if not items:
+        raise DatasetError(f"no image files found in {source}")
+    if regex is not None and kind != "npz" and all(it.group is None for it in items):
+        raise DatasetError(f"group regex {regex.pattern!r} matches none of the {len(items)} file names")
+    return kind, items, classes, provided, sources
+
+
+def _validate_all(items: list[_Item], max_pixels: int, workers: int | None, progress: bool) -> None:
+    # Threads: Pillow releases the GIL while decoding (a process pool measured no faster on 224px JPEGs).
+    with (
+        ThreadPoolExecutor(workers or min(8, os.cpu_count() or 2)) as pool,
+        _bar(len(items), "validate", progress) as bar,
+    ):
+        for f in as_completed([pool.submit(_validate, it, max_pixels) for it in items]):
+            f.result()
+            bar.update()
+
+
+def _dedup(items: list[_Item]) -> tuple[list[_Item], list[dict[str, str]], int]:
+    """Quarantine failures; keep the first of each sha256 (labeled first, then by source path)."""
+    quarantine = [{"source": it.source, "reason": it.check.reason} for it in items if not it.check.ok]
+    kept, first, duplicates = [], {}, 0
+    for it in sorted((it for it in items if it.check.ok), key=lambda it: (it.label is None, it.source)):
+        prev = first.setdefault(it.sha, it)
+        if prev is it:
+            kept.append(it)
+        elif it.label is None or it.label == prev.label:
+            duplicates += 1
+        else:
+            reason = f"duplicate with conflicting label (of {prev.source})"
+            quarantine.append({"source": it.source, "reason": reason})
+    return kept, quarantine, duplicates
+
+
+def _write(
+    dest: str, plan: list, class_index: dict[str, int], progress: bool
+) -> dict[tuple[str, int], ShardInfo]:
+    """Write every planned shard (a few at a time); on any failure cancel the rest and re-raise."""
+    written: dict[tuple[str, int], ShardInfo] = {}
+    lock = threading.Lock()
+
+    def one(split: str, i: int, rows: list[_Item]) -> int:
+        info = shards.write_shard(dest, f"{split}/part-{i:05d}.parquet", _shard_table(rows, class_index))
+        with lock:
+            written[(split, i)] = info
+        return len(rows)
+
+    with (
+        ThreadPoolExecutor(4 if shards.is_remote(dest) else 2) as pool,
+        _bar(sum(len(p[2]) for p in plan), "write", progress) as bar,
+    ):
+        futures = [pool.submit(one, *p) for p in plan]
+        try:
+            for f in as_completed(futures):
+                bar.update(f.result())
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise  # leaving the with-block waits for the shards in flight, so cleanup sees them all
+    return written
+
+
 def ingest(
     source: str,
     dest: str,
@@ -403,6 +301,7 @@ def ingest(
     """Ingest ``source`` (folder / .npz / .csv, local) into the dataset at ``dest`` (local path or s3://).
 
     Raises ``DatasetError`` (one line) for bad input; writes no manifest unless everything succeeded.
+    ``synthetic`` marks the manifest as synthetic data; ``workers`` sets the decode threads.
     """
     if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
         raise DatasetError(f"val/test fractions {val_fraction}, {test_fraction} must be >= 0 and sum below 1")
@@ -412,132 +311,95 @@ def ingest(
         regex = re.compile(group_regex) if group_regex else None
     except re.error as err:
         raise DatasetError(f"bad group regex {group_regex!r}: {err}") from None
-    if shards.is_remote(str(source)):
-        raise DatasetError(f"source {source} must be a local path (copy it down first)")
-    src = Path(source).expanduser().resolve()
-    kind = _detect(src, fmt)
-    if kind == "folder":
-        items, classes, provided = _scan_folder(src, regex)
-    elif kind == "npz":
-        items, classes, provided = _scan_npz(src)
-    else:
-        items, classes, provided = _scan_csv(src, regex)
-    sources = [src]
-    if unlabeled:
-        udir = Path(unlabeled).expanduser().resolve()
-        if not udir.is_dir():
-            raise DatasetError(f"unlabeled folder {unlabeled} does not exist")
-        items += _scan_unlabeled(udir, regex)
-        sources.append(udir)
-    if not items:
-        raise DatasetError(f"no image files found in {source}")
-    if regex is not None and kind != "npz" and all(it.group is None for it in items):
-        raise DatasetError(f"group regex {group_regex!r} matches none of the {len(items)} file names")
-    _check_destination(dest, overwrite, sources)
-
-    with (
-        ThreadPoolExecutor(workers or min(8, os.cpu_count() or 2)) as pool,
-        _bar(len(items), "validate", progress) as bar,
-    ):
-        futures = [pool.submit(_validate, it, max_pixels) for it in items]
-        for f in as_completed(futures):
-            f.result()
-            bar.update()
-
-    quarantine = [{"source": it.source, "reason": it.check.reason} for it in items if not it.check.ok]
-    kept, first, duplicates = [], {}, 0
-    for it in sorted((it for it in items if it.check.ok), key=lambda it: (it.label is None, it.source)):
-        prev = first.setdefault(it.sha, it)
-        if prev is it:
-            kept.append(it)
-        elif it.label is None or it.label == prev.label:
-            duplicates += 1
-        else:
-            quarantine.append(
-                {"source": it.source, "reason": f"duplicate with conflicting label (of {prev.source})"}
-            )
-    if not kept:
-        first_bad = quarantine[0] if quarantine else {"source": "-", "reason": "-"}
-        raise DatasetError(
-            f"no valid images in {source}: all {len(items)} were rejected "
-            f"(e.g. {first_bad['source']}: {first_bad['reason']})"
-        )
-    carve = {s: f for s, f in (("val", val_fraction), ("test", test_fraction)) if s not in provided and f > 0}
-    _carve(kept, carve, seed)
-    for it in kept:
-        it.split = it.split or "train"
-    by_split = {s: [it for it in kept if it.split == s] for s in SPLITS}
-    plan = [
-        (s, i, rows) for s in SPLITS for i, rows in enumerate(_plan(by_split[s], shard_mb, min_shards, seed))
-    ]
-    class_index = {c: i for i, c in enumerate(classes)}
-
-    if overwrite and shards.dataset_exists(dest):
-        shards.remove_dataset(dest)
-    written: dict[tuple[str, int], ShardInfo] = {}
-    lock = threading.Lock()
-
-    def write(split: str, i: int, rows: list[_Item]) -> int:
-        info = shards.write_shard(dest, f"{split}/part-{i:05d}.parquet", _shard_table(rows, class_index))
-        with lock:
-            written[(split, i)] = info
-        return len(rows)
-
+    kind, items, classes, provided, sources = _collect(source, fmt, regex, unlabeled)
+    created = _check_destination(dest, overwrite, sources)
     try:
-        _clear_parts(dest)
-        with (
-            ThreadPoolExecutor(4 if shards.is_remote(dest) else 2) as pool,
-            _bar(len(kept), "write", progress) as bar,
-        ):
-            futures = [pool.submit(write, *p) for p in plan]
-            try:
-                for f in as_completed(futures):
-                    bar.update(f.result())
-            except BaseException:
-                for f in futures:
-                    f.cancel()
-                raise
-        splits = {}
-        for s in SPLITS:
-            counts = Counter(it.label for it in by_split[s] if it.label is not None)
-            splits[s] = SplitInfo(
-                rows=len(by_split[s]),
-                labeled=sum(counts.values()),
-                label_counts={c: counts.get(c, 0) for c in classes} if s != "unlabeled" else {},
-                shards=[written[(s, i)] for s2, i, _ in plan if s2 == s],
+        _validate_all(items, max_pixels, workers, progress)
+        kept, quarantine, duplicates = _dedup(items)
+        if not kept:
+            bad = quarantine[0]
+            raise DatasetError(
+                f"no valid images in {source}: all {len(items)} were rejected "
+                f"(e.g. {bad['source']}: {bad['reason']})"
             )
-        converted = Counter(it.check.conversion for it in kept if it.check.conversion)
-        manifest = Manifest(
-            classes=classes,
-            splits=splits,
-            quarantine=quarantine,
-            duplicates=duplicates,
-            source=str(src),
-            synthetic=synthetic,
-            extra={
-                "format": kind,
-                "inputs": len(items),
-                "converted": dict(sorted(converted.items())),
-                "splits_from_source": sorted(provided),
-                "carved": carve,
-                "group_regex": group_regex,
-                "groups_unmatched": sum(1 for it in items if regex is not None and it.group is None),
-                "unlabeled_dir": str(Path(unlabeled).expanduser().resolve()) if unlabeled else None,
-                "seed": seed,
-                "shard_mb": shard_mb,
-                "min_shards": min_shards,
-                "max_pixels": max_pixels,
-            },
-        )
-        shards.write_manifest(dest, manifest)
-    except BaseException as err:
+        carve = {
+            s: f for s, f in (("val", val_fraction), ("test", test_fraction)) if s not in provided and f > 0
+        }
+        _carve(kept, carve, seed)
+        by_split = {s: [it for it in kept if it.split == s] for s in SPLITS}
+        sides = defaultdict(set)
+        for it in kept:
+            if it.group is not None and it.split != "unlabeled":
+                sides[it.group].add(it.split)
+        spanning = sum(1 for v in sides.values() if len(v) > 1)  # only possible with splits from the source
+        if spanning:
+            log.warning("%d groups appear in more than one of the source's own splits", spanning)
+        plan = [
+            (s, i, rows)
+            for s in SPLITS
+            for i, rows in enumerate(_plan(by_split[s], shard_mb, min_shards, seed))
+        ]
         try:
+            if overwrite and shards.dataset_exists(dest):
+                # only now: a source that fails validation leaves the old one intact
+                shards.remove_dataset(dest)
             _clear_parts(dest)
-        except Exception as cleanup_err:  # the original error is the one to report
-            log.warning("could not remove partial shards at %s: %s", dest, cleanup_err)
-        if isinstance(err, OSError):
-            raise DatasetError(f"writing {dest} failed: {type(err).__name__}: {err}") from err
+            written = _write(dest, plan, {c: i for i, c in enumerate(classes)}, progress)
+            splits = {}
+            for s in SPLITS:
+                counts = Counter(it.label for it in by_split[s] if it.label is not None)
+                splits[s] = SplitInfo(
+                    rows=len(by_split[s]),
+                    labeled=sum(counts.values()),
+                    label_counts={c: counts.get(c, 0) for c in classes} if s != "unlabeled" else {},
+                    shards=[written[(s, i)] for s2, i, _ in plan if s2 == s],
+                )
+            manifest = Manifest(
+                classes=classes,
+                splits=splits,
+                quarantine=quarantine,
+                duplicates=duplicates,
+                source=str(sources[0]),
+                synthetic=synthetic,
+                extra={
+                    "format": kind,
+                    "inputs": len(items),
+                    "converted": dict(
+                        sorted(Counter(it.check.conversion for it in kept if it.check.conversion).items())
+                    ),
+                    "splits_from_source": sorted(provided),
+                    "carved": carve,
+                    "group_regex": group_regex,
+                    "groups_across_splits": spanning,
+                    "groups_unmatched": sum(1 for it in items if regex is not None and it.group is None),
+                    "unlabeled_dir": str(sources[1]) if unlabeled else None,
+                    "seed": seed,
+                    "shard_mb": shard_mb,
+                    "min_shards": min_shards,
+                    "max_pixels": max_pixels,
+                },
+            )
+            shards.write_manifest(dest, manifest)  # last: only a complete dataset has one
+        except BaseException:
+            try:
+                _clear_parts(dest)
+            except Exception as cleanup_err:  # the original error is the one to report
+                log.warning("could not remove partial shards at %s: %s", dest, cleanup_err)
+            raise
+    except OSError as err:
+        _remove_if_empty(dest, created)
+        raise DatasetError(f"writing {dest} failed: {type(err).__name__}: {err}") from err
+    except BaseException:
+        _remove_if_empty(dest, created)
         raise
+    log.info(
+        "ingested %s -> %s: %d stored, %d quarantined, %d duplicates",
+        source,
+        dest,
+        len(kept),
+        len(quarantine),
+        duplicates,
+    )
     return manifest
 
 

@@ -145,12 +145,16 @@ def read_manifest(root: str) -> Manifest:
 
 
 def write_bytes_atomic(uri: str, data: bytes) -> None:
-    """Write under a temporary name, then move into place (on S3 the final PUT is atomic)."""
+    """Write under a temporary name, then move into place. On object stores one PUT is already atomic
+    (a reader sees the whole object or none), so the bytes go straight to their name there."""
     fs, path = filesystem(uri)
-    if isinstance(fs, LocalFileSystem):
-        # Only local folders need creating; on S3, makedirs would create a missing *bucket* (s3fs's
-        # create_parents), so a typo in a bucket name would silently make a new bucket.
-        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    if not isinstance(fs, LocalFileSystem):
+        with fs.open(path, "wb") as fh:
+            fh.write(data)
+        return
+    # Only local folders need creating; on S3, makedirs would create a missing *bucket* (s3fs's
+    # create_parents), so a typo in a bucket name would silently make a new bucket.
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
     try:
         with fs.open(tmp, "wb") as fh:

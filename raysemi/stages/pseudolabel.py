@@ -11,7 +11,8 @@ the model's own config (its image size and normalisation). The actor writes the 
 ``NNNNN`` is the input shard's index in the list given, so names are stable across runs. A shard counts as
 done only when its marker names the same model file (sha256) and input and its Parquet file holds that
 many rows; a re-run computes only the others. The driver keeps one task in flight per actor; when an
-actor dies (a node lost, an OOM kill) its shard goes back in the queue and a fresh actor replaces it.
+actor dies (a node lost, an OOM kill) its shard goes back in the queue and a fresh actor replaces it
+(an actor that died after its commit has its shard redone: the same file, rewritten, never a second one).
 At the end every input row's id must appear in exactly one prediction row, or ``RaysemiError`` says why.
 
 Every row of every input shard gets a prediction (the few labeled rows too: it is cheap), so the
@@ -49,6 +50,8 @@ __all__ = [
     "ShardPredictor",
     "check_budget",
     "class_counts",
+    "model_classes",
+    "pending_shards",
     "predict_shards",
     "read_predictions",
     "select_pseudo_labels",
@@ -136,11 +139,47 @@ def commit(out_uri: str, index: int, input_uri: str, table: pa.Table, model_sha2
     write_bytes_atomic(marker_uri(out_uri, index), json.dumps(marker, indent=2).encode())
 
 
+def pending_shards(
+    out_uri: str, shard_uris: list[str], rows: list[int], model_sha256: str
+) -> list[tuple[int, str, int]]:
+    """``(index, input uri, rows)`` of the shards not yet committed for this model."""
+    _forget_listing(out_uri)
+    return [
+        (i, u, r) for i, (u, r) in enumerate(zip(shard_uris, rows)) if not is_committed(out_uri, i, u, r, model_sha256)
+    ]
+
+
+def model_classes(model_uri: str) -> list[str]:
+    """The class names in a classifier file's safetensors header: a cheap check, in the driver, that the
+    file is a raysemi classifier before any actor starts (the header only; no tensors read)."""
+    fs, path = filesystem(model_uri)
+    try:
+        with fs.open(path, "rb") as fh:
+            head = fh.read(8)
+            size = int.from_bytes(head, "little") if len(head) == 8 else -1
+            header = json.loads(fh.read(size)) if 0 < size < 100_000_000 else None
+    except FileNotFoundError:
+        raise RaysemiError(f"pseudolabel: model {model_uri} does not exist") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        header = None
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    if not isinstance(meta, dict) or "classes" not in meta or "config" not in meta:
+        raise RaysemiError(f"pseudolabel: {model_uri} is not a raysemi classifier (safetensors with classes/config)")
+    return list(json.loads(meta["classes"]))
+
+
+def _forget_listing(out_uri: str) -> None:
+    """Drop fsspec's cached listing of ``out_uri``: the actors write there from other processes, so a listing
+    cached by this process (s3fs keeps them) would hide their new files from ``open``."""
+    fs, path = filesystem(out_uri)
+    fs.invalidate_cache(path)
+
+
 def _parts(out_uri: str) -> dict[int, list[str]]:
     """Files under ``out_uri`` by part index (missing folder: none)."""
     fs, path = filesystem(out_uri)
     try:
-        names = fs.ls(path, detail=False)
+        names = fs.ls(path, detail=False, refresh=True)
     except FileNotFoundError:
         return {}
     found: dict[int, list[str]] = {}
@@ -154,7 +193,9 @@ def _parts(out_uri: str) -> dict[int, list[str]]:
 def read_predictions(out_uri: str, model_sha256: str | None = None) -> pa.Table:
     """Every committed prediction shard under ``out_uri`` (only those of ``model_sha256`` if given)."""
     tables = []
-    for index in sorted(_parts(out_uri)):
+    parts = sorted(_parts(out_uri))
+    _forget_listing(out_uri)
+    for index in parts:
         marker = read_marker(out_uri, index)
         if marker is None or (model_sha256 is not None and marker.get("model_sha256") != model_sha256):
             continue
@@ -164,6 +205,7 @@ def read_predictions(out_uri: str, model_sha256: str | None = None) -> pa.Table:
 
 def verify_exactly_once(out_uri: str, shard_uris: list[str], input_rows: list[int] | None = None) -> int:
     """Check that the prediction shards hold each input row's id exactly once; returns the row count."""
+    _forget_listing(out_uri)
     pred_ids, in_ids = [], []
     for i, uri in enumerate(shard_uris):
         try:
@@ -216,16 +258,23 @@ class ShardPredictor:
         self.cfg, self.model_sha256, self.fault = cfg, model_sha256, fault
 
     def ready(self) -> str:
+        """One forward pass on a zero batch (kernel selection, allocations), then the device's name."""
+        size = self.model_cfg.data.image_size
+        zeros = torch.zeros(min(self.cfg.pseudolabel.batch_size, 8), 3, size, size, device=self.device)
+        predict_batch(self.model, zeros)
         return str(self.device)
 
     def predict_table(self, shard_uri: str) -> pa.Table:
         """Predictions for every row of one input shard, in the shard's row order."""
-        from raysemi.data.loader import build_loader
+        from raysemi.data.loader import build_loader, resolve_backend
 
+        backend = resolve_backend(self.cfg.data.loader)
+        # On the CPU the model already uses the actor's cores: torch decode workers would only compete
+        # with it (and fork per shard), so decoding stays in the actor's thread there.
+        threads = 0 if backend == "torch" and self.device.type == "cpu" else self.cfg.data.num_threads
         loader = build_loader(
             [shard_uri], mode="eval", size=self.model_cfg.data.image_size, batch_size=self.cfg.pseudolabel.batch_size,
-            augment=self.model_cfg.augment, backend=self.cfg.data.loader, device=self.device,
-            num_threads=self.cfg.data.num_threads,
+            augment=self.model_cfg.augment, backend=backend, device=self.device, num_threads=threads,
         )
         ids: list[str] = []
         preds, confs, probs = [], [], []
@@ -284,6 +333,7 @@ class PredictorPool:
         self._remote = ray.remote(ShardPredictor).options(
             num_cpus=pl.cpus_per_actor, num_gpus=pl.gpus_per_actor, max_restarts=0, max_task_retries=0
         )
+        self.cfg = cfg
         self._args = (model_uri, cfg, model_sha256, max(1, round(pl.cpus_per_actor)), fault)
         self.actors = [self._new() for _ in range(num_actors)]
         self.restarts = 0
@@ -300,15 +350,24 @@ class PredictorPool:
         self.actors[slot] = self._new()
         self.restarts += 1
 
-    def wait_ready(self) -> list[str]:
-        """Block until every actor has loaded the model (start-up kept out of the throughput figure)."""
+    def wait_ready(self, patience_s: float = 60.0) -> list[str]:
+        """Block until every actor has loaded the model (start-up kept out of the throughput figure).
+        Says so once when the actors still wait for resources (e.g. GPUs the cluster lacks) after a minute."""
         import ray
 
-        devices = []
+        devices: list[str] = []
         for slot in range(len(self.actors)):
             for attempt in range(MAX_ATTEMPTS):
+                ref = self.actors[slot].ready.remote()
+                if not ray.wait([ref], timeout=patience_s)[0] and patience_s:
+                    pl = self.cfg.pseudolabel
+                    log.warning(
+                        "pseudolabel actors not started after %.0f s: each needs %s CPU and %s GPU; still waiting",
+                        patience_s, pl.cpus_per_actor, pl.gpus_per_actor,
+                    )
+                    patience_s = 0.0
                 try:
-                    devices.append(ray.get(self.actors[slot].ready.remote()))
+                    devices.append(ray.get(ref))
                     break
                 except ray.exceptions.RayActorError as err:
                     if attempt == MAX_ATTEMPTS - 1:
@@ -381,6 +440,7 @@ def _remove_stale(out_uri: str, n: int) -> None:
             log.warning("removing stale prediction part %05d under %s", index, out_uri)
             for f in sorted(files, key=lambda p: not p.endswith(".json")):  # the marker first
                 fs.rm(f)
+    _forget_listing(out_uri)
 
 
 def predict_shards(
@@ -394,18 +454,14 @@ def predict_shards(
     t0 = time.perf_counter()
     if not shard_uris:
         raise RaysemiError("pseudolabel: no input shards to predict")
-    try:
-        model_sha = ray_utils.file_sha256(model_uri)
-    except FileNotFoundError:
-        raise RaysemiError(f"pseudolabel: model {model_uri} does not exist") from None
+    model_classes(model_uri)
+    model_sha = ray_utils.file_sha256(model_uri)
     try:
         rows = [parquet_rows(u) for u in shard_uris]
     except FileNotFoundError as err:
         raise RaysemiError(f"pseudolabel: input shard missing ({err})") from None
     _remove_stale(out_uri, len(shard_uris))
-    todo = [
-        (i, u, r) for i, (u, r) in enumerate(zip(shard_uris, rows)) if not is_committed(out_uri, i, u, r, model_sha)
-    ]
+    todo = pending_shards(out_uri, list(shard_uris), rows, model_sha)
     skipped = len(shard_uris) - len(todo)
     if skipped:
         log.info("%d of %d shards already predicted by this model: skipped", skipped, len(shard_uris))

@@ -88,7 +88,7 @@ def test_folder_with_splits_and_unlabeled(tmp_path):
     assert m.extra["carved"] == {} and m.extra["splits_from_source"] == ["test", "train", "val"]
     unlabeled = rows(str(tmp_path / "ds"), "unlabeled")
     assert all(r["label"] is None for r in unlabeled)
-    assert sorted(r["source"] for r in unlabeled)[:2] == ["unlabeled:u.jpg", "unlabeled:x/u0.png"]
+    assert sorted(r["source"] for r in unlabeled)[:2] == ["unlabeled/u.jpg", "unlabeled:x/u0.png"]
     assert m.splits["unlabeled"].labeled == 0 and m.splits["train"].labeled == 14
 
 
@@ -122,7 +122,27 @@ def test_npz_missing_keys(tmp_path):
     np.savez(tmp_path / "c.npz", train_images=np.zeros((2, 4, 4), np.float32), train_labels=np.zeros(2, int))
     with pytest.raises(DatasetError, match="expected uint8"):
         ingest(str(tmp_path / "c.npz"), str(tmp_path / "ds"), progress=False)
+    np.savez(tmp_path / "d.npz", train_images=np.zeros((2, 4, 4, 2), np.uint8), train_labels=np.zeros(2, int))
+    with pytest.raises(DatasetError, match="expected uint8"):
+        ingest(str(tmp_path / "d.npz"), str(tmp_path / "ds"), progress=False)
+    np.savez(
+        tmp_path / "e.npz", train_images=np.zeros((2, 4, 4), np.uint8), train_labels=np.zeros((2, 3), int)
+    )
+    with pytest.raises(DatasetError, match="multi-label"):
+        ingest(str(tmp_path / "e.npz"), str(tmp_path / "ds"), progress=False)
     assert not (tmp_path / "ds").exists()
+
+
+def test_csv_with_split_column(tmp_path):
+    lines = ["label,path,split"]
+    for i in range(12):
+        (tmp_path / f"{i}.jpg").write_bytes(image_bytes(i, "JPEG"))
+        lines.append(f"{'ab'[i % 2]},{i}.jpg,{['train', 'train', 'test', ''][i % 4]}")
+    (tmp_path / "l.csv").write_text("\n".join(lines))
+    m = ingest(str(tmp_path / "l.csv"), str(tmp_path / "ds"), progress=False, val_fraction=0.25)
+    assert m.splits["test"].rows == 3 and m.splits["test"].label_counts == {"a": 3, "b": 0}
+    assert m.extra["splits_from_source"] == ["test", "train"] and m.extra["carved"] == {"val": 0.25}
+    assert m.splits["train"].rows == 6 and m.splits["val"].label_counts == {"a": 1, "b": 2}  # 25% of 3 a, 6 b
 
 
 def test_csv_with_group_column(tmp_path):
@@ -242,6 +262,19 @@ def test_missing_bucket(s3_server, tmp_path):
     with pytest.raises(DatasetError, match="bucket 'raysemi-missing-bucket' does not exist"):
         ingest(str(tmp_path / "src"), "s3://raysemi-missing-bucket/ds", progress=False)
     assert not s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server}).exists("raysemi-missing-bucket")
+
+
+def test_bucket_that_refuses_access(s3_bucket, tmp_path, monkeypatch):
+    import s3fs
+
+    def denied(self, path, *args, **kwargs):
+        raise PermissionError(f"AccessDenied: {path}")
+
+    make_folder(tmp_path / "src", {"a": 2, "b": 2})
+    monkeypatch.setattr(s3fs.S3FileSystem, "pipe_file", denied)
+    with pytest.raises(DatasetError, match="cannot write to .*: access denied"):
+        ingest(str(tmp_path / "src"), f"{s3_bucket}/ds", progress=False)
+    assert no_dataset(f"{s3_bucket}/ds")
 
 
 def test_failure_midway_leaves_nothing(tmp_path, monkeypatch):

@@ -1,0 +1,307 @@
+"""Pseudo-label inference throughput: our actor pool vs one process vs Ray Data ``map_batches``.
+
+Same shards, same model file, same decode (the eval transform of ``raysemi.data.augment``, through the
+loader on our side and ``decode_eval_batch`` inside Ray Data's batch function), same batch size, and every
+variant writes its predictions as Parquet. Timings exclude start-up (worker processes, imports, model
+load, one warm-up forward pass), which is reported beside them:
+
+- ``single process``: ``ShardPredictor`` in this process, torch using every core, no Ray.
+- ``actor pool``: ``PredictorPool`` (what ``raysemi pseudolabel`` runs) with 1, 2, ... actors of 1 CPU.
+- ``ray data``: ``read_parquet`` -> ``map_batches(callable class, concurrency=N, num_cpus=1)`` ->
+  ``write_parquet``; its steady window starts when its last actor has loaded the model and warmed up.
+
+Ray starts with one logical CPU more than the machine has: Ray Data's file listing and read tasks need
+a CPU slot of their own and would wait forever behind N actors holding all of them.
+
+    .venv/bin/python bench/pseudolabel.py                 # generated 64 px greyscale PNGs
+    .venv/bin/python bench/pseudolabel.py --dataset PATH  # train + unlabeled shards of a dataset
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from raysemi.config import load_config  # noqa: E402
+from raysemi.data.shards import (  # noqa: E402
+    SCHEMA,
+    Manifest,
+    SplitInfo,
+    image_id,
+    join,
+    read_manifest,
+    write_manifest,
+    write_shard,
+)
+from raysemi.models.checkpoint import build_classifier, save_classifier  # noqa: E402
+from raysemi.stages import pseudolabel as pl  # noqa: E402
+
+CLASSES = ["a", "b", "c"]
+
+
+def generate(root: str, images: int, shards: int, size: int, seed: int = 0) -> list[str]:
+    """Greyscale PNGs (noise + a bright disc, like a blob on a radiograph) in ``shards`` unlabeled shards."""
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    per = [images // shards + (1 if i < images % shards else 0) for i in range(shards)]
+    info = SplitInfo()
+    for k, n in enumerate(per):
+        blobs = []
+        for _ in range(n):
+            im = Image.fromarray(rng.integers(0, 96, (size, size), dtype=np.uint8), "L")
+            x, y = rng.integers(8, size - 8, 2).tolist()
+            r = int(rng.integers(3, size // 4))
+            ImageDraw.Draw(im).ellipse((x - r, y - r, x + r, y + r), fill=int(rng.integers(128, 256)))
+            buf = io.BytesIO()
+            im.save(buf, "PNG")
+            blobs.append(buf.getvalue())
+        table = pa.table(
+            {"id": [image_id(b) for b in blobs], "image": blobs, "label": pa.array([None] * n, pa.int16()),
+             "group": pa.array([None] * n, pa.string()), "source": [f"bench/{k}/{i}.png" for i in range(n)]},
+            schema=SCHEMA,
+        )
+        info.shards.append(write_shard(root, f"unlabeled/part-{k:05d}.parquet", table))
+        info.rows += n
+    write_manifest(root, Manifest(classes=CLASSES, splits={"unlabeled": info}, synthetic=True))
+    return [join(root, s.path) for s in info.shards]
+
+
+def dataset_shards(root: str) -> list[str]:
+    manifest = read_manifest(root)
+    return [u for split in ("train", "unlabeled") if split in manifest.splits for u in manifest.shard_uris(root, split)]
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+# ---------------------------------------------------------------- the three ways
+
+
+def run_single(model: str, cfg, sha: str, uris: list[str], rows: list[int], out: str, threads: int) -> dict:
+    t0 = time.perf_counter()
+    predictor = pl.ShardPredictor(model, cfg, sha, num_threads=threads)
+    predictor.ready()
+    startup = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    done = sum(predictor.run(i, u, out, r) for i, (u, r) in enumerate(zip(uris, rows)))
+    return {"rows": done, "seconds": time.perf_counter() - t0, "startup_s": startup}
+
+
+def run_pool(model: str, cfg, sha: str, uris: list[str], rows: list[int], out: str, actors: int) -> dict:
+    t0 = time.perf_counter()
+    pool = pl.PredictorPool(model, sha, cfg, actors)
+    try:
+        pool.wait_ready()  # model loaded and one warm-up forward pass in every actor
+        startup = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        done = pool.run([(i, u, r) for i, (u, r) in enumerate(zip(uris, rows))], out, progress=False)
+        seconds = time.perf_counter() - t0
+    finally:
+        pool.shutdown()
+    pl.verify_exactly_once(out, uris, rows)
+    return {"rows": done, "seconds": seconds, "startup_s": startup}
+
+
+class RayDataPredictor:
+    """Ray Data's callable class: the same model file, eval transform and forward pass as our actors.
+    It logs ``start end rows`` per call, so the steady window can be measured from outside."""
+
+    def __init__(self, model_uri: str, cfg, log_dir: str) -> None:
+        import torch
+
+        from raysemi import ray_utils
+        from raysemi.models.checkpoint import load_classifier
+
+        torch.set_num_threads(1)
+        self.device = ray_utils.get_device()
+        self.model, self.model_cfg, _ = load_classifier(model_uri, self.device)
+        self.cfg = cfg
+        size = self.model_cfg.data.image_size
+        pl.predict_batch(self.model, torch.zeros(8, 3, size, size, device=self.device))  # warm-up, as ours
+        self.log = Path(log_dir, f"actor-{os.getpid()}")
+        self.log.write_text(f"ready {time.time()!r}\n")
+
+    def __call__(self, batch: dict) -> dict:
+        from raysemi.data.loader import decode_eval_batch
+
+        start = time.time()
+        images = decode_eval_batch(
+            list(batch["image"]), self.model_cfg.data.image_size, self.model_cfg.augment, backend="torch",
+            device=self.device,
+        )
+        pred, conf, probs = pl.predict_batch(self.model, images)
+        with self.log.open("a") as fh:
+            fh.write(f"call {start!r} {time.time()!r} {len(batch['id'])}\n")
+        return {"id": batch["id"], "pred": pred.numpy().astype(np.int16), "confidence": conf.numpy(),
+                "probs": probs.numpy()}
+
+
+def run_ray_data(model: str, cfg, uris: list[str], out: str, actors: int, batch_size: int, tmp: str) -> dict:
+    """Steady window: from the moment the last actor is ready to the end of ``write_parquet``; the rows
+    counted are those processed inside it (calls straddling its start counted pro rata)."""
+    import pyarrow.parquet as pq
+    import ray
+
+    from raysemi.data.shards import filesystem
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    # Small images make the whole set one 128 MiB block, which one actor would take alone: blocks of about
+    # one shard's size give Ray Data the same unit of work as our pool.
+    fs, _ = filesystem(uris[0])
+    ctx.target_max_block_size = max(64 * 1024, sum(fs.size(filesystem(u)[1]) for u in uris) // len(uris))
+    log_dir = tempfile.mkdtemp(dir=tmp, prefix="raydata-log-")
+    t0_wall = time.time()
+    ds = (
+        ray.data.read_parquet(uris)
+        .select_columns(["id", "image"])
+        .map_batches(
+            RayDataPredictor, fn_constructor_args=(model, cfg, log_dir),
+            compute=ray.data.ActorPoolStrategy(size=actors), batch_size=batch_size, num_cpus=1,
+        )
+    )
+    ds.write_parquet(out)
+    end = time.time()
+    ready, calls, per_actor = [], [], []
+    for path in sorted(Path(log_dir).glob("actor-*")):
+        per_actor.append(0)
+        for line in path.read_text().splitlines():
+            kind, *vals = line.split()
+            if kind == "ready":
+                ready.append(float(vals[0]))
+            else:
+                calls.append((float(vals[0]), float(vals[1]), int(vals[2])))
+                per_actor[-1] += int(vals[2])
+    start = max(ready)
+    in_window = sum(n * (e - max(s, start)) / (e - s) if e > s else n for s, e, n in calls if e > start)
+    done = pq.read_table(out, columns=["id"]).num_rows
+    return {"rows": done, "seconds": end - start, "window_rows": in_window, "startup_s": start - t0_wall,
+            "end_to_end_s": end - t0_wall, "rows_per_actor": per_actor}
+
+
+# ---------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dataset", help="an existing dataset URI (its train + unlabeled shards)")
+    ap.add_argument("--images", type=int, default=2000)
+    ap.add_argument("--shards", type=int, default=8)
+    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--backbone", default="resnet18")
+    ap.add_argument("--small-image", action="store_true", help="3x3 stem (4x16 more compute at 64 px)")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--actors", default="1,2", help="actor counts to try, comma-separated")
+    ap.add_argument("--repeats", type=int, default=3, help="passes over all variants (best and median kept)")
+    ap.add_argument("--no-ray-data", action="store_true")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "pseudolabel.json"))
+    args = ap.parse_args(argv)
+
+    import ray
+    import torch
+
+    cores = os.cpu_count() or 1
+    counts = [int(a) for a in args.actors.split(",")]
+    load_before = os.getloadavg()
+    default_threads = torch.get_num_threads()
+    with tempfile.TemporaryDirectory(prefix="raysemi-bench-pl-") as tmp:
+        uris = dataset_shards(args.dataset) if args.dataset else generate(f"{tmp}/data", args.images, args.shards, args.size)
+        rows = [pl.parquet_rows(u) for u in uris]
+        cfg = load_config(None, [
+            f"model.backbone={args.backbone}", f"model.small_image={str(args.small_image).lower()}",
+            "model.proj_hidden_dim=512", "model.proj_dim=128", f"data.image_size={args.size}", "data.loader=torch",
+            f"pseudolabel.batch_size={args.batch_size}", "pseudolabel.cpus_per_actor=1",
+        ])
+        torch.manual_seed(0)
+        model = f"{tmp}/classifier.safetensors"
+        sha = save_classifier(model, build_classifier(cfg, len(CLASSES)), cfg, CLASSES)
+        ray.init(num_cpus=cores + 1, include_dashboard=False, log_to_driver=False, configure_logging=False)
+
+        trials: list[dict] = []
+
+        def record(method: str, workers: int, rep: int, r: dict) -> None:
+            assert r["rows"] == sum(rows), f"{method} predicted {r['rows']} of {sum(rows)} rows"
+            r = {"method": method, "workers": workers, "repeat": rep, **r,
+                 "images_per_s": r.get("window_rows", r["rows"]) / r["seconds"], "load_average": os.getloadavg()[0]}
+            r.setdefault("end_to_end_s", r["startup_s"] + r["seconds"])
+            trials.append(r)
+            print(f"  [{rep}] {method:<15} x{workers}: {r['images_per_s']:8.1f} images/s  "
+                  f"({r['seconds']:.1f} s, start-up {r['startup_s']:.1f} s, load {r['load_average']:.1f})", flush=True)
+
+        print(f"{sum(rows)} images in {len(uris)} shards, {args.backbone} at {args.size} px, batch {args.batch_size}, "
+              f"{cores} cores ({cpu_model()}), {args.repeats} repeat(s), variants interleaved", flush=True)
+        for rep in range(args.repeats):  # interleaved, so that outside load hits every variant alike
+            for threads in sorted({1, cores}):
+                record("single process", threads, rep,
+                       run_single(model, cfg, sha, uris, rows, f"{tmp}/single-{threads}-{rep}", threads=threads))
+            for n in counts:
+                record("actor pool", n, rep, run_pool(model, cfg.replace(**{"pseudolabel.num_actors": n}), sha,
+                                                      uris, rows, f"{tmp}/pool-{n}-{rep}", n))
+            if not args.no_ray_data:
+                for n in counts:
+                    record("ray data", n, rep, run_ray_data(model, cfg, uris, f"{tmp}/raydata-{n}-{rep}", n,
+                                                            args.batch_size, tmp))
+        ray.shutdown()
+
+    results = []
+    for key in dict.fromkeys((t["method"], t["workers"]) for t in trials):
+        runs = [t for t in trials if (t["method"], t["workers"]) == key]
+        ips = sorted(t["images_per_s"] for t in runs)
+        results.append({
+            "method": key[0], "workers": key[1], "images_per_s_best": ips[-1],
+            "images_per_s_median": float(np.median(ips)),
+            "startup_s_median": float(np.median([t["startup_s"] for t in runs])),
+            "end_to_end_s_median": float(np.median([t["end_to_end_s"] for t in runs])),
+        })
+    print(f"\n{'method':<16}{'workers':>8}{'best img/s':>12}{'median img/s':>14}{'start-up s':>12}{'end-to-end s':>14}")
+    for r in results:
+        print(f"{r['method']:<16}{r['workers']:>8}{r['images_per_s_best']:>12.1f}{r['images_per_s_median']:>14.1f}"
+              f"{r['startup_s_median']:>12.1f}{r['end_to_end_s_median']:>14.1f}")
+    report = {
+        "benchmark": "pseudolabel inference",
+        "images": sum(rows),
+        "shards": len(uris),
+        "dataset": args.dataset or f"generated {args.size}px greyscale PNG",
+        "model": {"backbone": args.backbone, "small_image": args.small_image, "image_size": args.size,
+                  "batch_size": args.batch_size},
+        "machine": {
+            "cores": cores, "cpu": cpu_model(), "torch_threads_default": default_threads,
+            "torch_threads_per_actor": 1, "torch_threads_single_process": cores,
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "torch": torch.__version__, "ray": ray.__version__, "python": platform.python_version(),
+            "load_average_before": load_before, "load_average_after": os.getloadavg(),
+        },
+        "workers": "actors (1 CPU, 1 torch thread each) for the pool and Ray Data; torch threads for the single process",
+        "timing": "images/s over the steady window: start-up (workers, imports, model load, warm-up) excluded",
+        "results": results,
+        "trials": trials,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nwritten to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

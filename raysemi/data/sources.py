@@ -1,0 +1,221 @@
+"""Source scanners: an image folder, a MedMNIST-style ``.npz``, a CSV or an ``--unlabeled`` folder -> a list
+of ``_Item`` (one per input, nothing decoded yet) with the class names and the splits the source names;
+plus format detection. Validation, dedup, splitting and writing are ``ingest.py``'s.
+
+* **folder**: one subfolder per class (``ROOT/<class>/**``), optionally under split folders
+  (``ROOT/{train,val,test}/<class>/**``); a top-level ``ROOT/unlabeled/**`` holds unlabeled images.
+* **npz**: ``train_images`` + ``train_labels`` (and ``val_*``, ``test_*``, ``unlabeled_images``), uint8
+  ``NxHxW`` or ``NxHxWxC``; class names from a ``label_names`` or ``classes`` key, else ``"0".."C-1"``.
+* **csv**: rows ``path,label[,group]`` (a header naming ``path,label,group[,split]`` is optional); paths
+  are relative to the CSV's folder; an empty label makes the row unlabeled.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from raysemi.data.shards import SPLITS, DatasetError
+from raysemi.data.validate import Checked
+
+FORMATS = ("auto", "folder", "npz", "csv")
+_SPLIT_DIRS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+
+
+@dataclass
+class _Item:
+    source: str  # path relative to the source, "npz:train:12", or "unlabeled:<path in --unlabeled DIR>"
+    label: str | None
+    group: str | None
+    split: str | None  # split named by the source, or None (carved by fraction)
+    path: Path | None = None
+    array: np.ndarray | None = None
+    sha: str = ""
+    check: Checked | None = None
+    keep: bytes | None = None  # stored bytes held in memory (converted or generated); else re-read
+    nbytes: int = 0
+
+
+def _visible(name: str) -> bool:
+    return not name.startswith((".", "_"))
+
+
+def _subdirs(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if p.is_dir() and _visible(p.name))
+
+
+def _files(root: Path) -> list[Path]:
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if _visible(d))
+        out += [Path(dirpath) / f for f in sorted(filenames) if not f.startswith(".")]
+    return out
+
+
+def _group_of(name: str, regex: re.Pattern | None) -> str | None:
+    if regex is None:
+        return None
+    m = regex.search(name)
+    return None if m is None else (m.group(1) if regex.groups else m.group(0))
+
+
+def _scan_folder(root: Path, regex) -> tuple[list[_Item], list[str], set[str]]:
+    subdirs = _subdirs(root)
+    split_dirs = [p for p in subdirs if p.name.lower() in _SPLIT_DIRS]
+    items: list[_Item] = []
+    if split_dirs:
+        others = [p.name for p in subdirs if p not in split_dirs and p.name != "unlabeled"]
+        if others:
+            raise DatasetError(
+                f"{root} mixes split folders (train/val/test) with other folders: {', '.join(others)}"
+            )
+        layout = [(_SPLIT_DIRS[p.name.lower()], p) for p in split_dirs]
+    else:
+        layout = [(None, root)]
+    classes: set[str] = set()
+    for split, base in layout:
+        for cdir in _subdirs(base):
+            if split is None and cdir.name == "unlabeled":
+                continue
+            classes.add(cdir.name)
+            for f in _files(cdir):
+                rel = f.relative_to(root).as_posix()
+                items.append(_Item(rel, cdir.name, _group_of(f.name, regex), split, path=f))
+    if (root / "unlabeled").is_dir():
+        items += _scan_unlabeled(root / "unlabeled", regex, prefix="unlabeled/")
+    if not classes:
+        raise DatasetError(f"{root} has no class subfolders (expected {root}/<class>/<image files>)")
+    return items, sorted(classes), {s for s, _ in layout if s}
+
+
+def _scan_unlabeled(root: Path, regex, prefix: str) -> list[_Item]:
+    return [
+        _Item(
+            f"{prefix}{f.relative_to(root).as_posix()}", None, _group_of(f.name, regex), "unlabeled", path=f
+        )
+        for f in _files(root)
+    ]
+
+
+def _scan_npz(path: Path) -> tuple[list[_Item], list[str], set[str]]:
+    try:
+        npz = np.load(path, allow_pickle=False)
+        keys = set(npz.files)
+    except Exception as err:
+        raise DatasetError(f"{path} is not a readable .npz file ({err})") from None
+    if "train_images" not in keys:
+        raise DatasetError(f"{path} has no 'train_images' key (it has: {', '.join(sorted(keys)) or 'none'})")
+    items: list[_Item] = []
+    max_label = -1
+    provided = set()
+    for split in SPLITS:
+        if f"{split}_images" not in keys:
+            continue
+        images = npz[f"{split}_images"]
+        if (
+            images.dtype != np.uint8
+            or images.ndim not in (3, 4)
+            or (images.ndim == 4 and images.shape[3] not in (1, 3, 4))
+        ):
+            raise DatasetError(
+                f"{path}: '{split}_images' is {images.dtype} {images.shape}, expected uint8 NxHxW[xC]"
+            )
+        labels = None
+        if split != "unlabeled":
+            if f"{split}_labels" not in keys:
+                raise DatasetError(f"{path} has '{split}_images' but no '{split}_labels' key")
+            labels = np.asarray(npz[f"{split}_labels"])
+            if labels.ndim == 2 and labels.shape[1] == 1:
+                labels = labels[:, 0]
+            if labels.ndim != 1 or labels.shape[0] != images.shape[0] or labels.dtype.kind not in "iu":
+                raise DatasetError(
+                    f"{path}: '{split}_labels' is {labels.dtype} {labels.shape}, expected {images.shape[0]} integer "
+                    "labels (multi-label data is not supported)"
+                )
+            if labels.size and labels.min() < 0:
+                raise DatasetError(f"{path}: '{split}_labels' has negative labels")
+            max_label = max(max_label, int(labels.max()) if labels.size else -1)
+            provided.add(split)
+        for i in range(images.shape[0]):
+            label = None if labels is None else int(labels[i])
+            items.append(_Item(f"npz:{split}:{i}", label, None, split, array=images[i]))
+    names_key = next((k for k in ("label_names", "classes") if k in keys), None)
+    if names_key:
+        classes = [str(c) for c in np.asarray(npz[names_key]).ravel()]
+        if len(classes) <= max_label:
+            raise DatasetError(
+                f"{path}: '{names_key}' names {len(classes)} classes but a label is {max_label}"
+            )
+    else:
+        classes = [str(c) for c in range(max_label + 1)]
+    for it in items:
+        if it.label is not None:
+            it.label = classes[it.label]
+    return items, classes, provided
+
+
+def _scan_csv(path: Path, regex) -> tuple[list[_Item], list[str], set[str]]:
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            rows = [r for r in csv.reader(fh) if r and any(c.strip() for c in r) and not r[0].startswith("#")]
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise DatasetError(f"cannot read CSV {path}: {err}") from None
+    cols = {"path": 0, "label": 1, "group": 2, "split": None}
+    first = [c.strip().lower() for c in rows[0]] if rows else []
+    if "path" in first:
+        cols = {k: (first.index(k) if k in first else None) for k in cols}
+        if cols["label"] is None:
+            raise DatasetError(f"CSV {path} has a header without a 'label' column")
+        rows = rows[1:]
+    if not rows:
+        raise DatasetError(f"CSV {path} has no rows")
+    base = path.parent
+    items, missing, labels = [], [], set()
+    for n, row in enumerate(rows, start=1):
+
+        def cell(key, row=row):
+            i = cols[key]
+            return row[i].strip() if i is not None and i < len(row) else ""
+
+        rel = cell("path")
+        if len(row) < 2 or not rel:
+            raise DatasetError(f"CSV {path} row {n} is not 'path,label[,group]': {','.join(row)}")
+        f = Path(rel) if Path(rel).is_absolute() else base / rel
+        if not f.is_file():
+            missing.append(rel)
+            continue
+        label = cell("label") or None
+        split = cell("split").lower() or None
+        if split is not None and split not in SPLITS:
+            raise DatasetError(f"CSV {path} row {n}: unknown split {split!r}")
+        if label is None or split == "unlabeled":
+            label, split = None, "unlabeled"
+        group = cell("group") or _group_of(f.name, regex)
+        if label is not None:
+            labels.add(label)
+        items.append(_Item(rel, label, group, split, path=f))
+    if missing:
+        raise DatasetError(f"CSV {path} names {len(missing)} missing file(s), e.g. {missing[0]}")
+    numeric = all(re.fullmatch(r"-?\d+", x) for x in labels)
+    classes = sorted(labels, key=(lambda x: int(x)) if numeric else None)
+    return items, classes, {it.split for it in items if it.split in ("train", "val", "test")}
+
+
+def _detect(source: Path, fmt: str) -> str:
+    if fmt not in FORMATS:
+        raise DatasetError(f"unknown format {fmt!r} (expected one of: {', '.join(FORMATS)})")
+    if not source.exists():
+        raise DatasetError(f"source {source} does not exist")
+    if fmt != "auto":
+        return fmt
+    if source.is_dir():
+        return "folder"
+    suffix = source.suffix.lower()
+    if suffix in (".npz", ".csv"):
+        return suffix[1:]
+    raise DatasetError(f"unknown source format: {source} (expected an image folder, a .npz or a .csv file)")

@@ -1,0 +1,204 @@
+"""The pseudo-label actor pool: commits, skipping on re-run, exactly-once with an actor killed, S3."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from PIL import Image
+
+from raysemi import ray_utils
+from raysemi.config import load_config
+from raysemi.data.shards import (
+    SCHEMA,
+    Manifest,
+    SplitInfo,
+    filesystem,
+    image_id,
+    join,
+    read_shard,
+    write_manifest,
+    write_shard,
+)
+from raysemi.errors import RaysemiError
+from raysemi.models.checkpoint import build_classifier, save_classifier
+from raysemi.stages import pseudolabel as pl
+
+CLASSES = ["normal", "pneumonia", "covid"]
+TINY = [
+    "model.backbone=test_resnet", "model.small_image=false", "model.proj_hidden_dim=32", "model.proj_dim=16",
+    "data.image_size=32", "data.loader=torch", "pseudolabel.num_actors=2", "pseudolabel.batch_size=4",
+]
+
+
+def png(rng: np.random.Generator, size: int = 40) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (size, size), dtype=np.uint8), "L").save(buf, "PNG")
+    return buf.getvalue()
+
+
+def make_dataset(root: str, shards: int, rows: int, seed: int = 0) -> list[str]:
+    """One labeled train shard and ``shards - 1`` unlabeled ones; returns the shard URIs in order."""
+    rng = np.random.default_rng(seed)
+    splits: dict[str, SplitInfo] = {}
+    uris = []
+    for k in range(shards):
+        split = "train" if k == 0 else "unlabeled"
+        images = [png(rng) for _ in range(rows)]
+        labels = [int(i % 3) for i in range(rows)] if split == "train" else [None] * rows
+        table = pa.table(
+            {
+                "id": [image_id(b) for b in images],
+                "image": images,
+                "label": pa.array(labels, pa.int16()),
+                "group": pa.array([None] * rows, pa.string()),
+                "source": [f"gen/{k}/{i}.png" for i in range(rows)],
+            },
+            schema=SCHEMA,
+        )
+        info = splits.setdefault(split, SplitInfo())
+        part = f"{split}/part-{len(info.shards):05d}.parquet"
+        info.shards.append(write_shard(root, part, table))
+        info.rows += rows
+        uris.append(join(root, part))
+    write_manifest(root, Manifest(classes=CLASSES, splits=splits, synthetic=True))
+    return uris
+
+
+def save_model(uri: str, cfg, seed: int) -> str:
+    torch.manual_seed(seed)
+    return save_classifier(uri, build_classifier(cfg, len(CLASSES)), cfg, CLASSES)
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return load_config(None, TINY)
+
+
+@pytest.mark.ray
+def test_exactly_once_with_a_killed_actor_and_after_an_interrupted_run(
+    ray_session, s3_bucket, cfg, tmp_path, monkeypatch
+):
+    """All on S3 (the cluster case). Actor start-up dominates on 2 cores, so one test covers both."""
+    uris = make_dataset(f"{s3_bucket}/dataset", shards=6, rows=6)
+    model = f"{s3_bucket}/models/classifier.safetensors"
+    sha = save_model(model, cfg, seed=0)
+    out = f"{s3_bucket}/predictions/round=1"
+    fs, _ = filesystem(out)
+
+    # 1. The actor predicting shard 3 kills its own process before committing: it is replaced, the shard re-run.
+    fired = tmp_path / "fired"
+    monkeypatch.setenv(ray_utils.FAULT_ENV, f"pseudolabel:3:0:{fired}")
+    first = pl.predict_shards(model, uris, out, cfg, progress=False)
+    monkeypatch.delenv(ray_utils.FAULT_ENV)
+    assert fired.exists(), "the injected failure did not fire"
+    assert first.actor_restarts == 1
+    assert (first.shards_total, first.shards_computed, first.shards_skipped, first.rows) == (6, 6, 0, 36)
+    assert first.model_sha256 == sha and first.images_per_s > 0
+    marker = json.loads(fs.cat(pl.marker_uri(out, 3)))
+    assert marker["model_sha256"] == sha and marker["rows"] == 6 and marker["input"] == uris[3]
+
+    preds = pl.read_predictions(out)
+    assert preds.schema == pl.PRED_SCHEMA
+    ids = preds.column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == 36
+    assert set(ids) == {i for u in uris for i in read_shard(u, ["id"]).column("id").to_pylist()}
+    probs = np.array(preds.column("probs").to_pylist(), dtype=np.float32)
+    assert probs.shape == (36, 3)
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
+    np.testing.assert_array_equal(preds.column("pred").to_numpy(), probs.argmax(1))
+    np.testing.assert_allclose(preds.column("confidence").to_numpy(), probs.max(1))
+    # The actors give what one process gives with the same model and eval transform, in row order.
+    local = pl.ShardPredictor(model, cfg, sha).predict_table(uris[2])
+    got = preds.slice(12, 6)
+    assert got.column("id").to_pylist() == local.column("id").to_pylist()
+    np.testing.assert_allclose(got.column("confidence").to_numpy(), local.column("confidence").to_numpy(), rtol=1e-5)
+
+    # 2. An interrupted run: shard 1 lost its marker, shard 4 its Parquet file. Only those two are recomputed.
+    before = {i: fs.cat(pl.marker_uri(out, i)) for i in (0, 2, 3, 5)}
+    fs.rm(pl.marker_uri(out, 1))
+    fs.rm(pl.part_uri(out, 4))
+    one_actor = cfg.replace(**{"pseudolabel.num_actors": 1})  # two small shards: one actor to start, not two
+    second = pl.predict_shards(model, uris, out, one_actor, progress=False)
+    assert (second.shards_computed, second.shards_skipped, second.rows, second.actor_restarts) == (2, 4, 36, 0)
+    assert {i: fs.cat(pl.marker_uri(out, i)) for i in (0, 2, 3, 5)} == before, "a committed shard was redone"
+    assert pl.read_predictions(out).column("id").to_pylist() == ids
+
+    # 3. Nothing missing: no actor starts. A different model file: every shard is pending again.
+    third = pl.predict_shards(model, uris, out, cfg, progress=False)
+    assert (third.shards_computed, third.shards_skipped, third.images_per_s) == (0, 6, 0.0)
+    rows = [6] * 6
+    assert pl.pending_shards(out, uris, rows, sha) == []
+    assert [t[0] for t in pl.pending_shards(out, uris, rows, "another model's sha256")] == list(range(6))
+    assert pl.read_predictions(out, model_sha256="another model's sha256").num_rows == 0
+
+    # 4. A shorter input list: parts beyond it are removed, so the folder holds predictions of these inputs only.
+    fourth = pl.predict_shards(model, uris[:4], out, cfg, progress=False)
+    assert (fourth.shards_computed, fourth.rows) == (0, 24)
+    assert pl.read_predictions(out).num_rows == 24
+
+
+def test_model_is_checked_before_any_actor_starts(tmp_path, cfg):
+    uris = make_dataset(str(tmp_path / "ds"), shards=1, rows=2)
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    with pytest.raises(RaysemiError, match="is not a raysemi classifier"):
+        pl.predict_shards(str(bad), uris, str(tmp_path / "pred"), cfg, progress=False)
+    with pytest.raises(RaysemiError, match="does not exist"):
+        pl.predict_shards(str(tmp_path / "missing.safetensors"), uris, str(tmp_path / "pred"), cfg)
+    good = str(tmp_path / "good.safetensors")
+    save_model(good, cfg, seed=0)
+    assert pl.model_classes(good) == CLASSES
+    with pytest.raises(RaysemiError, match="input shard missing"):
+        pl.predict_shards(good, [str(tmp_path / "nope.parquet")], str(tmp_path / "pred"), cfg)
+
+
+def test_local_predictor_writes_a_committed_shard(tmp_path, cfg):
+    """The actor's work, in this process: predict, commit, and the exactly-once check (local disk)."""
+    uris = make_dataset(str(tmp_path / "ds"), shards=2, rows=5)
+    model = str(tmp_path / "model.safetensors")
+    sha = save_model(model, cfg, seed=0)
+    out = str(tmp_path / "pred")
+    predictor = pl.ShardPredictor(model, cfg.replace(**{"pseudolabel.batch_size": 3}), sha)
+    assert [predictor.run(i, u, out, 5) for i, u in enumerate(uris)] == [5, 5]
+    assert pl.verify_exactly_once(out, uris) == 10
+    assert pl.pending_shards(out, uris, [5, 5], sha) == []
+    table = pl.read_predictions(out)
+    assert table.num_rows == 10 and table.column("pred").type == pa.int16()
+    with pytest.raises(RuntimeError, match="holds 4"):
+        predictor.run(0, uris[0], out, 4)
+
+
+def _fake(ids: list[str]) -> pa.Table:
+    n = len(ids)
+    return pa.table(
+        {"id": ids, "pred": pa.array([0] * n, pa.int16()), "confidence": pa.array([0.5] * n, pa.float32()),
+         "probs": pa.array([[0.5, 0.5]] * n, pa.list_(pa.float32()))},
+        schema=pl.PRED_SCHEMA,
+    )
+
+
+def test_exactly_once_check_catches_violations(tmp_path):
+    root = str(tmp_path / "ds")
+    uris = make_dataset(root, shards=2, rows=3)
+    ids = [read_shard(u, ["id"]).column("id").to_pylist() for u in uris]
+    out = str(tmp_path / "pred")
+    pl.commit(out, 0, uris[0], _fake(ids[0]), "sha")
+    pl.commit(out, 1, uris[1], _fake(ids[1]), "sha")
+    assert pl.verify_exactly_once(out, uris) == 6
+    assert pl.is_committed(out, 1, uris[1], 3, "sha") and not pl.is_committed(out, 1, uris[1], 3, "other")
+
+    pl.commit(out, 1, uris[1], _fake([ids[1][0], ids[1][1], ids[0][0]]), "sha")  # a duplicate, a missing id
+    with pytest.raises(RaysemiError, match="1 ids have more than one prediction"):
+        pl.verify_exactly_once(out, uris)
+    pl.commit(out, 1, uris[1], _fake(ids[1][:2]), "sha")
+    with pytest.raises(RaysemiError, match="holds 2 rows"):
+        pl.verify_exactly_once(out, uris)
+    os.remove(pl.part_uri(out, 1))
+    with pytest.raises(RaysemiError, match="no prediction shard"):
+        pl.verify_exactly_once(out, uris)
