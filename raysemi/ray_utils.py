@@ -38,8 +38,9 @@ class CheckpointError(RaysemiError):
 
 
 def init_ray(address: str | None = None) -> None:
-    """Attach to a running cluster if there is one (``ray job submit`` sets RAY_ADDRESS), else start a local
-    Ray bound to loopback. Token authentication stays as Ray configures it (on by default)."""
+    """Attach to the cluster of ``address`` / RAY_ADDRESS (``ray job submit`` sets it) or to one started by
+    ``ray start`` on this machine; otherwise start a private local Ray whose dashboard listens on loopback
+    only. Token authentication stays as Ray configures it (on by default)."""
     import ray
 
     if ray.is_initialized():
@@ -47,13 +48,8 @@ def init_ray(address: str | None = None) -> None:
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
-        return
-    try:
-        ray.init(address="auto", log_to_driver=True)
-        log.info("attached to the running Ray cluster")
-    except ConnectionError:
-        # No cluster: a private local Ray whose dashboard and ports listen on loopback only.
-        ray.init(dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", log_to_driver=True)
+    else:
+        ray.init(dashboard_host="127.0.0.1", log_to_driver=True)
 
 
 # ---------------------------------------------------------------- Train configs

@@ -98,7 +98,8 @@ def test_bad_input_is_refused_before_workers(tmp_path, demo_dataset):
 
 
 def test_checkpoint_from_another_model_is_refused(tmp_path, demo_dataset):
-    cfg = load_config(None, [*TINY, f"data.path={demo_dataset}", f"run.output_dir={tmp_path}"])
+    cfg = load_config(None, [*TINY, f"data.path={demo_dataset}", f"run.output_dir={tmp_path}",
+                             "pretrain.batch_size=32"])
     other = cfg.replace(**{"model.proj_dim": 16})
     ray_utils.save_weights(
         str(tmp_path / "pretrain" / pretrain.WEIGHTS), pretrain.build_model(cfg).state_dict(),
