@@ -43,6 +43,7 @@ sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
+import torch  # noqa: E402
 from PIL import Image, ImageFilter  # noqa: E402
 
 from raysemi.config import AugmentConfig  # noqa: E402
@@ -230,6 +231,66 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _plain_byol_step(model, x1, x2, opt, tau: float) -> float:
+    """A minimal hand-written BYOL update on the same modules: the reference for raysemi's overhead."""
+    import torch.nn.functional as F
+
+    on, tg = model.online, model.target
+    p1 = on.predictor(on.projector(on.backbone(x1)))
+    p2 = on.predictor(on.projector(on.backbone(x2)))
+    with torch.no_grad():
+        z1, z2 = tg.projector(tg.backbone(x1)), tg.projector(tg.backbone(x2))
+    loss = (2 - 2 * F.cosine_similarity(p1, z2, dim=-1)).mean() + (2 - 2 * F.cosine_similarity(p2, z1, dim=-1)).mean()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    with torch.no_grad():
+        for o, t in ((on.backbone, tg.backbone), (on.projector, tg.projector)):
+            for po, pt in zip(o.parameters(), t.parameters()):
+                pt.mul_(tau).add_(po, alpha=1 - tau)
+            for bo, bt in zip(o.buffers(), t.buffers()):
+                if bt.is_floating_point():
+                    bt.mul_(tau).add_(bo, alpha=1 - tau)
+    return loss.item()
+
+
+def step_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """BYOL training images/s: raysemi's ``byol_step`` vs the plain loop above, same model, batch, threads."""
+    from raysemi.config import load_config
+    from raysemi.optim import build_optimizer
+    from raysemi.stages import pretrain
+    from raysemi.stages.common import grad_scaler
+
+    cfg = load_config(None, ["model.backbone=resnet18", "model.small_image=false", "pretrain.warmup_epochs=0"])
+    device = torch.device("cpu")
+    torch.set_num_threads(args.threads)
+    g = torch.Generator().manual_seed(0)
+    x1 = torch.randn(args.batch_size, 3, 64, 64, generator=g)
+    x2 = torch.randn(args.batch_size, 3, 64, 64, generator=g)
+    runs: dict[str, list[float]] = {"raysemi byol_step": [], "plain PyTorch loop": []}
+    models = {}
+    for name in runs:
+        torch.manual_seed(0)
+        m = pretrain.build_model(cfg).train()
+        models[name] = (m, build_optimizer("lars", m.online, 0.1, 1e-6))
+    scaler = grad_scaler(device, "fp32")
+    steps = 3
+    for rep in range(args.repeat + 1):  # the first round is warm-up
+        for name, (m, opt) in models.items():
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                if name.startswith("raysemi"):
+                    pretrain.byol_step(m, m.online, x1, x2, opt, scaler, 0.99, cfg, device)
+                else:
+                    _plain_byol_step(m, x1, x2, opt, 0.99)
+            if rep:
+                runs[name].append(steps * args.batch_size / (time.perf_counter() - t0))
+    return [{"what": "byol train step", "impl": k, "backbone": "resnet18", "size": 64,
+             "batch_size": args.batch_size, "threads": args.threads,
+             "images_per_s": round(statistics.median(v), 2), "images_per_s_all": [round(x, 2) for x in v]}
+            for k, v in runs.items()]
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--source", default=str(DEFAULT_SOURCE), help="image folder (class subfolders)")
@@ -240,7 +301,21 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--epochs", type=int, default=1, help="timed epochs per repeat (after one warm-up epoch)")
     ap.add_argument("--repeat", type=int, default=3, help="interleaved repeats; the table shows medians")
     ap.add_argument("--out", default=str(DEFAULT_OUT))
+    ap.add_argument("--steps-only", action="store_true",
+                    help="measure only the training-step rows and update them in the existing JSON")
     args = ap.parse_args(argv)
+    if args.steps_only:
+        steps = step_rows(args)
+        overhead = steps[0]["images_per_s"] / steps[1]["images_per_s"]
+        for r in steps:
+            print(f"| {r['impl']} | {r['images_per_s']:.1f} | {r['images_per_s_all']} |")
+        print(f"raysemi / plain loop: {overhead:.3f} (target >= 0.95)")
+        out = Path(args.out)
+        result = json.loads(out.read_text()) if out.is_file() else {"benchmark": "pretrain"}
+        result.update(step_rows=steps, raysemi_step_over_plain_loop=round(overhead, 3))
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"updated {out}")
+        return
 
     images, described = load_images(Path(args.source) if args.source else None, args.images)
     tmp = tempfile.mkdtemp(prefix="raysemi-bench-")
@@ -258,9 +333,15 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
+    steps = step_rows(args)
     summary = ratios(table_rows)
     print()
     print(format_table(table_rows))
+    overhead = steps[0]["images_per_s"] / steps[1]["images_per_s"]
+    print("\n| BYOL step | images/s median | all repeats |\n|---|---|---|")
+    for r in steps:
+        print(f"| {r['impl']} | {r['images_per_s']:.1f} | {r['images_per_s_all']} |")
+    print(f"raysemi / plain loop: {overhead:.3f} (target >= 0.95)")
     print("\nDALI / torchvision, same threads, same machine:")
     for key, by_size in summary.items():
         print(f"  {key:<18} {by_size}")
@@ -275,6 +356,8 @@ def main(argv: list[str] | None = None) -> None:
         "threads": args.threads,
         "rows": table_rows,
         "dali_over_torch": summary,
+        "step_rows": steps,
+        "raysemi_step_over_plain_loop": round(overhead, 3),
         "note": "images = rows (each gives two views); one warm-up epoch excluded; medians of interleaved "
         "repeats; per thread = images/s / threads; CPU ms/image from getrusage (process + joined workers); "
         "DALI runs its CPU pipeline where no GPU is present",

@@ -81,7 +81,8 @@ def test_ddp_two_workers_equal_one_worker_full_batch(ray_session, tmp_path):
     # The step did something: online weights moved away from the (seeded) initial weights.
     torch.manual_seed(0)
     fresh = pretrain.build_model(cfg).state_dict()
-    assert not torch.allclose(fresh["online.backbone.conv1.weight"], single["online.backbone.conv1.weight"])
+    conv = next(k for k, v in fresh.items() if k.startswith("online.backbone.") and v.dim() == 4)
+    assert not torch.allclose(fresh[conv], single[conv])
 
 
 def test_bad_input_is_refused_before_workers(tmp_path, demo_dataset):
@@ -133,5 +134,6 @@ def test_two_workers_on_s3_learn_and_survive_a_killed_worker(ray_session, s3_buc
     assert hist[-1]["loss"] < hist[0]["loss"]
     assert hist[-1]["knn_accuracy"] > hist[0]["knn_accuracy"]
     tensors, meta = ray_utils.load_weights(result.weights)
-    assert "online.backbone.conv1.weight" in tensors and "target.backbone.conv1.weight" in tensors
+    assert any(k.startswith("online.backbone.") for k in tensors)
+    assert any(k.startswith("target.backbone.") for k in tensors)
     assert meta["epochs"] == "4"
