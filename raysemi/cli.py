@@ -95,6 +95,22 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_knn(args: argparse.Namespace) -> int:
+    import json
+
+    from raysemi.stages.probe import format_table, knn_table
+
+    cfg = _load(args)
+    rows = knn_table(cfg, args.weights, args.split)
+    print(format_table(rows))
+    if args.json:
+        from raysemi.data.shards import write_bytes_atomic
+
+        write_bytes_atomic(args.json, (json.dumps(rows, indent=2) + "\n").encode())
+        print(f"written to {args.json}")
+    return 0
+
+
 def cmd_tune(args: argparse.Namespace) -> int:
     from raysemi.config import parse_override
     from raysemi.tuning import run_tune
@@ -151,6 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = _add_stage(sub, "evaluate", "metrics and report of a classifier on one split", cmd_evaluate)
     p.add_argument("--model", required=True, help="classifier.safetensors (local or s3://)")
     p.add_argument("--split", default="test", help="split to evaluate (default test)")
+    p = _add_stage(sub, "knn", "frozen-feature kNN accuracy of pretrained backbones vs random init", cmd_knn)
+    p.add_argument("weights", nargs="*", help="byol.safetensors files (local or s3://) to compare with random init")
+    p.add_argument("--split", default="test", help="query split (default test); the bank is the labelled train rows")
+    p.add_argument("--json", help="also write the rows to this JSON file (local or s3://)")
     p = _add_stage(sub, "run", "the whole method: pretrain, fine-tune, pseudo-label rounds, report", cmd_run)
     p.add_argument("--resume", action="store_true", help="continue the run in run.output_dir")
     p.add_argument("--overwrite", action="store_true", help="replace the run in run.output_dir")

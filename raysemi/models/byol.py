@@ -224,7 +224,7 @@ class Classifier(nn.Module):
         else:
             if backbone is None:
                 raise ValueError("from_byol with a state dict needs `backbone` (same architecture)")
-            bb_sd, proj_sd = _split_online_state(source)
+            bb_sd, proj_sd = split_online_state(source)
             backbone.load_state_dict(bb_sd)
             bb = backbone
             proj = None
@@ -272,7 +272,7 @@ def _out_features(module: nn.Module) -> int:
     return linears[-1].out_features
 
 
-def _split_online_state(sd: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+def split_online_state(sd: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """Backbone and projector state dicts from a BYOL (or online-network) state dict."""
     bb: dict[str, Tensor] = {}
     proj: dict[str, Tensor] = {}

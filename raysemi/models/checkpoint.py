@@ -13,7 +13,7 @@ import torch
 
 from raysemi.config import Config, config_from_yaml, config_to_yaml
 from raysemi.models.backbone import create_backbone, feature_dim
-from raysemi.models.byol import Classifier
+from raysemi.models.byol import Classifier, split_online_state
 from raysemi.models.heads import ProjectionHead
 from raysemi.ray_utils import CheckpointError, load_weights, save_weights
 
@@ -28,8 +28,8 @@ def build_classifier(cfg: Config, num_classes: int) -> Classifier:
     return Classifier(backbone, num_classes, head=m.head, projector=projector)
 
 
-def classifier_from_byol(cfg: Config, num_classes: int, byol_uri: str) -> Classifier:
-    """A classifier initialised from pretrained BYOL weights (online encoder, + projector by default)."""
+def load_byol(cfg: Config, byol_uri: str) -> dict[str, torch.Tensor]:
+    """The tensors of a ``byol.safetensors``; refused when it was pretrained with another backbone."""
     tensors, meta = load_weights(byol_uri)
     saved = config_from_yaml(meta.get("config", "{}"))
     if (saved.model.backbone, saved.model.small_image) != (cfg.model.backbone, cfg.model.small_image):
@@ -37,6 +37,12 @@ def classifier_from_byol(cfg: Config, num_classes: int, byol_uri: str) -> Classi
             f"{byol_uri} holds a {saved.model.backbone} (small_image={saved.model.small_image}) backbone, "
             f"not the configured {cfg.model.backbone} (small_image={cfg.model.small_image})"
         )
+    return tensors
+
+
+def classifier_from_byol(cfg: Config, num_classes: int, byol_uri: str) -> Classifier:
+    """A classifier initialised from pretrained BYOL weights (online encoder, + projector by default)."""
+    tensors = load_byol(cfg, byol_uri)
     backbone = create_backbone(cfg.model.backbone, small_image=cfg.model.small_image)
     try:
         return Classifier.from_byol(tensors, num_classes, head=cfg.model.head, backbone=backbone)
@@ -44,6 +50,18 @@ def classifier_from_byol(cfg: Config, num_classes: int, byol_uri: str) -> Classi
         raise CheckpointError(
             f"{byol_uri} does not fit the configured model: {str(err).splitlines()[0]}"
         ) from None
+
+
+def backbone_from_byol(cfg: Config, byol_uri: str) -> torch.nn.Module:
+    """The online encoder of a ``byol.safetensors`` alone (the kNN probe's frozen features)."""
+    backbone = create_backbone(cfg.model.backbone, small_image=cfg.model.small_image)
+    try:
+        backbone.load_state_dict(split_online_state(load_byol(cfg, byol_uri))[0])
+    except (RuntimeError, ValueError) as err:
+        raise CheckpointError(
+            f"{byol_uri} does not fit the configured backbone: {str(err).splitlines()[0]}"
+        ) from None
+    return backbone
 
 
 def save_classifier(
