@@ -328,8 +328,7 @@ def _trial_dirname(trial) -> str:
 
 def trial_needs(cfg: Config) -> dict[str, float]:
     """CPUs and GPUs the stages of one trial hold at once (they run one after another): the Train workers,
-    the pseudo-label actors or the evaluation task. The trial's own 0.01 CPU is left out: at worst a
-    stage waits a moment for a sibling trial's stage to end."""
+    the pseudo-label actors or the evaluation task; the trial's own ``TRIAL_CPU`` is not included."""
     r, pl = cfg.ray, cfg.pseudolabel
     cpu = max(r.num_workers * r.cpus_per_worker, pl.num_actors * pl.cpus_per_actor, r.cpus_per_worker)
     gpu = max(r.num_workers * (1 if r.use_gpu else 0), pl.num_actors * pl.gpus_per_actor)
@@ -337,10 +336,13 @@ def trial_needs(cfg: Config) -> dict[str, float]:
 
 
 def max_concurrent_trials(cfg: Config, cluster: dict[str, float]) -> int:
+    """Trials whose biggest stages fit side by side. On CPUs each trial's own ``TRIAL_CPU`` counts too:
+    two trials of 1-CPU workers do not fit 2 CPUs (the second worker group waits for 1 of the 0.98 left),
+    which is why the CPU spaces ask 0.99 CPU per worker."""
     need = trial_needs(cfg)
     if need["GPU"] > 0:
         return max(1, int(cluster.get("GPU", 0) // need["GPU"]))
-    return max(1, int(cluster.get("CPU", 0) // need["CPU"]))
+    return max(1, int((cluster.get("CPU", 0) + 1e-9) // (need["CPU"] + TRIAL_CPU)))
 
 
 # ---------------------------------------------------------------- the trial

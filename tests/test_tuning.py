@@ -211,9 +211,12 @@ def test_concurrency_from_what_a_trial_needs():
     cpu = load_config(None, ["ray.num_workers=2", "ray.cpus_per_worker=0.5", "pseudolabel.num_actors=1",
                              "pseudolabel.cpus_per_actor=0.5"])
     assert tuning.trial_needs(cpu) == {"CPU": 1.0, "GPU": 0}
-    assert tuning.max_concurrent_trials(cpu, {"CPU": 2.0}) == 2
-    assert tuning.max_concurrent_trials(cpu, {"CPU": 16.0}) == 16
-    assert tuning.max_concurrent_trials(cpu.replace(**{"ray.num_workers": 1}), {"CPU": 2.0}) == 4
+    # Each trial's own 0.01 CPU counts: 2 trials of 1 CPU do not fit 2 CPUs, 2 of 0.99 do.
+    assert tuning.max_concurrent_trials(cpu, {"CPU": 2.0}) == 1
+    assert tuning.max_concurrent_trials(cpu, {"CPU": 16.0}) == 15
+    assert tuning.max_concurrent_trials(cpu.replace(**{"ray.num_workers": 1}), {"CPU": 2.0}) == 3
+    almost = cpu.replace(**{"ray.num_workers": 1, "ray.cpus_per_worker": 0.99, "pseudolabel.cpus_per_actor": 0.99})
+    assert tuning.max_concurrent_trials(almost, {"CPU": 2.0}) == 2
     assert tuning.max_concurrent_trials(cpu, {"CPU": 0.5}) == 1  # never below one
     gpu = load_config(CONFIGS / "covid19.yaml")  # 4 GPU workers, 4 GPU actors
     assert tuning.trial_needs(gpu)["GPU"] == 4
