@@ -1,10 +1,11 @@
 """The method against its baselines on one config: supervised only, BYOL + fine-tune, the full method.
 
-    python bench/baselines.py --config CFG [--set key=value ...] [--out outputs/baselines] [--parallel N]
+    python bench/baselines.py --config CFG [--set key=value ...] [--out outputs/baselines]
 
-Runs ``raysemi run --config CFG --set run.mode=MODE`` once per mode (each in its own folder
-``<out>/<mode>``, each its own process and local Ray), then reads the three ``report.json`` files and prints
-test accuracy, balanced accuracy, macro-F1, one-vs-rest AUC and ECE of the model each run chose on
+Runs ``raysemi run --config CFG --set run.mode=MODE`` once per mode, each in its own folder ``<out>/<mode>``
+and its own process, one after another (two local Rays side by side on one machine trip over each other:
+Ray Train's placement-group cleaner refuses to choose between them). Then reads the ``report.json`` files and
+prints test accuracy, balanced accuracy, macro-F1, one-vs-rest AUC and ECE of the model each run chose on
 validation, with validation accuracy per round and pseudo-label precision. Writes
 ``bench/results/baselines-<config name>.json``. The modes share one pretraining when ``pretrain.cache`` is set
 in the config (a tuning experiment's ``best_config.yaml`` sets it), which is why BYOL + fine-tune and the
@@ -18,7 +19,6 @@ import json
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -87,14 +87,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--set", dest="sets", action="append", default=[], help="key=value, passed to every run")
     ap.add_argument("--out", default="outputs/baselines", help="run folders (default outputs/baselines)")
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
-    ap.add_argument("--parallel", type=int, default=1, help="runs at once (each starts its own local Ray)")
     ap.add_argument("--results", default=None, help="JSON to write (default bench/results/baselines-<config>.json)")
     args = ap.parse_args(argv)
     if not Path(args.config).is_file():
         raise SystemExit(f"bench/baselines.py: error: config {args.config} does not exist")
     out = Path(args.out).resolve()
-    with ThreadPoolExecutor(max(1, args.parallel)) as pool:
-        done = list(pool.map(lambda m: (m, *run_mode(args.config, args.sets, out, m)), args.modes))
+    done = [(m, *run_mode(args.config, args.sets, out, m)) for m in args.modes]
     rows = [summarise(*d) for d in done]
     table = format_table(rows)
     print(table)

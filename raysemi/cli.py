@@ -26,9 +26,9 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args: argparse.Namespace):
-    from raysemi.config import load_config
+    from raysemi.config import absolute_paths, load_config
 
-    return load_config(args.config, args.overrides)
+    return absolute_paths(load_config(args.config, args.overrides))
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:

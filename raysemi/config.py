@@ -9,6 +9,7 @@ dotted name, once, before any work starts. The resolved tree is dumped next to e
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -271,6 +272,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if overrides:
         cfg = apply_overrides(cfg, dict(parse_override(o) for o in overrides))
     return cfg
+
+
+PATH_KEYS = ("data.path", "run.output_dir", "ray.storage_path", "pretrain.cache")
+
+
+def absolute_paths(cfg: Config) -> Config:
+    """Local paths of ``PATH_KEYS`` made absolute against the current directory (URIs and None as they are):
+    Ray's workers and actors do not run in the command's directory, so a relative path would miss there."""
+    changes = {}
+    for key in PATH_KEYS:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value and "://" not in value and not os.path.isabs(value):
+            changes[key] = os.path.abspath(os.path.expanduser(value))
+    return cfg.replace(**changes) if changes else cfg
 
 
 def _check(cond: bool, message: str) -> None:

@@ -81,3 +81,16 @@ def test_parse_override_types():
 def test_shipped_configs_load():
     for path in sorted((REPO / "configs").glob("*.yaml")):
         load_config(path)
+
+
+def test_local_paths_become_absolute_uris_stay(tmp_path, monkeypatch):
+    from raysemi.config import absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, ["data.path=data/covid19", "run.output_dir=s3://bucket/runs", "pretrain.cache=~/cache"])
+    out = absolute_paths(cfg)
+    assert out.data.path == str(tmp_path / "data" / "covid19")
+    assert out.run.output_dir == "s3://bucket/runs"
+    assert out.pretrain.cache == str(Path.home() / "cache")
+    assert out.ray.storage_path is None
+    assert absolute_paths(out) == out
