@@ -48,7 +48,7 @@ from typing import Any
 
 import yaml
 
-from raysemi.config import Config, ConfigError, config_to_yaml, from_dict, load_config
+from raysemi.config import Config, ConfigError, absolute_paths, config_to_yaml, from_dict, load_config
 from raysemi.data.shards import filesystem, is_remote, join, write_bytes_atomic
 from raysemi.errors import RaysemiError
 
@@ -484,13 +484,9 @@ def prepare_base(cfg: Config, space: Space, out: str, use_cache: bool,
     """The config every trial starts from: validated, the space's ``set`` and then ``overrides`` applied,
     local paths made absolute (Tune runs trials in other working directories) and the pretraining cache on
     ``<out>/pretrain_cache``."""
-    base = validate_space(space, cfg, overrides)
-    changes: dict[str, Any] = {"data.path": _absolute(base.data.path)}
-    if base.ray.storage_path:
-        changes["ray.storage_path"] = _absolute(base.ray.storage_path)
+    base = absolute_paths(validate_space(space, cfg, overrides))
     cache = base.pretrain.cache or join(out, "pretrain_cache")
-    changes["pretrain.cache"] = _absolute(cache) if use_cache else None
-    return base.replace(**changes)
+    return base.replace(**{"pretrain.cache": _absolute(cache) if use_cache else None})
 
 
 def preflight(space: Space, base: Config) -> None:
