@@ -336,8 +336,8 @@ TINY = [
     "model.backbone=test_resnet", "model.small_image=false", "model.proj_hidden_dim=64", "model.proj_dim=32",
     "model.pred_hidden_dim=64", "data.image_size=32", "data.num_threads=1", "data.label_fraction=0.3",
     "pretrain.batch_size=32", "finetune.batch_size=16", "finetune.epochs=1", "pseudolabel.num_actors=1",
-    "pseudolabel.cpus_per_actor=1", "pseudolabel.batch_size=64", "ray.num_workers=1",
-    "ray.cpus_per_worker=1", "ray.max_failures=1",
+    "pseudolabel.cpus_per_actor=0.99", "pseudolabel.batch_size=64", "ray.num_workers=1",
+    "ray.cpus_per_worker=0.99", "ray.max_failures=1",
 ]
 
 
@@ -360,7 +360,8 @@ class InterruptOnce(Callback):
 def test_tiny_sweep_survives_a_trial_failure_and_an_interruption(ray_session, demo_dataset, tmp_path, monkeypatch):
     """The tiny space (4 trials, 2 pretraining settings) with its pseudo-label round turned off by a --set
     (the rounds are the pipeline tests' business; here each trial is pretrain, fine-tune, evaluate), one
-    1-CPU Train worker per trial, so two trials at a time on the 2-CPU test Ray."""
+    0.99-CPU Train worker per trial, so two trials (each also holding its own 0.01 CPU) at a time on the
+    2-CPU test Ray."""
     out = tmp_path / "tune"
     fault, stop = tmp_path / "fault", tmp_path / "stopped"
     monkeypatch.setenv(tuning.TUNE_FAULT_ENV, f"1:0:{fault}")  # trial 1 dies once after round 0
