@@ -53,6 +53,11 @@ class AugmentConfig:
     solarize_p: tuple[float, float] = (0.0, 0.2)
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    # Fine-tuning's (single-view) augmentation; not part of the pretraining cache key.
+    # "light": crop + flip (the method paper's); "trivialaugment": + torchvision's TrivialAugmentWide
+    # (Mueller & Hutter 2021); "randaugment": + RandAugment(2, 9) (Cubuk et al. 2020).
+    finetune_policy: Literal["light", "trivialaugment", "randaugment"] = "trivialaugment"
+    finetune_crop_scale: tuple[float, float] = (0.35, 1.0)
 
 
 @dataclass(frozen=True)
@@ -86,26 +91,43 @@ class PretrainConfig:
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    epochs: int = 30
-    batch_size: int = 128
-    optimizer: Literal["lars", "sgd", "adamw"] = "sgd"
-    lr: float = 0.01  # not scaled
-    weight_decay: float = 1e-4
-    warmup_epochs: int = 0
+    """Fine-tuning and every retraining round. Training length is counted in optimizer steps (``steps``),
+    the same for every round and every baseline whatever the size of its training set; ``steps: null``
+    falls back to ``epochs`` passes over the training set (the method paper's way)."""
+
+    steps: int | None = 600  # optimizer steps per round; null = epochs x steps per epoch
+    epochs: int = 30  # used only when steps is null
+    eval_every: int = 100  # steps between validations/reports when counting in steps
+    batch_size: int = 64
+    optimizer: Literal["lars", "sgd", "adamw"] = "adamw"
+    lr: float = 0.001  # peak lr, not scaled
+    weight_decay: float = 0.05
+    warmup_steps: int = 50  # when counting in steps (at most the steps: a shorter run warms up throughout)
+    warmup_epochs: int = 0  # when counting in epochs
     freeze_backbone: bool = False  # True = linear probe
-    class_weighting: bool = False  # inverse-frequency class weights in the loss
+    class_weighting: bool = True  # inverse-frequency class weights in the loss (labelled + pseudo rows)
     pseudo_weight: float = 1.0  # loss weight of a pseudo-labeled row relative to a true label
-    label_smoothing: float = 0.0
+    label_smoothing: float = 0.1
+    ema_decay: float = 0.998  # EMA of the weights (timm ModelEmaV3, warmed up); 0 = off. The EMA model is
+    #                           validated, exported and labels the pool
+    dropout: float = 0.0  # before the classifier head (Noisy Student's student noise)
+    drop_path_rate: float = 0.1  # stochastic depth where the timm backbone has it (student noise)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    checkpoint_every: int = 5  # epochs
+    checkpoint_every: int = 5  # epochs (with steps: evaluation intervals)
     seed: int = 0
 
 
 @dataclass(frozen=True)
 class PseudoLabelConfig:
     rounds: int = 2
-    budget: int = 1000  # pseudo-labels added per round (cumulative selection from the pool)
-    class_balanced: bool = False
+    # Pseudo-labels added per round (cumulative: round r uses the r x budget most confident). A value
+    # <= 1 is a fraction of the unlabelled pool (0.2 = a fifth of it), a larger one a count of images.
+    budget: float = 0.25
+    # How the budget is shared among the predicted classes: "top" = most confident overall (the method
+    # paper's), "balanced" = equal shares, "prior" = shares in proportion to the labelled class counts.
+    selection: Literal["top", "balanced", "prior"] = "prior"
+    soft_targets: bool = False  # train on the teacher's probabilities (Noisy Student) instead of argmax
+    temperature: float = 1.0  # soft targets: p^(1/T), renormalised; < 1 sharpens
     min_confidence: float = 0.0
     num_actors: int = 2
     batch_size: int = 256
@@ -129,6 +151,9 @@ class RayConfig:
 class RunConfig:
     output_dir: str = "outputs/run"
     mode: Literal["full", "byol_finetune", "supervised"] = "full"
+    # The metric that picks the best round on validation; balanced accuracy and macro-F1 cannot be won
+    # by predicting the majority class.
+    select_metric: Literal["accuracy", "balanced_accuracy", "macro_f1"] = "balanced_accuracy"
     name: str = "raysemi"
     seed: int = 0
 
@@ -313,6 +338,10 @@ def validate(cfg: Config) -> None:
     for name in ("hflip_p", "jitter_p", "grey_p"):
         v = getattr(a, name)
         _check(0.0 <= v <= 1.0, f"augment.{name}: {v} is not a probability")
+    _check(
+        0.0 < a.finetune_crop_scale[0] <= a.finetune_crop_scale[1] <= 1.0,
+        f"augment.finetune_crop_scale: {a.finetune_crop_scale} is not in (0, 1]",
+    )
     for name in ("blur_p", "solarize_p"):
         for v in getattr(a, name):
             _check(0.0 <= v <= 1.0, f"augment.{name}: {v} is not a probability")
@@ -337,10 +366,20 @@ def validate(cfg: Config) -> None:
     _check(p.checkpoint_every >= 1, "pretrain.checkpoint_every: must be >= 1")
     _check(f.checkpoint_every >= 1, "finetune.checkpoint_every: must be >= 1")
     _check(p.knn_every >= 0 and p.knn_k >= 1, "pretrain.knn_every must be >= 0 and pretrain.knn_k >= 1")
+    _check(f.steps is None or f.steps >= 1, "finetune.steps: must be >= 1 (or null to count in epochs)")
+    _check(f.eval_every >= 1, "finetune.eval_every: must be >= 1")
+    _check(f.warmup_steps >= 0, "finetune.warmup_steps: must be >= 0")
+    _check(0.0 <= f.ema_decay < 1.0, f"finetune.ema_decay: {f.ema_decay} is outside [0, 1)")
+    _check(0.0 <= f.dropout < 1.0, "finetune.dropout: must be in [0, 1)")
+    _check(0.0 <= f.drop_path_rate < 1.0, "finetune.drop_path_rate: must be in [0, 1)")
+    _check(pl.temperature > 0, "pseudolabel.temperature: must be > 0")
     _check(f.pseudo_weight > 0, "finetune.pseudo_weight: must be > 0")
     _check(0.0 <= f.label_smoothing < 1.0, "finetune.label_smoothing: must be in [0, 1)")
     _check(pl.rounds >= 0, "pseudolabel.rounds: must be >= 0")
-    _check(pl.budget >= 1, "pseudolabel.budget: must be >= 1")
+    _check(
+        0.0 < pl.budget <= 1.0 or (pl.budget > 1.0 and pl.budget == int(pl.budget)),
+        f"pseudolabel.budget: {pl.budget} is neither a fraction in (0, 1] nor a whole number of images",
+    )
     _check(0.0 <= pl.min_confidence <= 1.0, "pseudolabel.min_confidence: must be in [0, 1]")
     _check(pl.num_actors >= 1 and pl.batch_size >= 1, "pseudolabel.num_actors and batch_size must be >= 1")
     _check(pl.cpus_per_actor > 0 or pl.gpus_per_actor > 0, "pseudolabel: an actor needs CPUs or GPUs")

@@ -43,24 +43,40 @@ def cross_entropy(
 ) -> Tensor:
     """Cross-entropy (method paper eq. 3) with optional per-sample and per-class weights.
 
-    With per-sample loss ``l_i`` (``F.cross_entropy(..., reduction="none")``, which already includes
-    ``class_weights[y_i]``), the result is the weighted mean
-    ``sum_i w_i * l_i / sum_i w_i * c_{y_i}``, with ``w_i = weights[i]`` (e.g. 1 for true labels and
-    the confidence for pseudo-labels; default 1) and ``c = class_weights`` (default 1). Without
-    ``weights`` this equals ``F.cross_entropy(logits, targets, weight=class_weights,
-    label_smoothing=...)``. Weights must be non-negative (not checked: a check would sync the GPU).
-    All-zero weights give 0.
+    ``targets`` are class indices ``(B,)`` or class probabilities ``(B, C)`` (soft pseudo-labels, as in
+    Noisy Student, Xie et al. 2020, arXiv 1911.04252). With per-sample loss ``l_i``
+    (``F.cross_entropy(..., reduction="none")``, which already includes the class weights: ``c_{y_i}``, or
+    ``sum_k c_k t_ik`` for probabilities), the result is the weighted mean
+    ``sum_i w_i * l_i / sum_i w_i * c(t_i)`` with ``c(t_i) = c_{y_i}`` or ``sum_k c_k t_ik``,
+    ``w_i = weights[i]`` (e.g. 1 for true labels and less for pseudo-labels; default 1) and
+    ``c = class_weights`` (default 1). For hard targets without ``weights`` this equals
+    ``F.cross_entropy(logits, targets, weight=class_weights, label_smoothing=...)``. Weights must be
+    non-negative (not checked: a check would sync the GPU). All-zero weights give 0.
     """
-    if weights is None:
+    soft = targets.ndim == 2
+    if soft and targets.shape != logits.shape:
+        raise ValueError(f"soft targets must have the logits' shape {tuple(logits.shape)}, got {tuple(targets.shape)}")
+    if weights is None and not soft:
         return F.cross_entropy(logits, targets, weight=class_weights, label_smoothing=label_smoothing)
-    if weights.shape != targets.shape:
-        raise ValueError(
-            f"weights must have the shape of targets {tuple(targets.shape)}, got {tuple(weights.shape)}"
-        )
+    n = targets.shape[0]
+    if weights is not None and weights.shape != (n,):
+        raise ValueError(f"weights must have shape ({n},), got {tuple(weights.shape)}")
     per_sample = F.cross_entropy(
         logits, targets, weight=class_weights, reduction="none", label_smoothing=label_smoothing
     )
-    w = weights.to(per_sample.dtype)
-    denom_w = w if class_weights is None else w * class_weights.to(per_sample.dtype)[targets]
+    w = torch.ones_like(per_sample) if weights is None else weights.to(per_sample.dtype)
+    if class_weights is None:
+        denom_w = w
+    else:
+        cw = class_weights.to(per_sample.dtype)
+        denom_w = w * (targets.to(per_sample.dtype) @ cw if soft else cw[targets])
     # clamp: an all-zero-weight batch gives 0 / tiny = 0 instead of NaN.
     return (w * per_sample).sum() / denom_w.sum().clamp_min(torch.finfo(per_sample.dtype).tiny)
+
+
+def sharpen(probs: Tensor, temperature: float) -> Tensor:
+    """``p^(1/T)`` renormalised per row: the teacher's soft targets at temperature ``T`` (< 1 sharpens)."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    logp = torch.log(probs.clamp_min(1e-12)) / temperature
+    return torch.softmax(logp, dim=-1)

@@ -3,12 +3,16 @@
 ``run.mode`` picks the method or one of its baselines: ``full`` (the method), ``byol_finetune`` (BYOL then
 fine-tuning, no pseudo-labels) and ``supervised`` (random init, labelled rows only). Round 0 is fine-tuning
 on the labelled rows; round r >= 1 retrains on them plus the ``r x budget`` most confident predictions of
-the previous round's model over the unlabelled pool. The round with the best validation accuracy is
-evaluated on test. Everything lands in ``run.output_dir`` (local or s3://), ``report.json`` last.
+the previous round's model (the teacher, on clean eval-transform images) over the unlabelled pool, shared
+among classes by ``pseudolabel.selection``, as hard labels or the teacher's probabilities
+(``pseudolabel.soft_targets``). Every round trains ``finetune.steps`` steps. The round with the best
+validation ``run.select_metric`` is evaluated on test. Everything lands in ``run.output_dir`` (local or
+s3://), ``report.json`` last.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -16,6 +20,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
+import torch
 
 from raysemi import ray_utils
 from raysemi.config import Config, config_to_yaml
@@ -31,11 +36,12 @@ from raysemi.data.shards import (
 )
 from raysemi.data.trainset import write_trainset
 from raysemi.errors import RaysemiError
+from raysemi.losses import sharpen
 from raysemi.metrics import pseudo_label_precision
 from raysemi.stages import finetune, pretrain
 from raysemi.stages.evaluate import publish_report, split_metrics
 from raysemi.stages.pseudolabel import check_budget, predict_shards, read_predictions
-from raysemi.stages.selection import select_pseudo_labels
+from raysemi.stages.selection import budget_count, select_pseudo_labels, selection_prior
 
 log = logging.getLogger("raysemi.pipeline")
 
@@ -67,16 +73,30 @@ def _prepare_output(cfg: Config, resume: bool, overwrite: bool) -> None:
 
 
 def _train_round(cfg: Config, manifest: Manifest, rows: dict[str, tuple[int, float]], r: int,
-                 init: str | None, resume: bool) -> finetune.FinetuneResult:
+                 init: str | None, resume: bool,
+                 targets: dict[str, list[float]] | None = None) -> finetune.FinetuneResult:
     out = join(cfg.run.output_dir, f"round={r}")
     weights = join(out, finetune.WEIGHTS)
     fs, path = filesystem(weights)
     if resume and fs.exists(path):
         log.info("round %d: reusing %s", r, weights)
-        return finetune.FinetuneResult(weights, ray_utils.file_sha256(weights), [], 0.0)
+        _, meta = ray_utils.load_weights(weights)
+        extra = json.loads(meta.get("extra", "{}"))
+        return finetune.FinetuneResult(weights, ray_utils.file_sha256(weights), [], 0.0,
+                                       int(extra.get("steps", 0)), int(extra.get("images_seen", 0)))
     trainset = write_trainset(cfg.data.path, manifest, rows, join(out, "trainset"),
-                              num_shards=max(2 * cfg.ray.num_workers, 4))
+                              num_shards=max(2 * cfg.ray.num_workers, 4), targets=targets)
     return finetune.run(cfg, trainset, init, out, f"{cfg.run.name}-round{r}", manifest.classes)
+
+
+def best_round(history: list[dict[str, Any]], metric: str) -> int:
+    """The round with the highest validation ``metric``; the earliest one on a tie (fewer pseudo-labels)."""
+    return max(range(len(history)), key=lambda i: (history[i]["val"][metric], -i))
+
+
+def soft_targets(probs: list[list[float]], temperature: float) -> list[list[float]]:
+    """The teacher's probabilities at ``temperature`` (``pseudolabel.soft_targets``)."""
+    return sharpen(torch.tensor(probs, dtype=torch.float64), temperature).tolist()
 
 
 def run_pipeline(cfg: Config, *, resume: bool = False, overwrite: bool = False, config_path: str = "",
@@ -91,8 +111,9 @@ def run_pipeline(cfg: Config, *, resume: bool = False, overwrite: bool = False, 
     labels = label_split(cfg.data.path, cfg.data)
     pl = cfg.pseudolabel
     rounds = pl.rounds if cfg.run.mode == "full" else 0
-    if rounds:
-        check_budget(pl.budget * rounds, len(labels.pool_ids))
+    per_round = budget_count(pl.budget, len(labels.pool_ids))
+    if rounds and pl.budget > 1:  # a count must fit; a fraction is capped at the whole pool
+        check_budget(per_round * rounds, len(labels.pool_ids))
     if cfg.run.mode != "supervised":
         pretrain.check_inputs(cfg)
     _prepare_output(cfg, resume, overwrite)
@@ -118,41 +139,50 @@ def run_pipeline(cfg: Config, *, resume: bool = False, overwrite: bool = False, 
     pool_uris = [u for s in ("train", "unlabeled") if s in manifest.splits
                  for u in manifest.shard_uris(cfg.data.path, s)]
     pool = set(labels.pool_ids)
+    prior = selection_prior(pl.selection, labels.labeled_targets, len(classes))
 
     for r in range(rounds + 1):
         t0 = time.time()
-        rows, n_pseudo, precision = dict(labeled), 0, None
+        rows, n_pseudo, precision, targets = dict(labeled), 0, None, None
         if r > 0:
             pred_uri = join(cfg.run.output_dir, f"predictions/round={r}")
             predict_shards(models[-1], pool_uris, pred_uri, cfg)
-            chosen = select_pseudo_labels(read_predictions(pred_uri), pool, pl.budget * r, len(classes),
-                                          class_balanced=pl.class_balanced, min_confidence=pl.min_confidence)
+            predictions = read_predictions(pred_uri)
+            chosen = select_pseudo_labels(predictions, pool, min(per_round * r, len(pool)), len(classes),
+                                          prior=prior, min_confidence=pl.min_confidence)
             ids = chosen.column("id").to_pylist()
             preds = np.asarray(chosen.column("pred").to_pylist(), dtype=np.int64)
             rows.update({i: (int(p), cfg.finetune.pseudo_weight) for i, p in zip(ids, preds)})
+            if pl.soft_targets:
+                by_id = dict(zip(predictions.column("id").to_pylist(), predictions.column("probs").to_pylist()))
+                targets = dict(zip(ids, soft_targets([by_id[i] for i in ids], pl.temperature)))
             truth = np.array([labels.pool_truth.get(i, -1) for i in ids], dtype=np.int64)
             precision = pseudo_label_precision(truth, preds, classes)
             n_pseudo = len(ids)
         init = byol
         if r > 0 and pl.retrain_from == "previous":
             init = models[-1]
-        result = _train_round(cfg, manifest, rows, r, init, resume)
+        result = _train_round(cfg, manifest, rows, r, init, resume, targets)
         models.append(result.weights)
         val = split_metrics(result.weights, cfg, "val", classes)
         history.append({
             "round": r, "val": val, "n_pseudo": n_pseudo, "train_rows": len(rows),
+            "steps": result.steps, "images_seen": result.images_seen,
             "pseudo_precision": precision["precision"] if precision else None,
             "pseudo_detail": precision, "seconds": time.time() - t0, "model": result.weights,
         })
         stages["finetune" if r == 0 else f"round_{r}"] = time.time() - t0
-        log.info("round %d: val accuracy %.4f (%d pseudo-labels, precision %s)", r, val["accuracy"], n_pseudo,
-                 None if precision is None else precision["precision"])
+        log.info("round %d: val accuracy %.4f, balanced %.4f (%d pseudo-labels, precision %s, %d steps)", r,
+                 val["accuracy"], val["balanced_accuracy"], n_pseudo,
+                 None if precision is None else precision["precision"], result.steps)
         if on_round is not None:
             on_round({"round": r, "val_accuracy": val["accuracy"], "val_macro_f1": val.get("macro_f1"),
+                      "val_balanced_accuracy": val.get("balanced_accuracy"),
+                      "val_selected": val[cfg.run.select_metric],
                       "n_pseudo": n_pseudo, "pseudo_precision": history[-1]["pseudo_precision"],
                       "seconds": history[-1]["seconds"], "pretrain_reused": reused})
 
-    best = max(range(len(history)), key=lambda i: (history[i]["val"]["accuracy"], -i))
+    best = best_round(history, cfg.run.select_metric)
     t0 = time.time()
     test = split_metrics(models[best], cfg, "test", classes)
     stages["evaluate"] = time.time() - t0
@@ -161,6 +191,8 @@ def run_pipeline(cfg: Config, *, resume: bool = False, overwrite: bool = False, 
             "name": cfg.run.name, "mode": cfg.run.mode, "head": cfg.model.head, "dataset": cfg.data.path,
             "config_path": config_path, "started": started, "backbone": cfg.model.backbone,
             "best_model": models[best], "label_fraction": cfg.data.label_fraction,
+            "select_metric": cfg.run.select_metric, "finetune_steps": cfg.finetune.steps,
+            "selection": cfg.pseudolabel.selection, "soft_targets": cfg.pseudolabel.soft_targets,
             "labels_per_class": cfg.data.labels_per_class,
             "pretrain_reused": reused, "pretrain_cache_key": cache_key,
         },
@@ -197,13 +229,15 @@ def pseudolabel_only(cfg: Config, model: str, out: str | None = None) -> str:
     """``raysemi pseudolabel``: predictions for the whole pool, then the top-``budget`` selection."""
     manifest = read_manifest(cfg.data.path)
     labels = label_split(cfg.data.path, cfg.data)
-    check_budget(cfg.pseudolabel.budget, len(labels.pool_ids))
+    budget = budget_count(cfg.pseudolabel.budget, len(labels.pool_ids))
+    check_budget(budget, len(labels.pool_ids))
     out = out or join(cfg.run.output_dir, "predictions/manual")
     uris = [u for s in ("train", "unlabeled") if s in manifest.splits for u in manifest.shard_uris(cfg.data.path, s)]
     result = predict_shards(model, uris, out, cfg)
     pl = cfg.pseudolabel
-    chosen = select_pseudo_labels(read_predictions(out), set(labels.pool_ids), pl.budget, manifest.num_classes,
-                                  class_balanced=pl.class_balanced, min_confidence=pl.min_confidence)
+    chosen = select_pseudo_labels(read_predictions(out), set(labels.pool_ids), budget, manifest.num_classes,
+                                  prior=selection_prior(pl.selection, labels.labeled_targets, manifest.num_classes),
+                                  min_confidence=pl.min_confidence)
     write_bytes_atomic(join(out, "selected.parquet"), table_bytes(chosen))
     return (f"{result.rows} predictions in {out} ({result.shards_computed} shards computed, "
             f"{result.shards_skipped} reused); {chosen.num_rows} selected -> {join(out, 'selected.parquet')}")

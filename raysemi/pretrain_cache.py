@@ -87,7 +87,8 @@ def key_fields(cfg: Config, manifest_sha: str) -> dict[str, Any]:
     return {
         "version": KEY_VERSION,
         "model": d["model"],
-        "augment": d["augment"],
+        # Fine-tuning's own augmentation does not touch the pretrained weights.
+        "augment": {k: v for k, v in d["augment"].items() if not k.startswith("finetune_")},
         "pretrain": pretrain,
         "data": {k: d["data"][k] for k in ("image_size", "loader", "num_threads")},
         "ray": {"num_workers": d["ray"]["num_workers"]},

@@ -55,7 +55,7 @@ from raysemi.errors import RaysemiError
 log = logging.getLogger("raysemi.tuning")
 
 NOTATIONS = ("grid", "choice", "uniform", "loguniform", "randint")
-TRIAL_METRICS = ("val_accuracy", "round_val_accuracy", "val_macro_f1")  # in every report of every trial
+TRIAL_METRICS = ("val_accuracy", "round_val_accuracy", "val_macro_f1", "val_balanced_accuracy")  # in every report of every trial
 RESERVED = ("run.output_dir", "run.name", "pretrain.cache")  # set per trial by raysemi tune
 SPACE_KEYS = ("description", "metric", "mode", "num_samples", "seed", "search", "scheduler", "set", "params")
 TRIAL_CPU = 0.01  # the trial (driver) itself; its stages reserve their own workers
@@ -442,9 +442,11 @@ def run_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
             return
         state["rounds"].append(summary)
         state["elapsed_s"] = elapsed0 + time.time() - t0
-        best = max(state["rounds"], key=lambda s: (s["val_accuracy"], -s["round"]))
+        # The best round so far by the run's own rule (run.select_metric), as the pipeline will pick it.
+        best = max(state["rounds"], key=lambda s: (s.get("val_selected", s["val_accuracy"]), -s["round"]))
         _report({"round": summary["round"], "round_val_accuracy": summary["val_accuracy"],
                  "val_accuracy": best["val_accuracy"], "val_macro_f1": best["val_macro_f1"],
+                 "val_balanced_accuracy": best.get("val_balanced_accuracy"),
                  "best_round": best["round"], "n_pseudo": summary["n_pseudo"],
                  "pretrain_reused": summary["pretrain_reused"], "wall_s": state["elapsed_s"], "completed": False},
                 state)
@@ -455,7 +457,8 @@ def run_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
     val = report["rounds"][best]["val"]
     state["elapsed_s"] = elapsed0 + time.time() - t0
     _report({"round": report["rounds"][-1]["round"], "round_val_accuracy": report["rounds"][-1]["val"]["accuracy"],
-             "val_accuracy": val["accuracy"], "val_macro_f1": val.get("macro_f1"), "best_round": best,
+             "val_accuracy": val["accuracy"], "val_macro_f1": val.get("macro_f1"),
+             "val_balanced_accuracy": val.get("balanced_accuracy"), "best_round": best,
              "test_accuracy": report["test"]["accuracy"], "test_macro_f1": report["test"].get("macro_f1"),
              "pretrain_reused": bool(report["run"].get("pretrain_reused")),
              "pretrain_s": report["stages"].get("pretrain"), "wall_s": state["elapsed_s"],

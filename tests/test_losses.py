@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from raysemi.losses import byol_loss, cross_entropy, symmetric_byol_loss
+from raysemi.losses import byol_loss, cross_entropy, sharpen, symmetric_byol_loss
 
 
 def _np_byol(p: np.ndarray, z: np.ndarray) -> float:
@@ -108,3 +108,34 @@ def test_cross_entropy_edge_cases():
     assert torch.isfinite(logits.grad).all()
     with pytest.raises(ValueError):
         cross_entropy(logits, y, weights=torch.ones(3))
+
+
+def test_cross_entropy_soft_targets_matches_numpy():
+    # Soft targets (Noisy Student): -sum_k c_k t_ik log p_ik, weighted mean with denominator sum_i w_i sum_k c_k t_ik.
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(5, 3))
+    t = rng.dirichlet(np.ones(3), size=5)
+    w = np.array([1.0, 0.5, 1.0, 0.0, 2.0])
+    c = np.array([0.5, 1.0, 2.0])
+    logp = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+    per = -(t * c * logp).sum(1)
+    want = float((w * per).sum() / (w * (t @ c)).sum())
+    got = cross_entropy(torch.tensor(logits), torch.tensor(t), torch.tensor(w), torch.tensor(c))
+    assert got.item() == pytest.approx(want, rel=1e-6)
+    # One-hot probabilities give exactly the hard-label loss.
+    y = np.array([0, 2, 1, 1, 0])
+    hard = cross_entropy(torch.tensor(logits), torch.tensor(y), torch.tensor(w), torch.tensor(c))
+    onehot = cross_entropy(torch.tensor(logits), torch.tensor(np.eye(3)[y]), torch.tensor(w), torch.tensor(c))
+    assert onehot.item() == pytest.approx(hard.item(), rel=1e-6)
+    with pytest.raises(ValueError, match="logits' shape"):
+        cross_entropy(torch.tensor(logits), torch.tensor(t[:, :2]))
+
+
+def test_sharpen():
+    p = torch.tensor([[0.6, 0.3, 0.1]], dtype=torch.float64)
+    assert torch.allclose(sharpen(p, 1.0), p)
+    want = np.array([0.6, 0.3, 0.1]) ** 2
+    assert np.allclose(sharpen(p, 0.5).numpy()[0], want / want.sum())
+    assert sharpen(p, 0.01).argmax().item() == 0 and sharpen(p, 0.01)[0, 0] > 0.999
+    with pytest.raises(ValueError):
+        sharpen(p, 0.0)

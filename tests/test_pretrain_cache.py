@@ -37,6 +37,9 @@ def test_key_ignores_what_does_not_change_the_weights(demo_dataset):
         "pretrain.cache": "/elsewhere", "pretrain.checkpoint_every": 3, "pretrain.knn_every": 2,
         "pretrain.knn_k": 5, "run.output_dir": "/x", "run.name": "other", "ray.cpus_per_worker": 1.0,
         "ray.storage_path": "/y", "ray.max_failures": 0, "data.label_fraction": 0.5,
+        "augment.finetune_policy": "randaugment", "augment.finetune_crop_scale": [0.2, 1.0],
+        "finetune.steps": 11, "finetune.drop_path_rate": 0.3, "pseudolabel.selection": "top",
+        "run.select_metric": "accuracy",
     }
     for k, v in same.items():
         assert pc.cache_key(cfg.replace(**{k: v})) == key, k

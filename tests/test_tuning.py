@@ -335,7 +335,8 @@ def test_sweep_on_s3_storage_resumes_without_rerunning_finished_trials(ray_sessi
 TINY = [
     "model.backbone=test_resnet", "model.small_image=false", "model.proj_hidden_dim=64", "model.proj_dim=32",
     "model.pred_hidden_dim=64", "data.image_size=32", "data.num_threads=1", "data.label_fraction=0.3",
-    "pretrain.batch_size=32", "finetune.batch_size=16", "finetune.epochs=1", "pseudolabel.num_actors=1",
+    "pretrain.batch_size=32", "finetune.batch_size=16", "finetune.steps=4", "finetune.eval_every=4", "finetune.warmup_steps=0",
+    "pseudolabel.num_actors=1",
     "pseudolabel.cpus_per_actor=0.99", "pseudolabel.batch_size=64", "ray.num_workers=1",
     "ray.cpus_per_worker=0.99", "ray.max_failures=1",
 ]

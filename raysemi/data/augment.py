@@ -30,7 +30,7 @@ from raysemi.config import AugmentConfig
 
 BLUR_SIGMA = (0.1, 2.0)  # BYOL: sigma ~ U(0.1, 2.0)
 SOLARIZE_THRESHOLD = 128  # pixels >= threshold are inverted (BYOL: x -> 1 - x for x >= 0.5)
-TRAIN_CROP_SCALE = (0.5, 1.0)  # fine-tuning's lighter random resized crop
+RANDAUGMENT = (2, 9)  # RandAugment's N ops per image at magnitude M (Cubuk et al. 2020, ImageNet setting)
 CROP_RATIO = (3 / 4, 4 / 3)
 
 Transform = Callable[[Image.Image], torch.Tensor]
@@ -96,12 +96,23 @@ def byol_views(cfg: AugmentConfig, size: int) -> tuple[Transform, Transform]:
 
 
 def train_transform(size: int, cfg: AugmentConfig) -> Transform:
-    """Fine-tuning augmentation: random resized crop (scale 0.5..1), horizontal flip, normalise."""
+    """Fine-tuning augmentation: random resized crop (``cfg.finetune_crop_scale``), horizontal flip, then
+    the ``cfg.finetune_policy``: nothing more ("light", the method paper's), torchvision's
+    ``TrivialAugmentWide`` (Mueller & Hutter 2021, arXiv 2103.10158) or ``RandAugment(2, 9)``; normalise.
+
+    The policies act on the uint8 image (their magnitudes are defined on 0..255), after the crop so
+    that they cost ``size x size`` pixels, not the stored image's."""
     steps: list[T.Transform] = [
-        T.RandomResizedCrop(size, scale=TRAIN_CROP_SCALE, ratio=CROP_RATIO, antialias=True),
+        T.RandomResizedCrop(size, scale=tuple(cfg.finetune_crop_scale), ratio=CROP_RATIO, antialias=True),
     ]
     if cfg.hflip_p > 0:
         steps.append(T.RandomHorizontalFlip(p=cfg.hflip_p))
+    if cfg.finetune_policy == "trivialaugment":
+        steps.append(T.TrivialAugmentWide())
+    elif cfg.finetune_policy == "randaugment":
+        steps.append(T.RandAugment(num_ops=RANDAUGMENT[0], magnitude=RANDAUGMENT[1]))
+    elif cfg.finetune_policy != "light":
+        raise ValueError(f"unknown fine-tuning policy {cfg.finetune_policy!r}")
     return T.Compose(steps + _normalise(cfg))
 
 

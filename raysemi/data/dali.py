@@ -34,8 +34,8 @@ from raysemi.config import AugmentConfig
 from raysemi.data.augment import (
     BLUR_SIGMA,
     CROP_RATIO,
+    RANDAUGMENT,
     SOLARIZE_THRESHOLD,
-    TRAIN_CROP_SCALE,
     blur_kernel_size,
 )
 from raysemi.errors import RaysemiError
@@ -160,12 +160,22 @@ def _solarize_sometimes(v, p: float):
 
 
 def train_view(images, cfg: AugmentConfig, size: int):
+    """Crop, the fine-tuning policy (DALI's own TrivialAugmentWide / RandAugment), flip, normalise:
+    ``augment.train_transform`` (the same policies; the random draws differ between the libraries)."""
     from nvidia.dali import fn
 
     v = fn.random_resized_crop(
-        images, size=(size, size), random_area=list(TRAIN_CROP_SCALE), random_aspect_ratio=list(CROP_RATIO),
-        antialias=True,
+        images, size=(size, size), random_area=list(cfg.finetune_crop_scale),
+        random_aspect_ratio=list(CROP_RATIO), antialias=True,
     )
+    if cfg.finetune_policy == "trivialaugment":
+        from nvidia.dali.auto_aug import trivial_augment
+
+        v = trivial_augment.trivial_augment_wide(v, shape=(size, size))
+    elif cfg.finetune_policy == "randaugment":
+        from nvidia.dali.auto_aug import rand_augment
+
+        v = rand_augment.rand_augment(v, n=RANDAUGMENT[0], m=RANDAUGMENT[1], shape=(size, size))
     return _normalise(v, cfg, mirror=_mirror(cfg.hflip_p))
 
 

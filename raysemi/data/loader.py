@@ -236,12 +236,14 @@ class _TorchTransformDataset(torch.utils.data.Dataset):
         return 0
 
 
-class _EpochSampler:
-    def __init__(self, loader: Loader) -> None:
-        self.loader = loader
+class _OnceSampler:
+    """A DataLoader sampler over one iterator of raw batches (the main process reads and shuffles rows)."""
+
+    def __init__(self, raws: Iterator[RawBatch]) -> None:
+        self.raws = raws
 
     def __iter__(self):
-        return self.loader._raw_batches(self.loader.epoch)
+        return self.raws
 
 
 # ---------------------------------------------------------------- the loader
@@ -292,7 +294,6 @@ class Loader:
             self._len = steps_per_epoch(self._all_rows, world_size, batch_size)
         self._columns = {"byol": (), "train": ("label", "weight"), "eval": ("id", "label")}[mode]
         self._dali: DaliRunner | None = None
-        self._torch_loader = None
 
     # -- the row stream, shared by both backends
 
@@ -360,39 +361,71 @@ class Loader:
     # -- the backends
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        if self.backend == "dali":
-            yield from self._iter_dali()
-        else:
-            yield from self._iter_torch()
+        yield from self._decoded(self._raw_batches(self.epoch))
 
-    def _iter_dali(self) -> Iterator[dict[str, Any]]:
+    def stream(self, start_step: int, stop_step: int) -> Iterator[dict[str, Any]]:
+        """Training batches for the global steps ``[start_step, stop_step)``, epoch after epoch.
+
+        Step ``s`` is batch ``s % len(self)`` of epoch ``s // len(self)``, exactly the batch that iterating
+        epoch by epoch gives, so a run resumed at a step sees the same data. Unlike one ``iter()`` per
+        epoch, the decoders (DataLoader workers or the DALI pipeline) start once for the whole range: with
+        a small training set an epoch is a few steps, and a start-up per epoch would dominate them."""
+        if self.mode == "eval":
+            raise ValueError("stream() is for training loaders; iterate an eval loader once")
+        per_epoch = len(self)
+        if per_epoch == 0:
+            raise DatasetError("the training set is smaller than one batch per rank")
+
+        def raw_batches() -> Iterator[RawBatch]:
+            step = start_step
+            while step < stop_step:
+                epoch, offset = divmod(step, per_epoch)
+                batches = self._train_batches(epoch)
+                try:
+                    for i, raw in enumerate(batches):
+                        if i < offset:
+                            continue  # undecoded rows: skipping them costs a read, not a decode
+                        if step >= stop_step:
+                            return
+                        yield raw
+                        step += 1
+                finally:
+                    batches.close()
+
+        yield from self._decoded(raw_batches())
+
+    # -- the backends
+
+    def _decoded(self, raws: Iterator[RawBatch]) -> Iterator[dict[str, Any]]:
+        if self.backend == "dali":
+            yield from self._iter_dali(raws)
+        else:
+            yield from self._iter_torch(raws)
+
+    def _iter_dali(self, raws: Iterator[RawBatch]) -> Iterator[dict[str, Any]]:
         if self._dali is None:
             self._dali = DaliRunner(
                 mode=self.mode, size=self.size, augment=self.augment, batch_size=self.batch_size,
                 num_threads=self.num_threads, seed=_batch_seed(self.seed, self.rank) % (2**31 - 1),
                 device=self.device,
             )
-        feed = (
-            ([np.frombuffer(b, dtype=np.uint8) for b in raw.rows.images], raw.side())
-            for raw in self._raw_batches(self.epoch)
-        )
+        feed = (([np.frombuffer(b, dtype=np.uint8) for b in raw.rows.images], raw.side()) for raw in raws)
         for outs, side in self._dali.run(feed):
             yield self._batch(outs, side)
 
-    def _iter_torch(self) -> Iterator[dict[str, Any]]:
-        if self._torch_loader is None:
-            workers = max(0, self.num_threads)
-            self._torch_loader = torch.utils.data.DataLoader(
-                _TorchTransformDataset(self.mode, self.size, self.augment),
-                batch_size=None,
-                sampler=_EpochSampler(self),
-                num_workers=workers,
-                collate_fn=_identity,
-                pin_memory=self.device.type == "cuda",
-                persistent_workers=False,  # persistent workers leak into later forks (torch warns at exit)
-                prefetch_factor=2 if workers > 0 else None,
-            )
-        for outs, side in self._torch_loader:
+    def _iter_torch(self, raws: Iterator[RawBatch]) -> Iterator[dict[str, Any]]:
+        workers = max(0, self.num_threads)
+        loader = torch.utils.data.DataLoader(
+            _TorchTransformDataset(self.mode, self.size, self.augment),
+            batch_size=None,
+            sampler=_OnceSampler(raws),
+            num_workers=workers,
+            collate_fn=_identity,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=False,  # persistent workers leak into later forks (torch warns at exit)
+            prefetch_factor=2 if workers > 0 else None,
+        )
+        for outs, side in loader:
             yield self._batch(tuple(o.to(self.device, non_blocking=True) for o in outs), side)
 
     def _batch(self, outs: tuple[torch.Tensor, ...], side: RawBatch) -> dict[str, Any]:

@@ -2,7 +2,9 @@
 
 Each round trains on a few thousand rows picked from shards that may hold millions, so those rows are
 copied once into small shards (``id, image, label, weight``) that the loader streams like any other; the
-Ray Train workers then need no id filtering and every rank gets an equal share.
+Ray Train workers then need no id filtering and every rank gets an equal share. With soft targets
+(Noisy Student) a ``target`` column holds each row's class probabilities: one-hot for a true label, the
+teacher's (sharpened) probabilities for a pseudo-label.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from raysemi.data.shards import DatasetError, Manifest, join, read_shard, table_bytes, write_bytes_atomic
 
@@ -26,6 +27,7 @@ class TrainSet:
     uris: list[str]
     rows: list[int]  # per shard
     class_counts: list[int]
+    soft: bool = False  # the shards hold a ``target`` column of class probabilities
 
     @property
     def total(self) -> int:
@@ -39,8 +41,12 @@ def write_trainset(
     out_uri: str,
     num_shards: int,
     splits: tuple[str, ...] = ("train", "unlabeled"),
+    targets: dict[str, list[float]] | None = None,
 ) -> TrainSet:
-    """Copy the rows ``{id: (label, weight)}`` out of the dataset's ``splits`` into ``num_shards`` shards."""
+    """Copy the rows ``{id: (label, weight)}`` out of the dataset's ``splits`` into ``num_shards`` shards.
+
+    ``targets`` (soft targets: ``{id: class probabilities}``) adds a ``target`` column; rows it does not
+    name get the one-hot vector of their label."""
     if not rows:
         raise DatasetError("the training set is empty: no labelled rows were chosen")
     wanted = pa.array(sorted(rows), pa.string())
@@ -64,6 +70,11 @@ def write_trainset(
     labels = pa.array([rows[i][0] for i in ids], pa.int16())
     weights = pa.array([rows[i][1] for i in ids], pa.float32())
     table = pa.table([found.column("id"), found.column("image"), labels, weights], schema=TRAINSET_SCHEMA)
+    n_classes = max(manifest.num_classes, 1)
+    if targets is not None:
+        eye = [[1.0 if k == c else 0.0 for k in range(n_classes)] for c in range(n_classes)]
+        soft = [targets[i] if i in targets else eye[rows[i][0]] for i in ids]
+        table = table.append_column(pa.field("target", pa.list_(pa.float32())), pa.array(soft, pa.list_(pa.float32())))
     num_shards = max(1, min(num_shards, table.num_rows))
     uris, counts = [], []
     for s in range(num_shards):
@@ -72,12 +83,7 @@ def write_trainset(
         write_bytes_atomic(uri, table_bytes(part))
         uris.append(uri)
         counts.append(part.num_rows)
-    n_classes = max(manifest.num_classes, 1)
     class_counts = [0] * n_classes
     for label, _ in rows.values():
         class_counts[label] += 1
-    return TrainSet(uris, counts, class_counts)
-
-
-def read_trainset_labels(uri: str) -> pa.Table:
-    return pq.read_table(uri, columns=["id", "label", "weight"])
+    return TrainSet(uris, counts, class_counts, soft=targets is not None)

@@ -8,6 +8,7 @@ the weights are loaded strictly: a file from another architecture or class count
 from __future__ import annotations
 
 import json
+import logging
 
 import torch
 
@@ -17,15 +18,31 @@ from raysemi.models.byol import Classifier, split_online_state
 from raysemi.models.heads import ProjectionHead
 from raysemi.ray_utils import CheckpointError, load_weights, save_weights
 
+log = logging.getLogger(__name__)
+
+
+def classifier_backbone(cfg: Config) -> torch.nn.Module:
+    """The encoder of a classifier: ``cfg.model``'s backbone with fine-tuning's stochastic depth
+    (``finetune.drop_path_rate``; a no-op in eval mode, so saved weights load either way). Models that
+    take no ``drop_path_rate`` are built without it."""
+    m = cfg.model
+    rate = cfg.finetune.drop_path_rate
+    if rate > 0:
+        try:
+            return create_backbone(m.backbone, small_image=m.small_image, drop_path_rate=rate)
+        except TypeError:
+            log.warning("%s has no stochastic depth: finetune.drop_path_rate=%s is ignored", m.backbone, rate)
+    return create_backbone(m.backbone, small_image=m.small_image)
+
 
 def build_classifier(cfg: Config, num_classes: int) -> Classifier:
     """A randomly initialised classifier of ``cfg``'s architecture (the supervised-only baseline)."""
     m = cfg.model
-    backbone = create_backbone(m.backbone, small_image=m.small_image)
+    backbone = classifier_backbone(cfg)
     projector = None
     if m.head == "projector":
         projector = ProjectionHead(feature_dim(backbone), m.proj_hidden_dim, m.proj_dim)
-    return Classifier(backbone, num_classes, head=m.head, projector=projector)
+    return Classifier(backbone, num_classes, head=m.head, projector=projector, dropout=cfg.finetune.dropout)
 
 
 def load_byol(cfg: Config, byol_uri: str) -> dict[str, torch.Tensor]:
@@ -43,9 +60,10 @@ def load_byol(cfg: Config, byol_uri: str) -> dict[str, torch.Tensor]:
 def classifier_from_byol(cfg: Config, num_classes: int, byol_uri: str) -> Classifier:
     """A classifier initialised from pretrained BYOL weights (online encoder, + projector by default)."""
     tensors = load_byol(cfg, byol_uri)
-    backbone = create_backbone(cfg.model.backbone, small_image=cfg.model.small_image)
+    backbone = classifier_backbone(cfg)
     try:
-        return Classifier.from_byol(tensors, num_classes, head=cfg.model.head, backbone=backbone)
+        return Classifier.from_byol(tensors, num_classes, head=cfg.model.head, backbone=backbone,
+                                    dropout=cfg.finetune.dropout)
     except (RuntimeError, ValueError, KeyError) as err:
         raise CheckpointError(
             f"{byol_uri} does not fit the configured model: {str(err).splitlines()[0]}"

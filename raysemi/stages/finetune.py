@@ -3,28 +3,35 @@
 The BYOL predictor is replaced by a linear classifier (on the projector output by default, as in the
 method paper; on the encoder features with ``model.head=encoder``), and the network is trained with
 cross-entropy on a training set written by ``data.trainset`` (true labels with weight 1, pseudo-labels with
-``finetune.pseudo_weight``). ``finetune.freeze_backbone`` turns it into a linear probe. Validation
-accuracy is measured on rank 0 after every epoch; the model of the last epoch is kept (the best *round*
-is chosen by the pipeline).
+``finetune.pseudo_weight``; hard labels, or the teacher's probabilities with soft targets).
+``finetune.freeze_backbone`` turns it into a linear probe. A round runs ``finetune.steps`` optimizer steps
+(``training_plan``), the same whatever the size of its training set, so rounds and baselines compare at
+equal compute. Validation accuracy is measured on rank 0 every ``eval_every`` steps; the model of the last
+step is kept (its EMA when ``finetune.ema_decay`` > 0; the best *round* is chosen by the pipeline).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
+import math
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+from timm.utils import ModelEmaV3
 
 from raysemi import ray_utils
-from raysemi.config import Config, from_dict
+from raysemi.config import Config, FinetuneConfig, from_dict
 from raysemi.data.loader import build_loader
 from raysemi.data.shards import join, read_manifest, split_batch
 from raysemi.data.trainset import TrainSet
 from raysemi.errors import RaysemiError
 from raysemi.losses import cross_entropy
+from raysemi.models.backbone import unwrap
 from raysemi.models.byol import Classifier
 from raysemi.models.checkpoint import build_classifier, classifier_from_byol, load_classifier, save_classifier
 from raysemi.optim import build_optimizer, set_lr
@@ -42,6 +49,8 @@ class FinetuneResult:
     sha256: str
     history: list[dict[str, Any]]
     seconds: float
+    steps: int = 0  # optimizer steps of the round (0 when a finished round was reused)
+    images_seen: int = 0
 
 
 # ---------------------------------------------------------------- builders
@@ -70,51 +79,82 @@ def class_weights(counts: list[int]) -> torch.Tensor:
     return w
 
 
-# ---------------------------------------------------------------- one epoch / evaluation
+@dataclass(frozen=True)
+class TrainingPlan:
+    """How long a round trains, in optimizer steps: the same for every round and baseline when
+    ``finetune.steps`` is set, whatever the size of the training set."""
+
+    total_steps: int
+    warmup_steps: int
+    interval: int  # steps between validations / reports ("an epoch" in the metrics)
+
+    @property
+    def intervals(self) -> int:
+        return math.ceil(self.total_steps / self.interval)
+
+
+def training_plan(f: FinetuneConfig, steps_per_epoch: int) -> TrainingPlan:
+    """``finetune.steps`` steps with ``warmup_steps`` of warmup, validated every ``eval_every``; or, with
+    ``steps: null``, ``epochs`` passes over the training set with ``warmup_epochs``, validated per epoch."""
+    if f.steps is None:
+        return TrainingPlan(f.epochs * steps_per_epoch, f.warmup_epochs * steps_per_epoch, steps_per_epoch)
+    return TrainingPlan(f.steps, min(f.warmup_steps, f.steps), min(f.eval_every, f.steps))
+
+
+# ---------------------------------------------------------------- one interval / evaluation
 
 
 def train_one_epoch(
     model: torch.nn.Module,
-    loader,
+    batches: Iterable[dict[str, Any]],
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
     cfg: Config,
     *,
-    epoch: int,
-    total_steps: int,
+    start_step: int,
+    plan: TrainingPlan,
     device: torch.device,
     weights_per_class: torch.Tensor | None,
+    ema: ModelEmaV3 | None = None,
 ) -> dict[str, float]:
+    """Train on ``batches`` (one interval of the plan, from global step ``start_step``); the lr follows the
+    plan's warmup + cosine schedule and the EMA (when given) is updated after every step."""
     f = cfg.finetune
-    steps = len(loader)
     model.train()
     timer = StepTimer()
-    loss_sum = correct = seen = 0.0
+    loss_sum = correct = seen = steps = 0.0
     lr = 0.0
-    for i, batch in enumerate(timer.batches(loader)):
-        step = epoch * steps + i
-        lr = warmup_cosine_lr(step, total_steps, f.warmup_epochs * steps, f.lr)
+    for i, batch in enumerate(timer.batches(batches)):
+        step = start_step + i
+        lr = warmup_cosine_lr(step, plan.total_steps, plan.warmup_steps, f.lr)
         set_lr(optimizer, lr)
+        targets = batch["label"]
+        if "target" in batch:  # soft targets (Noisy Student): class probabilities per row
+            targets = torch.tensor(batch["target"], dtype=torch.float32, device=device)
         with autocast(device, f.precision):
             logits = model(batch["image"])
         loss = cross_entropy(
-            logits.float(), batch["label"], weights=batch["weight"], class_weights=weights_per_class,
+            logits.float(), targets, weights=batch["weight"], class_weights=weights_per_class,
             label_smoothing=f.label_smoothing,
         )
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
+        if ema is not None:
+            ema.update(unwrap(model), step=step + 1)
         loss_sum += loss.item()
         correct += (logits.argmax(1) == batch["label"]).sum().item()
         seen += len(batch["label"])
+        steps += 1
     timer.stop()
     loss_tot, steps_tot, correct_tot, seen_tot = all_reduce_sum([loss_sum, steps, correct, seen], device)
     return {
-        "epoch": epoch,
+        "step": start_step + int(steps),
         "loss": loss_tot / max(steps_tot, 1),
         "train_accuracy": correct_tot / max(seen_tot, 1),
         "lr": lr,
+        "images_seen": seen_tot,
         "images_per_s_total": seen_tot / timer.total if timer.total else 0.0,
         "data_wait_fraction": timer.data_wait_fraction,
     }
@@ -136,10 +176,17 @@ def evaluate(model: torch.nn.Module, loader, device: torch.device, precision: st
     return ids, torch.cat(labels).numpy(), torch.cat(probs).numpy()
 
 
+def build_ema(model: torch.nn.Module, decay: float) -> ModelEmaV3 | None:
+    """timm's ``ModelEmaV3`` of the weights and BN buffers, its decay warmed up (``1 - (1 + t)^(-2/3)``
+    capped at ``decay``) so that a short fine-tuning is not dominated by the random head; None when off."""
+    return ModelEmaV3(model, decay=decay, use_warmup=True) if decay > 0 else None
+
+
 # ---------------------------------------------------------------- the Ray Train worker
 
 
 def train_worker(loop_config: dict[str, Any]) -> None:
+    """Ray Train worker: a thin adapter from Ray (rank, device, checkpoints) to the functions above."""
     cfg = from_dict(loop_config["cfg"])
     f = cfg.finetune
     device = ray_utils.get_device()
@@ -155,12 +202,16 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     optimizer = build_optimizer(f.optimizer, [p for p in model.parameters() if p.requires_grad], f.lr,
                                 f.weight_decay)
     scaler = grad_scaler(device, f.precision)
-    start_epoch, history = 0, []
+    ema = build_ema(model, f.ema_decay)
+    step, history = 0, []
     state = ray_utils.restored_state(device)
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        start_epoch, history = int(state["epoch"]) + 1, list(state["history"])
+        scaler.load_state_dict(state["scaler"])
+        if ema is not None:
+            ema.module.load_state_dict(state["ema"])
+        step, history = int(state["step"]), list(state["history"])
 
     batch = min(split_batch(f.batch_size, world), min(sum(trainset.rows[r::world]) for r in range(world)))
     if batch < split_batch(f.batch_size, world) and rank == 0:
@@ -170,6 +221,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         trainset.uris, mode="train", size=cfg.data.image_size, batch_size=batch, augment=cfg.augment,
         rank=rank, world_size=world, seed=f.seed, backend=cfg.data.loader, device=device,
         num_threads=cfg.data.num_threads, shard_rows=trainset.rows,
+        columns_extra=("target",) if trainset.soft else (),
     )
     val_loader = None
     if rank == 0:
@@ -180,22 +232,26 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             num_threads=cfg.data.num_threads,
         )
     cw = class_weights(trainset.class_counts).to(device) if f.class_weighting else None
-    total_steps = f.epochs * len(loader)
-    for epoch in range(start_epoch, f.epochs):
-        ray_utils.maybe_inject_failure(loop_config.get("fault"), "finetune", epoch)
-        loader.set_epoch(epoch)
-        metrics = train_one_epoch(ddp_model, loader, optimizer, scaler, cfg, epoch=epoch,
-                                  total_steps=total_steps, device=device, weights_per_class=cw)
+    plan = training_plan(f, len(loader))
+    stream = loader.stream(step, plan.total_steps)  # one decoder start-up for the whole round
+    while step < plan.total_steps:
+        n = min((step // plan.interval + 1) * plan.interval, plan.total_steps) - step
+        metrics = train_one_epoch(ddp_model, itertools.islice(stream, n), optimizer, scaler, cfg,
+                                  start_step=step, plan=plan, device=device, weights_per_class=cw, ema=ema)
+        step = int(metrics["step"])
+        metrics["epoch"] = math.ceil(step / plan.interval) - 1
         if val_loader is not None:
-            _, y, p = evaluate(model, val_loader, device, f.precision)
+            _, y, p = evaluate(ema.module if ema is not None else model, val_loader, device, f.precision)
             metrics["val_accuracy"] = float((p.argmax(1) == y).mean()) if len(y) else float("nan")
             log.info("finetune %s", {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
         history.append(metrics)
-        last = epoch == f.epochs - 1
+        last = step >= plan.total_steps
         state = None
-        if rank == 0 and ((epoch + 1) % f.checkpoint_every == 0 or last):
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                     "history": history}
+        if rank == 0 and ((metrics["epoch"] + 1) % f.checkpoint_every == 0 or last):
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scaler": scaler.state_dict(), "step": step, "history": history}
+            if ema is not None:
+                state["ema"] = ema.module.state_dict()
         ray_utils.report(metrics, state, cfg if state is not None else None)
 
 
@@ -213,8 +269,11 @@ def run(cfg: Config, trainset: TrainSet, init: str | None, out_dir: str, name: s
     with result.checkpoint.as_directory() as d:
         state = ray_utils.load_state(d)
     model = build_classifier(cfg, len(classes))
-    model.load_state_dict(state["model"])
+    model.load_state_dict(state.get("ema", state["model"]))  # the EMA model is the one exported
     weights = join(out_dir, WEIGHTS)
-    sha = save_classifier(weights, model, cfg, classes, extra={"trainset_rows": trainset.total})
-    write_json(join(out_dir, "finetune_metrics.json"), state["history"])
-    return FinetuneResult(weights, sha, state["history"], time.time() - t0)
+    history = state["history"]
+    steps, images = int(state["step"]), int(sum(h["images_seen"] for h in history))
+    sha = save_classifier(weights, model, cfg, classes,
+                          extra={"trainset_rows": trainset.total, "steps": steps, "images_seen": images})
+    write_json(join(out_dir, "finetune_metrics.json"), history)
+    return FinetuneResult(weights, sha, history, time.time() - t0, steps, images)

@@ -1,13 +1,16 @@
-"""Choosing the pseudo-label budget N from the predictions: top-N by confidence, optionally class-balanced.
+"""Choosing the pseudo-label budget N from the predictions: top-N by confidence, or shared among classes.
 
 Everything here is deterministic: candidates are ordered by confidence (highest first) with ties broken
 by id (ascending), so the same predictions always give the same selection, whatever their row order.
 
-Class-balanced selection (``class_balanced=True``) splits the budget evenly over the classes: each class
-first takes its ``budget // num_classes`` most confident candidates (or all it has, if fewer). The slots
-left over (the ``budget % num_classes`` remainder, plus the shortfall of classes with too few candidates)
-then go to the most confident candidates not yet chosen, whatever their class. So a rare class never
-blocks the budget, and the filling-in favours confidence, as plain top-N does.
+Shared selection (``prior`` given: a weight per class) gives class ``c`` a quota of
+``floor(budget * prior[c] / sum(prior))`` slots, filled with its most confident candidates (or all it has,
+if fewer). The slots left over (the rounding remainder, plus the shortfall of classes with too few
+candidates) then go to the most confident candidates not yet chosen, whatever their class. So a rare class
+never blocks the budget, and the filling-in favours confidence, as plain top-N does. A uniform prior is
+the class-balanced choice; the labelled rows' class counts keep the pseudo-labels in the proportions of
+the labelled set (on an imbalanced set, a model's confident predictions over-represent the majority
+class, which plain top-N would then amplify round after round).
 """
 
 from __future__ import annotations
@@ -35,6 +38,25 @@ def check_budget(budget: int, pool_size: int) -> None:
     """Refuse a budget larger than the unlabeled pool (a clear error before any work starts)."""
     if budget > pool_size:
         raise RaysemiError(f"pseudolabel.budget={budget} is larger than the unlabeled pool ({pool_size} images)")
+
+
+def budget_count(budget: float, pool_size: int) -> int:
+    """Images per round: ``budget`` <= 1 is a fraction of the pool (at least 1 image), else a count."""
+    if budget <= 1.0:
+        return max(1, round(budget * pool_size)) if pool_size else 0
+    return int(budget)
+
+
+def selection_prior(selection: str, labeled_targets, num_classes: int) -> list[float] | None:
+    """The class shares of ``pseudolabel.selection``: None (top-N), uniform, or the labelled counts."""
+    if selection == "top":
+        return None
+    if selection == "balanced":
+        return [1.0] * num_classes
+    if selection == "prior":
+        counts = np.bincount(np.asarray(labeled_targets, dtype=np.int64), minlength=num_classes)
+        return counts.astype(float).tolist()
+    raise RaysemiError(f"pseudolabel.selection: unknown rule {selection!r} (top, balanced or prior)")
 
 
 def _ordered(table: pa.Table) -> pa.Table:
@@ -66,14 +88,15 @@ def select_pseudo_labels(
     budget: int,
     num_classes: int,
     *,
-    class_balanced: bool = False,
+    prior: list[float] | None = None,
     min_confidence: float = 0.0,
 ) -> pa.Table:
     """The ``budget`` pseudo-labels to add: a table ``id, pred, confidence``, most confident first.
 
     ``pool_ids`` restricts the choice to those ids (the unlabeled pool; None = every prediction).
+    ``prior`` (a non-negative weight per class) shares the budget among the classes; None = plain top-N.
     Fewer than ``budget`` rows come back when ``min_confidence`` leaves fewer candidates (a warning
-    says so); see the module docstring for the class-balanced rule.
+    says so); see the module docstring for the shared rule.
     """
     if budget < 0:
         raise RaysemiError(f"pseudolabel.budget={budget} must not be negative")
@@ -84,10 +107,12 @@ def select_pseudo_labels(
     if len(preds) and (preds.min() < 0 or preds.max() >= num_classes):
         raise RaysemiError(f"predictions hold class indices outside [0, {num_classes})")
 
-    if not class_balanced:
+    if prior is None:
         chosen = table.slice(0, budget)
     else:
-        chosen = table.take(pa.array(_balanced_indices(preds, budget, num_classes), pa.int64()))
+        if len(prior) != num_classes or min(prior) < 0 or sum(prior) <= 0:
+            raise RaysemiError(f"the class prior {prior} does not fit {num_classes} classes")
+        chosen = table.take(pa.array(_shared_indices(preds, budget, prior), pa.int64()))
         chosen = _ordered(chosen)
 
     if chosen.num_rows < budget:
@@ -98,15 +123,17 @@ def select_pseudo_labels(
     return chosen
 
 
-def _balanced_indices(preds: np.ndarray, budget: int, num_classes: int) -> np.ndarray:
-    """Row indices (into rows already in confidence order) of a class-balanced choice of ``budget``."""
+def _shared_indices(preds: np.ndarray, budget: int, prior: list[float]) -> np.ndarray:
+    """Row indices (into rows already in confidence order) of a choice of ``budget`` shared by ``prior``."""
     n = len(preds)
     if budget >= n:
         return np.arange(n)
-    quota = budget // num_classes
+    share = np.asarray(prior, dtype=np.float64) / float(sum(prior))
+    # A tiny epsilon: 6 * (1/3) must give quota 2, not 1.999... -> 1.
+    quotas = np.floor(budget * share + 1e-9).astype(np.int64)
     take = np.zeros(n, dtype=bool)
-    if quota:
-        for c in range(num_classes):
+    for c, quota in enumerate(quotas):
+        if quota:
             rows = np.flatnonzero(preds == c)  # already most confident first
             take[rows[:quota]] = True
     left = budget - int(take.sum())  # the remainder plus the shortfall of small classes

@@ -68,7 +68,7 @@ def test_byol_views_shape_dtype_bounds_and_distinct():
 
 
 def test_constant_grey_with_augmentation_off_is_exact_normalisation():
-    cfg = dataclasses.replace(CFG, jitter_p=0.0, grey_p=0.0, solarize_p=(0.0, 0.0))
+    cfg = dataclasses.replace(CFG, jitter_p=0.0, grey_p=0.0, solarize_p=(0.0, 0.0), finetune_policy="light")
     im = aug.decode_rgb(encode(Image.new("L", (30, 20), 77), "PNG"))
     for t in (*aug.byol_views(cfg, 16), aug.train_transform(16, cfg), aug.eval_transform(16, cfg)):
         x = t(im)
@@ -92,11 +92,30 @@ def test_eval_transform_is_deterministic_full_image_resize():
     assert float(raw[0, :, 0].mean()) > 0.9 and float(raw[0, :, -1].mean()) < 0.05
 
 
+@pytest.mark.parametrize(
+    "policy, cls",
+    [("light", None), ("trivialaugment", T.TrivialAugmentWide), ("randaugment", T.RandAugment)],
+)
+def test_train_transform_policies(policy, cls):
+    cfg = dataclasses.replace(CFG, finetune_policy=policy, finetune_crop_scale=(0.3, 0.9))
+    t = aug.train_transform(24, cfg)
+    (crop,) = _find(t, T.RandomResizedCrop)
+    assert crop.scale == (0.3, 0.9)
+    found = _find(t, T.TrivialAugmentWide) + _find(t, T.RandAugment)
+    assert [type(f) for f in found] == ([cls] if cls else [])
+    if policy == "randaugment":
+        assert (found[0].num_ops, found[0].magnitude) == aug.RANDAUGMENT
+    im = smooth_image(np.random.default_rng(1), 40, 40)
+    torch.manual_seed(0)
+    xs = [t(im) for _ in range(6)]
+    assert all(x.shape == (3, 24, 24) and x.dtype == torch.float32 for x in xs)
+
+
 def test_train_transform_shape_and_randomness():
     im = smooth_image(np.random.default_rng(1), 40, 40)
     t = aug.train_transform(24, CFG)
     (crop,) = _find(t, T.RandomResizedCrop)
-    assert crop.scale == (0.5, 1.0)
+    assert crop.scale == CFG.finetune_crop_scale
     torch.manual_seed(0)
     xs = [t(im) for _ in range(4)]
     assert all(x.shape == (3, 24, 24) and x.dtype == torch.float32 for x in xs)

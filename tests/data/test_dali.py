@@ -176,3 +176,20 @@ def test_gpu_pipeline_decodes_on_the_device(tmp_path):
     for g, c in zip(ev, cpu):  # nvJPEG / GPU resize vs the CPU path
         assert g["image"].device == device and g["label"].device == device
         assert float((g["image"].cpu() - c["image"]).abs().mul(STD).max()) <= 8 / 255
+
+
+@pytest.mark.parametrize("policy", ["light", "trivialaugment", "randaugment"])
+def test_finetune_policies_run_on_cpu(policy):
+    """Each fine-tuning policy builds and runs in DALI's CPU pipeline; the light one, without a flip,
+    crop or colour change, is the eval transform of a constant image, the others change pixels."""
+    cfg = dataclasses.replace(OFF, finetune_policy=policy, finetune_crop_scale=(1.0, 1.0))
+    images = make_images(8, h=40, w=40)
+    (x,) = dali_run(images, cfg, mode="train", size=24, batch_size=4, seed=3)
+    assert x.shape == (8, 3, 24, 24) and torch.isfinite(x).all()
+    (grey,) = dali_run([constant(128, size=(30, 30))] * 8, cfg, mode="train", size=24, batch_size=8, seed=5)
+    raw = grey * STD + MEAN
+    changed = [(raw[i] - 128 / 255).abs().max().item() > 2 / 255 for i in range(8)]
+    if policy == "light":
+        assert not any(changed)
+    else:
+        assert any(changed)

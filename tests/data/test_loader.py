@@ -282,3 +282,21 @@ def test_reads_from_s3(s3_bucket):
     assert ids == [f"s0-{j}" for j in range(5)] + [f"s1-{j}" for j in range(3)]
     ld = loader(uris, batch_size=2, columns_extra=("id",))
     assert len(ld) == 4 and len(epoch_ids(ld, 0)) == 8
+
+
+@pytest.mark.parametrize("backend", ["torch", "dali"])
+def test_stream_is_the_epochs_back_to_back_and_resumes_at_a_step(tmp_path, backend):
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali")
+    uris = write_shards(tmp_path, [7, 6], weights=True)
+    ld = loader(uris, backend=backend, mode="train", batch_size=4, seed=3)
+    per_epoch = len(ld)
+    assert per_epoch == 3
+    want = []
+    for e in range(3):
+        ld.set_epoch(e)
+        want += [b["weight"].tolist() for b in ld]
+    got = [b["weight"].tolist() for b in ld.stream(0, 3 * per_epoch)]
+    assert got == want  # step s = batch s % len of epoch s // len
+    assert [b["weight"].tolist() for b in ld.stream(4, 8)] == want[4:8]  # a resumed run sees the same data
+    assert list(ld.stream(5, 5)) == []

@@ -9,7 +9,13 @@ import pyarrow as pa
 import pytest
 
 from raysemi.errors import RaysemiError
-from raysemi.stages.selection import check_budget, class_counts, select_pseudo_labels
+from raysemi.stages.selection import (
+    budget_count,
+    check_budget,
+    class_counts,
+    select_pseudo_labels,
+    selection_prior,
+)
 
 
 def preds(rows: list[tuple[str, int, float]]) -> pa.Table:
@@ -62,7 +68,7 @@ def test_pool_filter():
 
 
 def test_class_balanced_even_split():
-    sel = select_pseudo_labels(preds(ROWS), None, 6, 3, class_balanced=True)
+    sel = select_pseudo_labels(preds(ROWS), None, 6, 3, prior=[1.0, 1.0, 1.0])
     assert sorted(ids(sel)) == ["a", "b", "e", "f", "g", "h"]
     assert class_counts(sel, 3) == [2, 2, 2]
     conf = sel.column("confidence").to_pylist()
@@ -71,21 +77,21 @@ def test_class_balanced_even_split():
 
 def test_class_balanced_remainder_goes_by_confidence():
     # 4 over 3 classes: one each, then the one leftover slot to the most confident remaining (b).
-    sel = select_pseudo_labels(preds(ROWS), None, 4, 3, class_balanced=True)
+    sel = select_pseudo_labels(preds(ROWS), None, 4, 3, prior=[1.0, 1.0, 1.0])
     assert sorted(ids(sel)) == ["a", "b", "e", "g"]
 
 
 def test_class_balanced_shortfall_is_redistributed():
     # Class 1 has one candidate in the pool, class 2 none: their shortfall goes to class 0 by confidence.
     pool = {"a", "b", "c", "d", "e"}
-    sel = select_pseudo_labels(preds(ROWS), pool, 4, 3, class_balanced=True)
+    sel = select_pseudo_labels(preds(ROWS), pool, 4, 3, prior=[1.0, 1.0, 1.0])
     assert sorted(ids(sel)) == ["a", "b", "c", "e"]
     assert class_counts(sel, 3) == [3, 1, 0]
 
 
 def test_class_balanced_differs_from_top_n():
     top = select_pseudo_labels(preds(ROWS), None, 3, 3)
-    bal = select_pseudo_labels(preds(ROWS), None, 3, 3, class_balanced=True)
+    bal = select_pseudo_labels(preds(ROWS), None, 3, 3, prior=[1.0, 1.0, 1.0])
     assert class_counts(top, 3) == [3, 0, 0]
     assert class_counts(bal, 3) == [1, 1, 1]
     assert ids(bal) == ["a", "e", "g"]
@@ -97,7 +103,7 @@ def test_min_confidence_returns_fewer_with_a_warning(caplog):
     assert ids(sel) == ["a", "b", "c", "d", "e"]
     assert "only 5 of the budget of 6" in caplog.text
     with caplog.at_level(logging.WARNING, logger="raysemi.pseudolabel"):
-        bal = select_pseudo_labels(preds(ROWS), None, 3, 3, class_balanced=True, min_confidence=0.9)
+        bal = select_pseudo_labels(preds(ROWS), None, 3, 3, prior=[1.0, 1.0, 1.0], min_confidence=0.9)
     assert sorted(ids(bal)) == ["a", "b", "e"]  # class 2 has no confident candidate: class 0 fills in
 
 
@@ -106,7 +112,7 @@ def test_budget_larger_than_pool():
     with pytest.raises(RaysemiError, match=r"pseudolabel.budget=9 is larger than the unlabeled pool \(8 images\)"):
         check_budget(9, 8)
     assert len(select_pseudo_labels(preds(ROWS), None, 100, 3)) == len(ROWS)
-    assert len(select_pseudo_labels(preds(ROWS), None, 100, 3, class_balanced=True)) == len(ROWS)
+    assert len(select_pseudo_labels(preds(ROWS), None, 100, 3, prior=[1.0, 1.0, 1.0])) == len(ROWS)
 
 
 def test_refuses_duplicate_ids_and_bad_classes():
@@ -117,5 +123,35 @@ def test_refuses_duplicate_ids_and_bad_classes():
 
 
 def test_empty():
-    sel = select_pseudo_labels(preds([]), None, 0, 3, class_balanced=True)
+    sel = select_pseudo_labels(preds([]), None, 0, 3, prior=[1.0, 1.0, 1.0])
     assert sel.num_rows == 0
+
+
+def test_prior_shares_follow_the_labelled_counts():
+    # Labelled counts 2:1:1 -> a budget of 4 gives quotas 2, 1, 1.
+    prior = selection_prior("prior", [0, 0, 1, 2], 3)
+    assert prior == [2.0, 1.0, 1.0]
+    sel = select_pseudo_labels(preds(ROWS), None, 4, 3, prior=prior)
+    assert class_counts(sel, 3) == [2, 1, 1]
+    assert sorted(ids(sel)) == ["a", "b", "e", "g"]
+    # A majority-heavy prior gives class 0 more of the budget than a uniform one would.
+    heavy = select_pseudo_labels(preds(ROWS), None, 6, 3, prior=[4.0, 1.0, 1.0])
+    assert class_counts(heavy, 3) == [4, 1, 1]
+
+
+def test_selection_rules_and_bad_priors():
+    assert selection_prior("top", [0, 1], 2) is None
+    assert selection_prior("balanced", [0, 0, 0], 3) == [1.0, 1.0, 1.0]
+    with pytest.raises(RaysemiError, match="does not fit 3 classes"):
+        select_pseudo_labels(preds(ROWS), None, 4, 3, prior=[1.0, 1.0])
+    with pytest.raises(RaysemiError, match="does not fit"):
+        select_pseudo_labels(preds(ROWS), None, 4, 3, prior=[0.0, 0.0, 0.0])
+
+
+def test_budget_as_fraction_or_count():
+    assert budget_count(0.2, 490) == 98
+    assert budget_count(0.25, 2400) == 600
+    assert budget_count(1.0, 37) == 37
+    assert budget_count(0.001, 10) == 1  # never zero on a non-empty pool
+    assert budget_count(500.0, 2400) == 500
+    assert budget_count(0.5, 0) == 0

@@ -1,0 +1,122 @@
+"""The fine-tuning stage's pieces: the step plan, one interval of training, the EMA, class weights."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from raysemi.config import Config, FinetuneConfig
+from raysemi.models.checkpoint import build_classifier
+from raysemi.optim import build_optimizer
+from raysemi.stages.common import grad_scaler
+from raysemi.stages.finetune import (
+    TrainingPlan,
+    build_ema,
+    build_model,
+    class_weights,
+    train_one_epoch,
+    training_plan,
+)
+
+CPU = torch.device("cpu")
+
+
+def tiny_cfg(**finetune) -> Config:
+    cfg = Config().replace(**{"model.backbone": "test_resnet", "model.small_image": False,
+                              "model.proj_hidden_dim": 16, "model.proj_dim": 8, "model.pred_hidden_dim": 16})
+    return cfg.replace(**{f"finetune.{k}": v for k, v in finetune.items()})
+
+
+def fixed_batches(n_classes=3, n=12, size=16, soft=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % n_classes
+    batch = {"image": torch.randn(n, 3, size, size, generator=g) + y.view(-1, 1, 1, 1).float(),
+             "label": y, "weight": torch.ones(n)}
+    if soft:
+        batch["target"] = torch.nn.functional.one_hot(y, n_classes).float().mul(0.9).add(0.1 / n_classes).tolist()
+    return itertools.repeat(batch)
+
+
+def test_training_plan_counts_steps_not_epochs():
+    # Steps: the same whatever the training set's size; validation every eval_every steps.
+    plan = training_plan(FinetuneConfig(steps=250, eval_every=100, warmup_steps=20), steps_per_epoch=4)
+    assert plan == TrainingPlan(250, 20, 100) and plan.intervals == 3
+    big = training_plan(FinetuneConfig(steps=250, eval_every=100, warmup_steps=20), steps_per_epoch=400)
+    assert big == plan
+    # Epochs (steps: null): the method paper's passes over the training set.
+    legacy = training_plan(FinetuneConfig(steps=None, epochs=10, warmup_epochs=2), steps_per_epoch=5)
+    assert legacy == TrainingPlan(50, 10, 5) and legacy.intervals == 10
+    assert training_plan(FinetuneConfig(steps=30, eval_every=100), 9).interval == 30
+
+
+@pytest.mark.parametrize("soft", [False, True])
+def test_train_one_epoch_lowers_the_loss_and_counts_steps(soft):
+    torch.manual_seed(0)
+    cfg = tiny_cfg(ema_decay=0.0, label_smoothing=0.0, lr=0.01, warmup_steps=0, drop_path_rate=0.0)
+    model = build_model(cfg, 3, None)
+    opt = build_optimizer("adamw", model.parameters(), 0.01, 0.0)
+    plan = TrainingPlan(total_steps=40, warmup_steps=0, interval=20)
+    scaler = grad_scaler(CPU, "fp32")
+    batches = fixed_batches(soft=soft)
+    first = train_one_epoch(model, itertools.islice(batches, 20), opt, scaler, cfg, start_step=0, plan=plan,
+                            device=CPU, weights_per_class=None)
+    second = train_one_epoch(model, itertools.islice(batches, 20), opt, scaler, cfg, start_step=20, plan=plan,
+                             device=CPU, weights_per_class=None)
+    assert first["step"] == 20 and second["step"] == 40
+    assert first["images_seen"] == 20 * 12
+    # Soft targets cannot go below their own entropy: compare the excess over it.
+    t = torch.tensor([0.9 + 0.1 / 3, 0.1 / 3, 0.1 / 3])
+    floor = float(-(t * t.log()).sum()) if soft else 0.0
+    assert second["loss"] - floor < 0.5 * (first["loss"] - floor)
+    assert second["train_accuracy"] == 1.0
+
+
+def test_ema_tracks_the_weights_and_lags_behind():
+    torch.manual_seed(0)
+    cfg = tiny_cfg(ema_decay=0.9, lr=0.05, warmup_steps=0)
+    model = build_model(cfg, 3, None)
+    ema = build_ema(model, 0.9)
+    assert build_ema(model, 0.0) is None
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = build_optimizer("sgd", model.parameters(), 0.05, 0.0)
+    train_one_epoch(model, itertools.islice(fixed_batches(), 10), opt, grad_scaler(CPU, "fp32"), cfg,
+                    start_step=0, plan=TrainingPlan(10, 0, 10), device=CPU, weights_per_class=None, ema=ema)
+    w = "head.fc.weight"
+    now, avg, was = model.state_dict()[w], ema.module.state_dict()[w], start[w]
+    assert not torch.equal(avg, now) and not torch.equal(avg, was)
+    # The EMA lies between the start and the current weights (closer to the path than to either end).
+    assert (avg - now).norm() < (was - now).norm()
+    # Warm-up: the first update copies the model (decay 0), so the EMA never starts from the random head.
+    assert ema.get_decay(1) == 0.0 and ema.get_decay(10_000) == pytest.approx(0.9)
+
+
+def test_class_weights_inverse_frequency():
+    w = class_weights([30, 10, 0, 20])
+    assert w.tolist() == pytest.approx([60 / (4 * 30), 60 / (4 * 10), 0.0, 60 / (4 * 20)])
+    # Weighted counts are equal: each present class carries the same total weight.
+    assert 30 * w[0] == pytest.approx(10 * w[1]) == pytest.approx(20 * w[3])
+
+
+def test_frozen_backbone_stays_frozen():
+    cfg = tiny_cfg(freeze_backbone=True, ema_decay=0.0, warmup_steps=0)
+    model = build_model(cfg, 3, None)
+    before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    opt = build_optimizer("sgd", [p for p in model.parameters() if p.requires_grad], 0.1, 0.0)
+    train_one_epoch(model, itertools.islice(fixed_batches(), 3), opt, grad_scaler(CPU, "fp32"), cfg,
+                    start_step=0, plan=TrainingPlan(3, 0, 3), device=CPU, weights_per_class=None)
+    after = model.backbone.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # weights and BN statistics alike
+
+
+def test_student_noise_switches():
+    plain = build_classifier(tiny_cfg(dropout=0.0, drop_path_rate=0.0), 3)
+    noisy = build_classifier(tiny_cfg(dropout=0.3, drop_path_rate=0.2), 3)
+    assert isinstance(plain.head.dropout, torch.nn.Identity)
+    assert noisy.head.dropout.p == 0.3
+    rates = [m.drop_prob for m in noisy.backbone.modules() if type(m).__name__ == "DropPath"]
+    assert rates and max(rates) == pytest.approx(0.2)
+    assert not [m for m in plain.backbone.modules() if type(m).__name__ == "DropPath"]
+    # Same tensors either way: a noisy student's file loads into a plain model (eval needs no noise).
+    assert plain.state_dict().keys() == noisy.state_dict().keys()

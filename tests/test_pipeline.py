@@ -1,0 +1,71 @@
+"""The method's loop end to end on tiny data: step counts, the pool, soft targets and the best-round rule."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from raysemi.config import load_config
+from raysemi.data.labels import label_split
+from raysemi.data.shards import read_split
+from raysemi.pipeline import best_round, run_pipeline
+from raysemi.stages.selection import budget_count
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+TINY = [
+    "model.backbone=test_resnet", "model.small_image=false", "model.proj_hidden_dim=64", "model.proj_dim=32",
+    "model.pred_hidden_dim=64", "data.image_size=32", "data.num_threads=1", "data.loader=torch",
+    "data.label_fraction=0.2", "pretrain.epochs=1", "pretrain.warmup_epochs=0", "pretrain.knn_every=0",
+    "pretrain.batch_size=32", "finetune.batch_size=16", "finetune.steps=6", "finetune.eval_every=3",
+    "finetune.warmup_steps=2", "pseudolabel.rounds=1", "pseudolabel.budget=0.25", "pseudolabel.selection=prior",
+    "pseudolabel.soft_targets=true", "pseudolabel.temperature=0.5", "pseudolabel.num_actors=1",
+    "pseudolabel.cpus_per_actor=0.5", "pseudolabel.batch_size=64", "ray.num_workers=1", "ray.cpus_per_worker=0.5",
+    "ray.max_failures=0",
+]
+
+
+def test_full_run_counts_steps_keeps_the_pool_and_picks_the_best_round(ray_session, demo_dataset, tmp_path):
+    cfg = load_config(None, [f"data.path={demo_dataset}", f"run.output_dir={tmp_path / 'run'}", *TINY])
+    report = json.loads(Path(run_pipeline(cfg)).read_text())
+    rounds = report["rounds"]
+    assert [r["round"] for r in rounds] == [0, 1]
+
+    # Every round trains the configured steps, whatever the size of its training set.
+    assert [r["steps"] for r in rounds] == [6, 6]
+    assert [r["images_seen"] for r in rounds] == [6 * 16, 6 * 16]
+    assert rounds[1]["train_rows"] > rounds[0]["train_rows"]
+
+    # The budget is a fraction of the pool; pseudo-labels come from the pool only.
+    labels = label_split(demo_dataset, cfg.data)
+    pool = set(labels.pool_ids)
+    assert rounds[1]["n_pseudo"] == budget_count(0.25, len(pool))
+    trainset = pq.read_table(tmp_path / "run" / "round=1" / "trainset")
+    ids = trainset.column("id").to_pylist()
+    pseudo = set(ids) - set(labels.labeled_ids)
+    assert len(pseudo) == rounds[1]["n_pseudo"] and pseudo <= pool
+    held_out = {i for s in ("val", "test") for i in read_split(demo_dataset, s, ["id"]).column("id").to_pylist()}
+    assert not pseudo & held_out and not pseudo & set(labels.labeled_ids)
+
+    # Soft targets: one-hot for true labels, the teacher's sharpened probabilities for pseudo-labels.
+    targets = np.array(trainset.column("target").to_pylist())
+    assert np.allclose(targets.sum(1), 1.0, atol=1e-5)
+    is_pseudo = np.array([i in pseudo for i in ids])
+    assert set(np.unique(targets[~is_pseudo])) <= {0.0, 1.0}
+    assert (targets[is_pseudo].max(1) < 1.0).any()
+    assert (targets.argmax(1) == np.array(trainset.column("label").to_pylist())).all()
+
+    # The best round by the configured metric, which is what the report says it used.
+    assert report["run"]["select_metric"] == "balanced_accuracy"
+    assert report["best_round"] == best_round(rounds, "balanced_accuracy")
+
+
+def test_best_round_rule():
+    hist = [{"val": {"accuracy": 0.8, "balanced_accuracy": 0.5}}, {"val": {"accuracy": 0.7, "balanced_accuracy": 0.6}},
+            {"val": {"accuracy": 0.8, "balanced_accuracy": 0.6}}]
+    assert best_round(hist, "accuracy") == 0  # a tie goes to the earlier round
+    assert best_round(hist, "balanced_accuracy") == 1
