@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dali,test]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dali,test,dicom]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -1,10 +1,16 @@
-"""Ingest throughput on the COVID-19 chest X-ray folder: local disk and S3 (a moto server on loopback).
+"""Ingest throughput on the COVID-19 chest X-ray folder and on a generated DICOM export: local disk and S3
+(a moto server on loopback).
 
-    python bench/ingest.py [--source DIR] [--repeat 3]
+    python bench/ingest.py [--source DIR] [--repeat 3] [--dicom 200]
+    python bench/ingest.py --dicom-only [--dicom 200]     # the DICOM rows alone (ingest_dicom.json)
 
 Prints a table (images/s per target; the median of --repeat runs) and writes bench/results/ingest.json.
 The S3 figure is against moto's in-process Python server on this machine, so it measures the client
 path (s3fs, multipart, copy-on-rename) plus moto, not a real S3 endpoint's bandwidth.
+
+The DICOM export is generated (nothing is downloaded): 512x512 CT slices (16-bit signed, rescale and a
+window; 70% uncompressed, 30% RLE) and 1024x1024 MONOCHROME1 radiographs (12-bit, window), a few slices per
+patient. Each file is read, decoded, windowed to 8 bits and stored as PNG.
 """
 
 from __future__ import annotations
@@ -64,6 +70,41 @@ def start_moto() -> tuple[subprocess.Popen, str]:
     return proc, endpoint
 
 
+def make_dicom_export(root: Path, n: int, seed: int = 0) -> float:
+    """``n`` DICOM files under ``root/{ct,cr}/<patient>/``; returns their size in MB."""
+    import numpy as np
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, RLELossless, generate_uid
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:512, 0:512]
+    body = (np.hypot(yy - 256, xx - 256) < 220) * 1040  # a disc of soft tissue in air (HU + 1024)
+    for i in range(n):
+        cr = i % 10 == 9
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1" if cr else "1.2.840.10008.5.1.4.1.1.2"
+        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+        ds.PatientID, ds.PatientName, ds.StudyInstanceUID = f"BENCH{i // 4:05d}", f"Bench^{i // 4}", generate_uid()
+        ds.Modality = "CR" if cr else "CT"
+        if cr:
+            arr = (np.kron(rng.integers(500, 3500, (32, 32)), np.ones((32, 32))) + rng.normal(0, 40, (1024, 1024)))
+            ds.set_pixel_data(np.clip(arr, 0, 4095).astype(np.uint16), "MONOCHROME1", 12)
+            ds.WindowCenter, ds.WindowWidth = 2000, 3000
+        else:
+            arr = body + rng.normal(0, 20, (512, 512))
+            ds.set_pixel_data(np.clip(arr, 0, 4095).astype(np.int16), "MONOCHROME2", 16)
+            ds.RescaleSlope, ds.RescaleIntercept, ds.WindowCenter, ds.WindowWidth = 1, -1024, 40, 400
+            if i % 10 < 3:
+                ds.compress(RLELossless, encoding_plugin="pylibjpeg")
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        path = root / ds.Modality.lower() / ds.PatientID / f"{i:06d}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ds.save_as(path, enforce_file_format=True)
+    return sum(f.stat().st_size for f in root.rglob("*") if f.is_file()) / 1e6
+
+
 def timed(fn) -> float:
     t = time.perf_counter()
     fn()
@@ -74,12 +115,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--source", default=str(DEFAULT_SOURCE))
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "ingest.json"))
+    ap.add_argument("--dicom", type=int, default=200, help="generated DICOM files (0: no DICOM rows)")
+    ap.add_argument("--dicom-only", action="store_true", help="only the DICOM rows (-> ingest_dicom.json)")
+    ap.add_argument("--out", help="results file (default bench/results/ingest.json or ingest_dicom.json)")
     args = ap.parse_args()
+    out = Path(args.out or REPO / "bench" / "results" / ("ingest_dicom.json" if args.dicom_only else "ingest.json"))
     source = Path(args.source)
-    if not source.is_dir():
+    if not args.dicom_only and not source.is_dir():
         raise SystemExit(f"source folder {source} does not exist")
-    files = [f for f in source.glob("*/*") if f.is_file()]
+    files = [] if args.dicom_only else [f for f in source.glob("*/*") if f.is_file()]
     mbytes = sum(f.stat().st_size for f in files) / 1e6
 
     def decode_only():
@@ -93,36 +137,61 @@ def main() -> None:
     bucket = f"raysemi-bench-{uuid.uuid4().hex[:8]}"
     s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}).mkdir(bucket)
     s3fs.S3FileSystem.clear_instance_cache()
-    targets = {
-        "decode+validate only (1 thread)": decode_only,
-        "ingest -> local disk": lambda: ingest(str(source), str(tmp / "ds"), overwrite=True, progress=False),
-        "ingest -> s3:// (moto, loopback)": lambda: ingest(
-            str(source), f"s3://{bucket}/covid", overwrite=True, progress=False
-        ),
-    }
+    targets = {}
+    if not args.dicom_only:
+        targets = {
+            "decode+validate only (1 thread)": (decode_only, len(files), mbytes),
+            "ingest -> local disk": (
+                lambda: ingest(str(source), str(tmp / "ds"), overwrite=True, progress=False), len(files), mbytes
+            ),
+            "ingest -> s3:// (moto, loopback)": (
+                lambda: ingest(str(source), f"s3://{bucket}/covid", overwrite=True, progress=False),
+                len(files),
+                mbytes,
+            ),
+        }
+    dicom_mb = 0.0
+    dicom_src = tmp / "dicom-export"
+    if args.dicom:
+        targets["DICOM ingest -> local disk"] = (
+            lambda: ingest(str(dicom_src), str(tmp / "dcm"), overwrite=True, progress=False), args.dicom, 0.0
+        )
+        targets["DICOM ingest -> s3:// (moto)"] = (
+            lambda: ingest(str(dicom_src), f"s3://{bucket}/dicom", overwrite=True, progress=False), args.dicom, 0.0
+        )
     rows = []
     try:
-        decode_only()  # warm the page cache: every target reads the same files
-        for name, fn in targets.items():
+        if args.dicom:
+            t0 = time.perf_counter()
+            dicom_mb = make_dicom_export(dicom_src, args.dicom)
+            print(f"generated {args.dicom} DICOM files ({dicom_mb:.1f} MB) in {time.perf_counter() - t0:.1f} s")
+        if not args.dicom_only:
+            decode_only()  # warm the page cache: every target reads the same files
+        for name, (fn, n_images, mb) in targets.items():
             secs = [timed(fn) for _ in range(args.repeat)]
             med = statistics.median(secs)
             rows.append(
                 {
                     "target": name,
-                    "images": len(files),
+                    "images": n_images,
                     "seconds_median": round(med, 3),
                     "seconds_all": [round(s, 3) for s in secs],
-                    "images_per_s": round(len(files) / med, 1),
-                    "mb_per_s": round(mbytes / med, 2),
+                    "images_per_s": round(n_images / med, 1),
+                    "mb_per_s": round((mb or dicom_mb) / med, 2),
                 }
             )
-        manifest = shards.read_manifest(str(tmp / "ds"))
+        manifest = shards.read_manifest(str(tmp / ("dcm" if args.dicom_only else "ds")))
+        dicom_manifest = shards.read_manifest(str(tmp / "dcm")) if args.dicom else None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         proc.terminate()
         proc.wait(timeout=10)
 
-    print(f"\ningest of {source.name}: {len(files)} images, {mbytes:.1f} MB, {os.cpu_count()} CPUs\n")
+    if not args.dicom_only:
+        print(f"\ningest of {source.name}: {len(files)} images, {mbytes:.1f} MB, {os.cpu_count()} CPUs")
+    if args.dicom:
+        print(f"DICOM export (generated): {args.dicom} files, {dicom_mb:.1f} MB, {os.cpu_count()} CPUs")
+    print()
     print(f"| {'target':<34} | {'images/s':>9} | {'MB/s':>6} | {'median s':>8} |")
     print(f"| {'-' * 34} | {'-' * 9} | {'-' * 6} | {'-' * 8} |")
     for r in rows:
@@ -131,11 +200,16 @@ def main() -> None:
         )
     stored = sum(s.rows for s in manifest.splits.values())
     print(f"\nstored {stored}, quarantined {len(manifest.quarantine)}, duplicates {manifest.duplicates}")
+    if dicom_manifest is not None:
+        d = dicom_manifest.extra["dicom"]
+        print(f"DICOM: rules {d['rules']}; transfer syntaxes {d['transfer_syntaxes']}")
     result = {
         "benchmark": "ingest",
-        "source": str(source),
+        "source": None if args.dicom_only else str(source),
         "images": len(files),
         "megabytes": round(mbytes, 2),
+        "dicom_files": args.dicom,
+        "dicom_megabytes": round(dicom_mb, 2),
         "repeat": args.repeat,
         "stored": stored,
         "quarantined": len(manifest.quarantine),
@@ -148,9 +222,9 @@ def main() -> None:
         "note": "s3 target is a moto server on loopback, not AWS",
         "results": rows,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -31,6 +31,24 @@ def _load(args: argparse.Namespace):
     return absolute_paths(load_config(args.config, args.overrides))
 
 
+def _dicom_options(args: argparse.Namespace):
+    """DicomOptions when any DICOM flag was given, else None (the defaults, for DICOM sources only)."""
+    from raysemi.data.dicom import DicomOptions, parse_window
+
+    flags = (args.frames, args.window, args.dicom_group, args.salt, args.keep_tags, args.keep_paths, args.volumes)
+    if not any(flags):
+        return None
+    return DicomOptions(
+        frames=args.frames or "first",
+        window=parse_window(args.window) if args.window else None,
+        group_by=args.dicom_group or "patient",
+        salt=args.salt,
+        keep_tags=tuple(t for t in (args.keep_tags or "").split(",") if t.strip()),
+        keep_paths=args.keep_paths,
+        volumes=args.volumes,
+    )
+
+
 def cmd_ingest(args: argparse.Namespace) -> int:
     from raysemi.data.ingest import ingest, summarize
 
@@ -38,6 +56,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         args.source, args.dest, fmt=args.format, shard_mb=args.shard_mb, min_shards=args.min_shards,
         val_fraction=args.val_fraction, test_fraction=args.test_fraction, group_regex=args.group_regex,
         unlabeled=args.unlabeled, seed=args.seed, overwrite=args.overwrite, progress=not args.quiet,
+        dicom_options=_dicom_options(args), labels=args.labels,
     )
     print(summarize(manifest))
     print(f"dataset written to {args.dest}")
@@ -126,10 +145,12 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def _add_ingest(sub) -> None:
-    p = sub.add_parser("ingest", help="image folder / .npz / CSV -> validated Parquet shards + manifest")
-    p.add_argument("source", help="image folder (class subfolders, optional train/val/test), .npz, or .csv")
+    p = sub.add_parser("ingest", help="image folder / .npz / CSV / DICOM -> validated Parquet shards + manifest")
+    p.add_argument(
+        "source", help="image or DICOM folder (class subfolders, optional train/val/test), .npz, or .csv"
+    )
     p.add_argument("dest", help="dataset folder or s3://bucket/prefix")
-    p.add_argument("--format", default="auto", choices=["auto", "folder", "npz", "csv"])
+    p.add_argument("--format", default="auto", choices=["auto", "folder", "npz", "csv", "dicom"])
     p.add_argument("--shard-mb", type=float, default=64.0, help="target shard size in MB (default 64)")
     p.add_argument("--min-shards", type=int, default=4, help="at least this many shards per split (default 4)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="when the source has no val split")
@@ -139,6 +160,24 @@ def _add_ingest(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace a dataset already at DEST")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    d = p.add_argument_group("DICOM sources (see README: From your PACS export)")
+    d.add_argument("--labels", metavar="CSV",
+                   help="label CSV for a DICOM tree: 'label' + one key column (path, SOPInstanceUID or "
+                        "StudyInstanceUID), optional 'split'; files it does not name are unlabelled")
+    d.add_argument("--frames", choices=["first", "middle", "all"],
+                   help="multi-frame files: the first frame (default), the middle one, or every frame as a row")
+    d.add_argument("--window", metavar="CENTER,WIDTH",
+                   help="window replacing the files' own VOI LUT / window, e.g. --window=-600,1500 (a lung window "
+                        "for CT; with '=' when the centre is negative)")
+    d.add_argument("--dicom-group", choices=["patient", "study"],
+                   help="group key kept on one side of the splits: PatientID (default) or StudyInstanceUID")
+    d.add_argument("--salt", help="secret for the group and source hashes (default: random, stored nowhere)")
+    d.add_argument("--keep-tags", metavar="TAG,...",
+                   help="non-identifying tags to store as columns, e.g. Modality,BodyPartExamined,ViewPosition")
+    d.add_argument("--keep-paths", action="store_true",
+                   help="store relative file paths in 'source' (they can name patients; default: a salted hash)")
+    d.add_argument("--volumes", action="store_true",
+                   help="take frames (per --frames) of 3-D volumes too, instead of quarantining them")
     p.set_defaults(func=cmd_ingest)
 
 

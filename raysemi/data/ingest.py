@@ -1,7 +1,9 @@
-"""``raysemi ingest``: an image folder, a MedMNIST-style ``.npz`` or a CSV -> validated, deduplicated,
-group-split Parquet shards with a manifest (the data contract in ``shards.py``).
+"""``raysemi ingest``: an image folder, a MedMNIST-style ``.npz``, a CSV or a DICOM tree -> validated,
+deduplicated, group-split Parquet shards with a manifest (the data contract in ``shards.py``).
 
-The sources and their layouts are described in ``sources.py``.
+The sources and their layouts are described in ``sources.py``; DICOM reading and rendering in ``dicom.py``.
+DICOM frames are rendered once at validation into a temporary folder (removed at the end) and read back
+when their shard is written; their id is the sha256 of the stored PNG.
 
 Everything that can be checked is checked before anything is written (source, format, keys, paths,
 destination writable, bucket exists); every image is decoded once (``validate.check_image``); failures go to
@@ -12,6 +14,7 @@ complete. Ids are the sha256 of the original bytes, stable across re-ingests.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import math
@@ -19,6 +22,7 @@ import os
 import random
 import re
 import sys
+import tempfile
 import threading
 import uuid
 from collections import Counter, defaultdict
@@ -30,12 +34,23 @@ import pyarrow as pa
 from fsspec.implementations.local import LocalFileSystem
 from tqdm import tqdm
 
-from raysemi.data import shards
+from raysemi.data import dicom, shards
+from raysemi.data.dicom import DicomOptions
 from raysemi.data.shards import SPLITS, DatasetError, Manifest, ShardInfo, SplitInfo
-from raysemi.data.sources import FORMATS, _detect, _Item, _scan_csv, _scan_folder, _scan_npz, _scan_unlabeled
+from raysemi.data.sources import (
+    FORMATS,
+    _detect,
+    _Item,
+    _scan_csv,
+    _scan_dicom,
+    _scan_dicom_unlabeled,
+    _scan_folder,
+    _scan_npz,
+    _scan_unlabeled,
+)
 from raysemi.data.validate import DEFAULT_MAX_PIXELS, Checked, check_image, encode_array
 
-__all__ = ["FORMATS", "ingest", "summarize"]  # FORMATS: re-exported from sources
+__all__ = ["FORMATS", "DicomOptions", "ingest", "summarize"]  # FORMATS: re-exported from sources
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +128,36 @@ def _read(it: _Item) -> bytes:
     return encode_array(it.array)
 
 
-def _validate(it: _Item, max_pixels: int) -> _Item:
+def _order(it: _Item) -> str:
+    """Row order: the source path, or (DICOM, where ``source`` is a salted hash) a salt-free key."""
+    return it.sort_key or it.source
+
+
+def _render_dicom(it: _Item, window: tuple[float, float] | None, spill: Path) -> _Item:
+    """Render a DICOM frame to an 8-bit PNG in the spill folder; ``it.path`` then points at it."""
+    try:
+        arr, conversion = dicom.render(it.dicom, window)
+    except dicom.DicomReject as bad:
+        it.check = Checked(reason=bad.reason)
+        return it
+    data = encode_array(arr)
+    it.sha, it.nbytes = shards.image_id(data), len(data)
+    target = spill / f"{it.sha}.png"
+    if not target.exists():  # identical frames render to one file; the rename makes concurrent writes safe
+        tmp = spill / f"{it.sha}.{uuid.uuid4().hex[:8]}.tmp"
+        tmp.write_bytes(data)
+        os.replace(tmp, target)
+    it.path, it.keep = target, None
+    mode = "L" if arr.ndim == 2 else "RGB"
+    it.check = Checked(conversion=conversion, mode=mode, size=(arr.shape[1], arr.shape[0]))
+    return it
+
+
+def _validate(it: _Item, max_pixels: int, dicom_run: tuple | None = None) -> _Item:
+    if it.check is not None:
+        return it  # quarantined by the scan (DICOM headers)
+    if it.dicom is not None:
+        return _render_dicom(it, *dicom_run)
     try:
         data = _read(it)
     except OSError as err:
@@ -137,12 +181,14 @@ def _carve(items: list[_Item], carve: dict[str, float], seed: int) -> None:
     groups: dict[str, list[_Item]] = defaultdict(list)
     for it in pool:
         groups[it.group if it.group is not None else f"\0{it.source}"].append(it)
+    # Salted (DICOM) groups sort by a salt-free key, so a random salt does not reshuffle the splits.
+    order = {k: (m[0].group_sort or k) for k, m in groups.items()}
     by_class: dict[str, list[str]] = defaultdict(list)
     for key, members in groups.items():
         by_class[Counter(m.label for m in members).most_common(1)[0][0]].append(key)
     rng = random.Random(seed)
     for cls in sorted(by_class):
-        keys = sorted(by_class[cls])
+        keys = sorted(by_class[cls], key=order.__getitem__)
         rng.shuffle(keys)
         n = sum(len(groups[k]) for k in keys)
         targets = {s: round(n * f) for s, f in carve.items()}
@@ -160,7 +206,7 @@ def _carve(items: list[_Item], carve: dict[str, float], seed: int) -> None:
 def _plan(items: list[_Item], shard_mb: float, min_shards: int, seed: int) -> list[list[_Item]]:
     if not items:
         return []
-    rows = sorted(items, key=lambda it: it.source)
+    rows = sorted(items, key=_order)
     order = np.random.default_rng(seed).permutation(len(rows))
     rows = [rows[i] for i in order]
     total = sum(it.nbytes for it in rows)
@@ -169,7 +215,7 @@ def _plan(items: list[_Item], shard_mb: float, min_shards: int, seed: int) -> li
     return [rows[a:b] for a, b in itertools.pairwise(bounds)]
 
 
-def _shard_table(rows: list[_Item], class_index: dict[str, int]) -> pa.Table:
+def _shard_table(rows: list[_Item], class_index: dict[str, int], tags: tuple[str, ...] = ()) -> pa.Table:
     images = []
     for it in rows:
         if it.keep is not None:
@@ -188,8 +234,10 @@ def _shard_table(rows: list[_Item], class_index: dict[str, int]) -> pa.Table:
             ),
             "group": pa.array([it.group for it in rows], pa.string()),
             "source": [it.source for it in rows],
+            # DICOM tags the user chose to keep (vetted by dicom.check_keep_tags): extra string columns
+            **{t: pa.array([it.dicom.tags.get(t) if it.dicom else None for it in rows], pa.string()) for t in tags},
         },
-        schema=shards.SCHEMA,
+        schema=pa.schema([*shards.SCHEMA, *(pa.field(t, pa.string()) for t in tags)]),
     )
 
 
@@ -199,39 +247,81 @@ def _bar(total: int, desc: str, progress: bool) -> tqdm:
     )
 
 
-def _collect(source: str, fmt: str, regex: re.Pattern | None, unlabeled: str | None):
-    """Scan the source (and the unlabeled folder): every input as an item, nothing decoded yet."""
+def _collect(
+    source: str,
+    fmt: str,
+    regex: re.Pattern | None,
+    unlabeled: str | None,
+    *,
+    opts: DicomOptions | None,
+    labels: str | None,
+    hasher: dicom.Hasher | None,
+    max_pixels: int,
+    workers: int | None,
+    stack: contextlib.ExitStack,
+):
+    """Scan the source (and the unlabeled folder): every input as an item, nothing decoded yet (DICOM:
+    headers read). Returns (kind, items, classes, provided splits, source paths, DICOM stats or None,
+    DICOM options or None)."""
     if shards.is_remote(str(source)):
         raise DatasetError(f"source {source} must be a local path (copy it down first)")
     src = Path(source).expanduser().resolve()
     kind = _detect(src, fmt)
-    scan = {
-        "folder": lambda: _scan_folder(src, regex),
-        "npz": lambda: _scan_npz(src),
-        "csv": lambda: _scan_csv(src, regex),
-    }
-    items, classes, provided = scan[kind]()
+    udir = Path(unlabeled).expanduser().resolve() if unlabeled else None
+    if udir is not None and not udir.is_dir():
+        raise DatasetError(f"unlabeled folder {unlabeled} does not exist")
+    udicom = udir is not None and dicom.looks_like_dicom(udir)
+    if kind != "dicom" and not udicom and opts is not None:
+        raise DatasetError("DICOM options (--frames, --window, --keep-tags, ...) apply to DICOM sources only")
+    if labels and kind != "dicom":
+        raise DatasetError("--labels applies to DICOM sources (for images use a CSV source)")
+    stats = None
+    if kind == "dicom" or udicom:
+        if regex is not None:
+            raise DatasetError("--group-regex does not apply to DICOM: the group is the PatientID (--dicom-group)")
+        stats = {"files": 0, "skipped": {}, "missing_group_key": {"quarantined": 0, "unlabeled_kept": 0}}
+        stack.enter_context(dicom.quiet())  # also the one place that says "install raysemi[dicom]"
+        opts = opts or DicomOptions()
+    dicom_kw = {"max_pixels": max_pixels, "workers": workers}
+    if kind == "dicom":
+        label_csv = Path(labels).expanduser().resolve() if labels else None
+        if label_csv is not None and not label_csv.is_file():
+            raise DatasetError(f"labels CSV {labels} does not exist")
+        items, classes, provided = _scan_dicom(src, opts, hasher, stats, labels=label_csv, **dicom_kw)
+    else:
+        scan = {
+            "folder": lambda: _scan_folder(src, regex),
+            "npz": lambda: _scan_npz(src),
+            "csv": lambda: _scan_csv(src, regex),
+        }
+        items, classes, provided = scan[kind]()
     sources = [src]
-    if unlabeled:
-        udir = Path(unlabeled).expanduser().resolve()
-        if not udir.is_dir():
-            raise DatasetError(f"unlabeled folder {unlabeled} does not exist")
-        items += _scan_unlabeled(udir, regex, prefix="unlabeled:")
+    if udir is not None:
+        if udicom:
+            items += _scan_dicom_unlabeled(udir, opts, hasher, stats, **dicom_kw)
+        else:
+            items += _scan_unlabeled(udir, regex, prefix="unlabeled:")
         sources.append(udir)
+    if stats is not None and stats["files"] == 0 and kind == "dicom":
+        raise DatasetError(f"no DICOM files in {source} (none has the DICOM preamble 'DICM' at byte 128)")
     if not items:
         raise DatasetError(f"no image files found in {source}")
+    if kind == "dicom" and not classes:
+        raise DatasetError(f"no labelled DICOM files in {source}")
     if regex is not None and kind != "npz" and all(it.group is None for it in items):
         raise DatasetError(f"group regex {regex.pattern!r} matches none of the {len(items)} file names")
-    return kind, items, classes, provided, sources
+    return kind, items, classes, provided, sources, stats, opts
 
 
-def _validate_all(items: list[_Item], max_pixels: int, workers: int | None, progress: bool) -> None:
+def _validate_all(
+    items: list[_Item], max_pixels: int, workers: int | None, progress: bool, dicom_run: tuple | None = None
+) -> None:
     # Threads: Pillow releases the GIL while decoding (a process pool measured no faster on 224px JPEGs).
     with (
         ThreadPoolExecutor(workers or min(8, os.cpu_count() or 2)) as pool,
         _bar(len(items), "validate", progress) as bar,
     ):
-        for f in as_completed([pool.submit(_validate, it, max_pixels) for it in items]):
+        for f in as_completed([pool.submit(_validate, it, max_pixels, dicom_run) for it in items]):
             f.result()
             bar.update()
 
@@ -240,7 +330,7 @@ def _dedup(items: list[_Item]) -> tuple[list[_Item], list[dict[str, str]], int]:
     """Quarantine failures; keep the first of each sha256 (labeled first, then by source path)."""
     quarantine = [{"source": it.source, "reason": it.check.reason} for it in items if not it.check.ok]
     kept, first, duplicates = [], {}, 0
-    for it in sorted((it for it in items if it.check.ok), key=lambda it: (it.label is None, it.source)):
+    for it in sorted((it for it in items if it.check.ok), key=lambda it: (it.label is None, _order(it))):
         prev = first.setdefault(it.sha, it)
         if prev is it:
             kept.append(it)
@@ -253,14 +343,14 @@ def _dedup(items: list[_Item]) -> tuple[list[_Item], list[dict[str, str]], int]:
 
 
 def _write(
-    dest: str, plan: list, class_index: dict[str, int], progress: bool
+    dest: str, plan: list, class_index: dict[str, int], progress: bool, tags: tuple[str, ...] = ()
 ) -> dict[tuple[str, int], ShardInfo]:
     """Write every planned shard (a few at a time); on any failure cancel the rest and re-raise."""
     written: dict[tuple[str, int], ShardInfo] = {}
     lock = threading.Lock()
 
     def one(split: str, i: int, rows: list[_Item]) -> int:
-        info = shards.write_shard(dest, f"{split}/part-{i:05d}.parquet", _shard_table(rows, class_index))
+        info = shards.write_shard(dest, f"{split}/part-{i:05d}.parquet", _shard_table(rows, class_index, tags))
         with lock:
             written[(split, i)] = info
         return len(rows)
@@ -297,11 +387,16 @@ def ingest(
     progress: bool = True,
     synthetic: bool = False,
     workers: int | None = None,
+    dicom_options: DicomOptions | None = None,
+    labels: str | None = None,
 ) -> Manifest:
-    """Ingest ``source`` (folder / .npz / .csv, local) into the dataset at ``dest`` (local path or s3://).
+    """Ingest ``source`` (folder / .npz / .csv / DICOM tree, local) into the dataset at ``dest`` (local path
+    or s3://).
 
     Raises ``DatasetError`` (one line) for bad input; writes no manifest unless everything succeeded.
     ``synthetic`` marks the manifest as synthetic data; ``workers`` sets the decode threads.
+    ``dicom_options`` (frames, window, group key, salt, kept tags...; defaults when None) and ``labels`` (a
+    CSV keyed on path, SOPInstanceUID or StudyInstanceUID) apply to DICOM sources only.
     """
     if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
         raise DatasetError(f"val/test fractions {val_fraction}, {test_fraction} must be >= 0 and sum below 1")
@@ -311,96 +406,114 @@ def ingest(
         regex = re.compile(group_regex) if group_regex else None
     except re.error as err:
         raise DatasetError(f"bad group regex {group_regex!r}: {err}") from None
-    kind, items, classes, provided, sources = _collect(source, fmt, regex, unlabeled)
-    created = _check_destination(dest, overwrite, sources)
-    try:
-        _validate_all(items, max_pixels, workers, progress)
-        kept, quarantine, duplicates = _dedup(items)
-        if not kept:
-            bad = quarantine[0]
-            raise DatasetError(
-                f"no valid images in {source}: all {len(items)} were rejected "
-                f"(e.g. {bad['source']}: {bad['reason']})"
-            )
-        carve = {
-            s: f for s, f in (("val", val_fraction), ("test", test_fraction)) if s not in provided and f > 0
-        }
-        _carve(kept, carve, seed)
-        by_split = {s: [it for it in kept if it.split == s] for s in SPLITS}
-        sides = defaultdict(set)
-        for it in kept:
-            if it.group is not None and it.split != "unlabeled":
-                sides[it.group].add(it.split)
-        spanning = sum(1 for v in sides.values() if len(v) > 1)  # only possible with splits from the source
-        if spanning:
-            log.warning("%d groups appear in more than one of the source's own splits", spanning)
-        plan = [
-            (s, i, rows)
-            for s in SPLITS
-            for i, rows in enumerate(_plan(by_split[s], shard_mb, min_shards, seed))
-        ]
+    opts = dicom_options.checked() if dicom_options is not None else None
+    hasher = dicom.Hasher(opts.salt if opts else None)
+    # The stack holds, for DICOM only, pydicom silenced and the folder of rendered frames, until the end.
+    with contextlib.ExitStack() as stack:
+        kind, items, classes, provided, sources, stats, opts = _collect(
+            source, fmt, regex, unlabeled, opts=opts, labels=labels, hasher=hasher,
+            max_pixels=max_pixels, workers=workers, stack=stack,
+        )
+        dicom_run = None
+        # An export's own folder can be named after its patient: for DICOM, paths are stored only on request.
+        shown = [str(p) for p in sources]
+        if stats is not None and not opts.keep_paths:
+            shown = ["(DICOM export; path not stored without --keep-paths)"] * len(sources)
+        if stats is not None:
+            dicom_run = (opts.window, Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="raysemi-dicom-"))))
+        created = _check_destination(dest, overwrite, sources)
         try:
-            if overwrite and shards.dataset_exists(dest):
-                # only now: a source that fails validation leaves the old one intact
-                shards.remove_dataset(dest)
-            _clear_parts(dest)
-            written = _write(dest, plan, {c: i for i, c in enumerate(classes)}, progress)
-            splits = {}
-            for s in SPLITS:
-                counts = Counter(it.label for it in by_split[s] if it.label is not None)
-                splits[s] = SplitInfo(
-                    rows=len(by_split[s]),
-                    labeled=sum(counts.values()),
-                    label_counts={c: counts.get(c, 0) for c in classes} if s != "unlabeled" else {},
-                    shards=[written[(s, i)] for s2, i, _ in plan if s2 == s],
+            _validate_all(items, max_pixels, workers, progress, dicom_run)
+            kept, quarantine, duplicates = _dedup(items)
+            if not kept:
+                bad = quarantine[0]
+                raise DatasetError(
+                    f"no valid images in {source}: all {len(items)} were rejected "
+                    f"(e.g. {bad['source']}: {bad['reason']})"
                 )
-            manifest = Manifest(
-                classes=classes,
-                splits=splits,
-                quarantine=quarantine,
-                duplicates=duplicates,
-                source=str(sources[0]),
-                synthetic=synthetic,
-                extra={
-                    "format": kind,
-                    "inputs": len(items),
-                    "converted": dict(
-                        sorted(Counter(it.check.conversion for it in kept if it.check.conversion).items())
-                    ),
-                    "splits_from_source": sorted(provided),
-                    "carved": carve,
-                    "group_regex": group_regex,
-                    "groups_across_splits": spanning,
-                    "groups_unmatched": sum(1 for it in items if regex is not None and it.group is None),
-                    "unlabeled_dir": str(sources[1]) if unlabeled else None,
-                    "seed": seed,
-                    "shard_mb": shard_mb,
-                    "min_shards": min_shards,
-                    "max_pixels": max_pixels,
-                },
-            )
-            shards.write_manifest(dest, manifest)  # last: only a complete dataset has one
-        except BaseException:
+            carve = {
+                s: f for s, f in (("val", val_fraction), ("test", test_fraction)) if s not in provided and f > 0
+            }
+            _carve(kept, carve, seed)
+            by_split = {s: [it for it in kept if it.split == s] for s in SPLITS}
+            sides = defaultdict(set)
+            for it in kept:
+                if it.group is not None and it.split != "unlabeled":
+                    sides[it.group].add(it.split)
+            spanning = sum(1 for v in sides.values() if len(v) > 1)  # only possible with splits from the source
+            if spanning:
+                log.warning("%d groups appear in more than one of the source's own splits", spanning)
+            plan = [
+                (s, i, rows)
+                for s in SPLITS
+                for i, rows in enumerate(_plan(by_split[s], shard_mb, min_shards, seed))
+            ]
             try:
+                if overwrite and shards.dataset_exists(dest):
+                    # only now: a source that fails validation leaves the old one intact
+                    shards.remove_dataset(dest)
                 _clear_parts(dest)
-            except Exception as cleanup_err:  # the original error is the one to report
-                log.warning("could not remove partial shards at %s: %s", dest, cleanup_err)
+                tags = opts.keep_tags if opts is not None else ()
+                written = _write(dest, plan, {c: i for i, c in enumerate(classes)}, progress, tags)
+                splits = {}
+                for s in SPLITS:
+                    counts = Counter(it.label for it in by_split[s] if it.label is not None)
+                    splits[s] = SplitInfo(
+                        rows=len(by_split[s]),
+                        labeled=sum(counts.values()),
+                        label_counts={c: counts.get(c, 0) for c in classes} if s != "unlabeled" else {},
+                        shards=[written[(s, i)] for s2, i, _ in plan if s2 == s],
+                    )
+                manifest = Manifest(
+                    classes=classes,
+                    splits=splits,
+                    quarantine=quarantine,
+                    duplicates=duplicates,
+                    source=shown[0],
+                    synthetic=synthetic,
+                    extra={
+                        "format": kind,
+                        "inputs": len(items),
+                        "converted": dict(
+                            sorted(Counter(it.check.conversion for it in kept if it.check.conversion).items())
+                        ),
+                        "splits_from_source": sorted(provided),
+                        "carved": carve,
+                        "group_regex": group_regex,
+                        "groups_across_splits": spanning,
+                        "groups_unmatched": sum(1 for it in items if regex is not None and it.group is None),
+                        "unlabeled_dir": shown[1] if unlabeled else None,
+                        "dicom": None
+                        if stats is None
+                        else dicom.manifest_entry(opts, stats, [it.dicom for it in kept if it.dicom is not None]),
+                        "seed": seed,
+                        "shard_mb": shard_mb,
+                        "min_shards": min_shards,
+                        "max_pixels": max_pixels,
+                    },
+                )
+                shards.write_manifest(dest, manifest)  # last: only a complete dataset has one
+            except BaseException:
+                try:
+                    _clear_parts(dest)
+                except Exception as cleanup_err:  # the original error is the one to report
+                    log.warning("could not remove partial shards at %s: %s", dest, cleanup_err)
+                raise
+        except OSError as err:
+            _remove_if_empty(dest, created)
+            raise DatasetError(f"writing {dest} failed: {type(err).__name__}: {err}") from err
+        except BaseException:
+            _remove_if_empty(dest, created)
             raise
-    except OSError as err:
-        _remove_if_empty(dest, created)
-        raise DatasetError(f"writing {dest} failed: {type(err).__name__}: {err}") from err
-    except BaseException:
-        _remove_if_empty(dest, created)
-        raise
-    log.info(
-        "ingested %s -> %s: %d stored, %d quarantined, %d duplicates",
-        source,
-        dest,
-        len(kept),
-        len(quarantine),
-        duplicates,
-    )
-    return manifest
+        log.info(
+            "ingested %s -> %s: %d stored, %d quarantined, %d duplicates",
+            shown[0],
+            dest,
+            len(kept),
+            len(quarantine),
+            duplicates,
+        )
+        return manifest
 
 
 def summarize(manifest: Manifest) -> str:
@@ -422,4 +535,11 @@ def summarize(manifest: Manifest) -> str:
     converted = manifest.extra.get("converted") or {}
     if converted:
         lines.append("converted: " + "; ".join(f"{k}: {n}" for k, n in converted.items()))
+    d = manifest.extra.get("dicom")
+    if d:
+        skipped = ", ".join(f"{k} {n}" for k, n in d["skipped"].items()) or "none"
+        lines.append(
+            f"DICOM: {d['files']} files (skipped: {skipped}); groups: salted hash of {d['group_key']}; "
+            f"frames: {d['frames']}; rules: " + "; ".join(f"{r}: {n}" for r, n in d["rules"].items())
+        )
     return "\n".join(lines)

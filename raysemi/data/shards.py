@@ -181,8 +181,13 @@ def table_bytes(table: pa.Table) -> bytes:
 
 
 def write_shard(root: str, relpath: str, table: pa.Table, class_count: int | None = None) -> ShardInfo:
-    """Write one shard atomically and describe it for the manifest."""
-    table = table.cast(SCHEMA) if table.schema != SCHEMA else table
+    """Write one shard atomically and describe it for the manifest. Columns beyond ``SCHEMA`` (DICOM tags a
+    user chose to keep) follow the contract's five."""
+    base = table.select(SCHEMA.names)
+    base = base.cast(SCHEMA) if base.schema != SCHEMA else base
+    for name in (n for n in table.column_names if n not in SCHEMA.names):
+        base = base.append_column(table.schema.field(name), table.column(name))
+    table = base
     data = table_bytes(table)
     write_bytes_atomic(join(root, relpath), data)
     labeled = table.num_rows - table.column("label").null_count

@@ -232,7 +232,7 @@ def test_bad_inputs_raise_and_leave_no_manifest(tmp_path):
     with pytest.raises(DatasetError, match="unknown source format"):
         ingest(str(tmp_path / "list.txt"), str(dest), progress=False)
     with pytest.raises(DatasetError, match="unknown format"):
-        ingest(str(src), str(dest), fmt="dicom", progress=False)
+        ingest(str(src), str(dest), fmt="jpeg", progress=False)
     (tmp_path / "empty").mkdir()
     with pytest.raises(DatasetError, match="no class subfolders"):
         ingest(str(tmp_path / "empty"), str(dest), progress=False)
