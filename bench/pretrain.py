@@ -46,6 +46,7 @@ import pyarrow as pa  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image, ImageFilter  # noqa: E402
 
+from raysemi import io as rio  # noqa: E402
 from raysemi.config import AugmentConfig  # noqa: E402
 from raysemi.data import shards  # noqa: E402
 from raysemi.data.dali import dali_available  # noqa: E402
@@ -87,7 +88,7 @@ def write_bench_shards(root: str, images: list[bytes], num_shards: int = 4) -> t
              "group": [None] * len(part), "source": ids}
         )
         info = shards.write_shard(root, f"train/part-{s:05d}.parquet", table)
-        uris.append(shards.join(root, info.path))
+        uris.append(rio.join(root, info.path))
         rows.append(info.rows)
     return uris, rows
 

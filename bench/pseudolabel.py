@@ -1,7 +1,7 @@
 """Pseudo-label inference throughput: our actor pool vs one process vs Ray Data ``map_batches``.
 
 Same shards, same model file, same decode (the eval transform of ``raysemi.data.augment``, through the
-loader on our side and ``decode_eval_batch`` inside Ray Data's batch function), same batch size, and every
+loader on our side and the torch eval transform inside Ray Data's batch function), same batch size, and every
 variant writes its predictions as Parquet. Timings exclude start-up (worker processes, imports, model
 load, one warm-up forward pass), which is reported beside them:
 
@@ -41,11 +41,11 @@ from raysemi.data.shards import (  # noqa: E402
     Manifest,
     SplitInfo,
     image_id,
-    join,
     read_manifest,
     write_manifest,
     write_shard,
 )
+from raysemi.io import join  # noqa: E402
 from raysemi.models.checkpoint import build_classifier, save_classifier  # noqa: E402
 from raysemi.stages import pseudolabel as pl  # noqa: E402
 
@@ -143,13 +143,13 @@ class RayDataPredictor:
         self.log.write_text(f"ready {time.time()!r}\n")
 
     def __call__(self, batch: dict) -> dict:
-        from raysemi.data.loader import decode_eval_batch
+        import torch
+
+        from raysemi.data import augment as aug
 
         start = time.time()
-        images = decode_eval_batch(
-            list(batch["image"]), self.model_cfg.data.image_size, self.model_cfg.augment, backend="torch",
-            device=self.device,
-        )
+        t = aug.eval_transform(self.model_cfg.data.image_size, self.model_cfg.augment)
+        images = torch.stack([t(aug.decode_rgb(b)) for b in batch["image"]]).to(self.device)
         pred, conf, probs = pl.predict_batch(self.model, images)
         with self.log.open("a") as fh:
             fh.write(f"call {start!r} {time.time()!r} {len(batch['id'])}\n")
@@ -163,7 +163,7 @@ def run_ray_data(model: str, cfg, uris: list[str], out: str, actors: int, batch_
     import pyarrow.parquet as pq
     import ray
 
-    from raysemi.data.shards import filesystem
+    from raysemi.io import filesystem
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False

@@ -123,7 +123,7 @@ def cmd_knn(args: argparse.Namespace) -> int:
     rows = knn_table(cfg, args.weights, args.split)
     print(format_table(rows))
     if args.json:
-        from raysemi.data.shards import write_bytes_atomic
+        from raysemi.io import write_bytes_atomic
 
         write_bytes_atomic(args.json, (json.dumps(rows, indent=2) + "\n").encode())
         print(f"written to {args.json}")

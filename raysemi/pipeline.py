@@ -22,20 +22,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from raysemi import io as rio
 from raysemi import ray_utils
 from raysemi.config import Config, config_to_yaml
 from raysemi.data.labels import label_split
-from raysemi.data.shards import (
-    DatasetError,
-    Manifest,
-    filesystem,
-    join,
-    read_manifest,
-    table_bytes,
-    write_bytes_atomic,
-)
+from raysemi.data.shards import DatasetError, Manifest, read_manifest, table_bytes
 from raysemi.data.trainset import write_trainset
 from raysemi.errors import RaysemiError
+from raysemi.io import filesystem, join, write_bytes_atomic
 from raysemi.losses import sharpen
 from raysemi.metrics import pseudo_label_precision
 from raysemi.stages import finetune, pretrain
@@ -48,7 +42,7 @@ log = logging.getLogger("raysemi.pipeline")
 CONFIG = "config.yaml"
 
 
-def _check_dataset(cfg: Config) -> Manifest:
+def check_dataset(cfg: Config) -> Manifest:
     manifest = read_manifest(cfg.data.path)
     for split in ("train", "val", "test"):
         if split not in manifest.splits or manifest.splits[split].rows == 0:
@@ -80,9 +74,9 @@ def _train_round(cfg: Config, manifest: Manifest, rows: dict[str, tuple[int, flo
     fs, path = filesystem(weights)
     if resume and fs.exists(path):
         log.info("round %d: reusing %s", r, weights)
-        _, meta = ray_utils.load_weights(weights)
+        _, meta = rio.load_weights(weights)
         extra = json.loads(meta.get("extra", "{}"))
-        return finetune.FinetuneResult(weights, ray_utils.file_sha256(weights), [], 0.0,
+        return finetune.FinetuneResult(weights, rio.file_sha256(weights), [], 0.0,
                                        int(extra.get("steps", 0)), int(extra.get("images_seen", 0)))
     trainset = write_trainset(cfg.data.path, manifest, rows, join(out, "trainset"),
                               num_shards=max(2 * cfg.ray.num_workers, 4), targets=targets)
@@ -107,7 +101,7 @@ def run_pipeline(cfg: Config, *, resume: bool = False, overwrite: bool = False, 
     "n_pseudo", "pseudo_precision", "seconds", "pretrain_reused"}`` (tuning reports it to Ray Tune).
     """
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    manifest = _check_dataset(cfg)
+    manifest = check_dataset(cfg)
     labels = label_split(cfg.data.path, cfg.data)
     pl = cfg.pseudolabel
     rounds = pl.rounds if cfg.run.mode == "full" else 0
@@ -211,7 +205,7 @@ def run_pipeline(cfg: Config, *, resume: bool = False, overwrite: bool = False, 
 
 def finetune_only(cfg: Config, init: str | None, overwrite: bool = False) -> str:
     """``raysemi finetune``: round 0 alone (the labelled rows), from ``init`` or random weights."""
-    manifest = _check_dataset(cfg)
+    manifest = check_dataset(cfg)
     labels = label_split(cfg.data.path, cfg.data)
     out = join(cfg.run.output_dir, "finetune")
     fs, path = filesystem(join(out, finetune.WEIGHTS))

@@ -39,8 +39,9 @@ from datetime import datetime, timezone
 from typing import Any
 
 from raysemi.config import Config
-from raysemi.data.shards import MANIFEST, DatasetError, filesystem, join, write_bytes_atomic
+from raysemi.data.shards import MANIFEST, DatasetError
 from raysemi.errors import RaysemiError
+from raysemi.io import filesystem, join, write_bytes_atomic
 
 log = logging.getLogger("raysemi.pretrain_cache")
 

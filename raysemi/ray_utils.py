@@ -1,4 +1,6 @@
-"""Ray plumbing, and no ML: starting/attaching Ray, Train configs, rank/device helpers, checkpoint I/O.
+"""Ray plumbing, and no ML: starting/attaching Ray, Train configs, rank/device helpers, reporting to Ray Train.
+
+Checkpoint files themselves (torch state, safetensors) are read and written by ``raysemi.io``.
 
 Stages call these helpers so that the same worker code runs in a Ray Train worker (DDP over gloo or NCCL)
 and in a plain process (tests, single-process benchmarks): outside Ray Train the rank is 0 of 1 and the
@@ -7,31 +9,21 @@ device is CUDA when available, else CPU.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import io
 import logging
 import os
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from raysemi.config import Config, RayConfig, config_to_yaml, from_dict
-from raysemi.data.shards import filesystem, is_remote, join, write_bytes_atomic
-from raysemi.errors import RaysemiError
+from raysemi.config import Config, RayConfig
+from raysemi.io import filesystem, is_remote, join, load_state, save_state
 
 log = logging.getLogger("raysemi")
 
-STATE_FILE = "state.pt"
-CONFIG_FILE = "config.yaml"
 FAULT_ENV = "RAYSEMI_INJECT_FAILURE"  # test hook: "<stage>:<epoch>:<rank>:<marker path>"
 
-
-class CheckpointError(RaysemiError):
-    """A checkpoint that is missing, unreadable, unsafe or from another model."""
 
 
 # ---------------------------------------------------------------- starting Ray
@@ -115,11 +107,6 @@ def world_size() -> int:
     return ctx.get_world_size() if ctx is not None else 1
 
 
-def local_rank() -> int:
-    ctx = _train_context()
-    return ctx.get_local_rank() if ctx is not None else 0
-
-
 def get_device() -> torch.device:
     """The worker's device: Ray Train's assignment inside a worker, else CUDA if present, else CPU."""
     if _train_context() is not None:
@@ -180,94 +167,6 @@ def maybe_inject_failure(spec: str | None, stage: str, epoch: int) -> None:
     Path(marker).write_text(f"killed {stage} epoch {epoch} rank {world_rank()}\n")
     log.warning("injected failure: killing %s worker rank %d at epoch %d", stage, world_rank(), epoch)
     os._exit(1)
-
-
-# ---------------------------------------------------------------- checkpoint I/O
-
-
-def save_state(directory: str | Path, state: dict[str, Any], cfg: Config | None = None) -> None:
-    """Tensors and plain containers only (``torch.save``), read back with ``weights_only=True``."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    torch.save(state, directory / STATE_FILE)
-    if cfg is not None:
-        (directory / CONFIG_FILE).write_text(config_to_yaml(cfg))
-
-
-def load_state(directory: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    path = Path(directory) / STATE_FILE
-    if not path.is_file():
-        raise CheckpointError(f"no {STATE_FILE} in checkpoint {directory}")
-    return safe_torch_load(path.read_bytes(), str(path), map_location)
-
-
-def safe_torch_load(data: bytes, name: str, map_location: str | torch.device = "cpu") -> Any:
-    """``torch.load`` that never unpickles code: anything but tensors and plain containers is refused."""
-    try:
-        return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
-    except Exception as err:  # torch raises UnpicklingError (or RuntimeError) for a refused payload
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"refusing checkpoint {name}: not a plain tensor checkpoint ({first})") from None
-
-
-def save_weights(uri: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
-    """Model weights as safetensors at a local path or URI; returns the sha256 of the file."""
-    from safetensors.torch import save
-
-    data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata)
-    write_bytes_atomic(uri, data)
-    return hashlib.sha256(data).hexdigest()
-
-
-def load_weights(uri: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Read safetensors weights and their metadata from a local path or URI."""
-    from safetensors import safe_open
-    from safetensors.torch import load
-
-    fs, path = filesystem(uri)
-    try:
-        with fs.open(path, "rb") as fh:
-            data = fh.read()
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {uri} does not exist") from None
-    try:
-        tensors = load(data)
-        with tempfile.NamedTemporaryFile(suffix=".safetensors") as tmp:
-            tmp.write(data)
-            tmp.flush()
-            with safe_open(tmp.name, framework="pt") as fh:
-                meta = fh.metadata() or {}
-    except Exception as err:
-        raise CheckpointError(f"{uri} is not a safetensors checkpoint ({err})") from None
-    return tensors, meta
-
-
-def file_sha256(uri: str) -> str:
-    fs, path = filesystem(uri)
-    h = hashlib.sha256()
-    with fs.open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def read_config_beside(uri: str) -> Config:
-    """The resolved config saved next to an output (``<dir>/config.yaml``)."""
-    import yaml
-
-    fs, path = filesystem(join(uri, CONFIG_FILE))
-    with fs.open(path, "rb") as fh:
-        return from_dict(yaml.safe_load(fh.read()))
-
-
-@contextlib.contextmanager
-def rank_zero_first() -> Iterator[None]:
-    """Rank 0 does the enclosed work first (e.g. a download or cache fill), then the others."""
-    if world_rank() != 0:
-        barrier()
-    yield
-    if world_rank() == 0:
-        barrier()
 
 
 # ---------------------------------------------------------------- launching

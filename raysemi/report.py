@@ -24,7 +24,7 @@ pseudo-label precision per round), ``reliability.png`` (test reliability diagram
 ``report.json`` last: an existing ``report.json`` is removed first and written again only after every
 other file is in place, so its presence means the report is complete.
 
-Local folders only (``os.replace`` is the atomic step); to publish to ``s3://``, write locally and copy.
+Local folders only (written atomically through ``raysemi.io``); to publish to ``s3://``, write locally and copy.
 Plots use matplotlib's object API on an Agg canvas, never pyplot, so no global backend or figure state
 is touched and the function is safe in Ray workers and threads.
 """
@@ -33,15 +33,16 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
+from io import BytesIO
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from raysemi.io import write_bytes_atomic
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
@@ -72,25 +73,11 @@ def jsonable(obj: Any) -> Any:
     return obj
 
 
-def _write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Write through ``write(fh)`` into a temporary file beside ``path``, then ``os.replace`` it in."""
-    # Our own unique name opened with "xb" (not mkstemp, whose files are 0600): the report keeps the
-    # umask's permissions, so others sharing the output folder can read it.
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "xb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _save_figure(fig: Figure, path: Path) -> None:
     FigureCanvasAgg(fig)  # attach the Agg canvas explicitly: no dependence on the default backend
-    _write_atomic(path, lambda fh: fig.savefig(fh, format="png", dpi=120, bbox_inches="tight"))
+    buf = BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    write_bytes_atomic(str(path), buf.getvalue())
 
 
 def _test(report: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -378,10 +365,10 @@ def write_report(report: dict, out_dir: str | Path) -> dict[str, Path]:
 
     images = {key: p.name for key, p in paths.items()}
     markdown = render_markdown(data, images)
-    _write_atomic(out / REPORT_MD, lambda fh: fh.write(markdown.encode("utf-8")))
+    write_bytes_atomic(str(out / REPORT_MD), markdown.encode("utf-8"))
     paths["markdown"] = out / REPORT_MD
 
     text = json.dumps(data, indent=2, allow_nan=False) + "\n"
-    _write_atomic(out / REPORT_JSON, lambda fh: fh.write(text.encode("utf-8")))
+    write_bytes_atomic(str(out / REPORT_JSON), text.encode("utf-8"))
     paths["json"] = out / REPORT_JSON
     return paths

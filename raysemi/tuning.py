@@ -48,9 +48,10 @@ from typing import Any
 
 import yaml
 
+from raysemi import io as rio
 from raysemi.config import Config, ConfigError, absolute_paths, config_to_yaml, from_dict, load_config
-from raysemi.data.shards import filesystem, is_remote, join, write_bytes_atomic
 from raysemi.errors import RaysemiError
+from raysemi.io import filesystem, is_remote, join, write_bytes_atomic
 
 log = logging.getLogger("raysemi.tuning")
 
@@ -420,7 +421,7 @@ def run_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
     """One Tune trial: the pipeline with the sampled values, reporting after every round and at the end."""
     from ray import tune
 
-    from raysemi.stages.common import read_json
+    from raysemi.io import read_json
 
     t0 = time.time()
     trial_id = tune.get_context().get_trial_id()
@@ -495,11 +496,11 @@ def prepare_base(cfg: Config, space: Space, out: str, use_cache: bool,
 def preflight(space: Space, base: Config) -> None:
     """What would fail every trial, found before any trial starts: the dataset, the backbone, the budget."""
     from raysemi.data.labels import label_split
-    from raysemi.pipeline import _check_dataset
+    from raysemi.pipeline import check_dataset
     from raysemi.stages import pretrain
     from raysemi.stages.selection import check_budget
 
-    _check_dataset(base)
+    check_dataset(base)
     if base.run.mode != "supervised":
         pretrain.check_inputs(base)
     if base.run.mode == "full":
@@ -780,9 +781,8 @@ def heatmap_png(rows: list[dict[str, Any]], base: Config, title: str) -> bytes |
 
 def best_config_yaml(exp: str, name: str, best: dict[str, Any]) -> str:
     """The resolved config of the best trial, ready for ``raysemi run --config`` (output in <exp>/best_run)."""
-    from raysemi import ray_utils
 
-    cfg = ray_utils.read_config_beside(trial_dir(exp, best["trial_id"]))
+    cfg = rio.read_config_beside(trial_dir(exp, best["trial_id"]))
     cfg = cfg.replace(**{"run.output_dir": join(exp, "best_run"), "run.name": f"{name}-best"})
     head = (f"# Best trial of tune experiment {name}: {best['trial_id']} (validation accuracy "
             f"{_fmt(best['val_accuracy'])}, test accuracy {_fmt(best['test_accuracy'])}).\n"

@@ -127,13 +127,13 @@ def test_markdown_holds_the_values(tmp_path, full_report):
 
 def test_report_json_is_written_last(tmp_path, full_report, monkeypatch):
     order = []
-    real_replace = os.replace
+    real_write = report_mod.write_bytes_atomic
 
-    def recording_replace(src, dst):
-        order.append(Path(dst).name)
-        real_replace(src, dst)
+    def recording_write(uri, data):
+        order.append(Path(uri).name)
+        real_write(uri, data)
 
-    monkeypatch.setattr(report_mod.os, "replace", recording_replace)
+    monkeypatch.setattr(report_mod, "write_bytes_atomic", recording_write)
     write_report(full_report, tmp_path)
     assert order[-1] == "report.json"
     assert len(order) == 5
@@ -151,7 +151,7 @@ def test_failed_write_leaves_no_report_json(tmp_path, full_report, monkeypatch):
         write_report(full_report, tmp_path)
     # The old report.json is gone: the folder no longer claims a complete report.
     assert not (tmp_path / "report.json").exists()
-    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
 
 
 def test_tolerates_missing_parts(tmp_path, full_report):

@@ -26,15 +26,9 @@ import pytest
 import torch
 import yaml
 
+from raysemi import io as rio
 from raysemi import ray_utils
-from raysemi.ray_utils import (
-    CheckpointError,
-    load_state,
-    load_weights,
-    safe_torch_load,
-    save_state,
-    save_weights,
-)
+from raysemi.io import CheckpointError, load_state, load_weights, safe_torch_load, save_state, save_weights
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -57,16 +51,16 @@ def test_pickled_payload_in_a_checkpoint_is_refused_and_never_runs(tmp_path):
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
     # What a tampered checkpoint in shared storage looks like: plain torch.save of an object with a payload.
-    torch.save({"model": {"w": torch.ones(2)}, "extra": Payload(marker)}, ckpt / ray_utils.STATE_FILE)
+    torch.save({"model": {"w": torch.ones(2)}, "extra": Payload(marker)}, ckpt / rio.STATE_FILE)
 
     with pytest.raises(CheckpointError, match="refusing checkpoint"):
         load_state(ckpt)
     with pytest.raises(CheckpointError):
-        safe_torch_load((ckpt / ray_utils.STATE_FILE).read_bytes(), "state.pt")
+        safe_torch_load((ckpt / rio.STATE_FILE).read_bytes(), "state.pt")
     assert not marker.exists(), "the pickled payload ran"
 
     # Control: the file really is an exploit, which an ordinary unpickling load executes.
-    torch.load(ckpt / ray_utils.STATE_FILE, weights_only=False)
+    torch.load(ckpt / rio.STATE_FILE, weights_only=False)
     assert marker.exists()
 
 

@@ -284,7 +284,7 @@ def _stub_trial(config: dict, setup: dict) -> None:
     from ray import tune
 
     from raysemi.config import config_to_yaml, from_dict
-    from raysemi.data.shards import join, write_bytes_atomic
+    from raysemi.io import join, write_bytes_atomic
 
     trial_id = tune.get_context().get_trial_id()
     with open(setup["counter"], "a") as fh:
@@ -300,7 +300,7 @@ def _stub_trial(config: dict, setup: dict) -> None:
 @pytest.mark.ray
 def test_sweep_on_s3_storage_resumes_without_rerunning_finished_trials(ray_session, s3_bucket, demo_dataset,
                                                                        tmp_path, monkeypatch):
-    from raysemi.data.shards import filesystem
+    from raysemi.io import filesystem
 
     counter = tmp_path / "runs.txt"
     real = tuning.run_trial

@@ -34,19 +34,20 @@ import pyarrow as pa
 from fsspec.implementations.local import LocalFileSystem
 from tqdm import tqdm
 
+from raysemi import io as rio
 from raysemi.data import dicom, shards
 from raysemi.data.dicom import DicomOptions
 from raysemi.data.shards import SPLITS, DatasetError, Manifest, ShardInfo, SplitInfo
 from raysemi.data.sources import (
     FORMATS,
-    _detect,
-    _Item,
-    _scan_csv,
-    _scan_dicom,
-    _scan_dicom_unlabeled,
-    _scan_folder,
-    _scan_npz,
-    _scan_unlabeled,
+    Item,
+    detect_format,
+    scan_csv,
+    scan_dicom,
+    scan_dicom_unlabeled,
+    scan_folder,
+    scan_npz,
+    scan_unlabeled,
 )
 from raysemi.data.validate import DEFAULT_MAX_PIXELS, Checked, check_image, encode_array
 
@@ -64,8 +65,8 @@ def _inside(child: Path, parent: Path) -> bool:
 def _check_destination(dest: str, overwrite: bool, sources: list[Path]) -> bool:
     """Refuse an existing dataset (unless overwrite) and prove the destination writable, writing nothing
     that stays."""
-    fs, root = shards.filesystem(dest)
-    if not shards.is_remote(dest):
+    fs, root = rio.filesystem(dest)
+    if not rio.is_remote(dest):
         d = Path(root).resolve()
         if d.exists() and not d.is_dir():
             raise DatasetError(f"destination {dest} exists and is not a folder")
@@ -89,7 +90,7 @@ def _check_destination(dest: str, overwrite: bool, sources: list[Path]) -> bool:
         fs.pipe_file(probe, b"probe")
         fs.rm_file(probe)
     except FileNotFoundError as err:
-        where = f"bucket {root.split('/')[0]!r} does not exist" if shards.is_remote(dest) else str(err)
+        where = f"bucket {root.split('/')[0]!r} does not exist" if rio.is_remote(dest) else str(err)
         raise DatasetError(f"cannot write to {dest}: {where}") from None
     except PermissionError as err:
         raise DatasetError(f"cannot write to {dest}: access denied ({err})") from None
@@ -100,14 +101,14 @@ def _check_destination(dest: str, overwrite: bool, sources: list[Path]) -> bool:
 
 def _remove_if_empty(dest: str, created: bool) -> None:
     """Undo the folder the destination probe created, when a failed ingest left it empty."""
-    path = Path(shards.filesystem(dest)[1])
+    path = Path(rio.filesystem(dest)[1])
     if created and path.is_dir() and not any(path.iterdir()):
         path.rmdir()
 
 
 def _clear_parts(dest: str) -> None:
     """Remove shard files (and temporaries) under the split folders: leftovers of an unfinished ingest."""
-    fs, root = shards.filesystem(dest)
+    fs, root = rio.filesystem(dest)
     fs.invalidate_cache()
     for split in SPLITS:
         sdir = f"{root.rstrip('/')}/{split}"
@@ -122,18 +123,18 @@ def _clear_parts(dest: str) -> None:
             fs.rmdir(sdir)
 
 
-def _read(it: _Item) -> bytes:
+def _read(it: Item) -> bytes:
     if it.path is not None:
         return it.path.read_bytes()
     return encode_array(it.array)
 
 
-def _order(it: _Item) -> str:
+def _order(it: Item) -> str:
     """Row order: the source path, or (DICOM, where ``source`` is a salted hash) a salt-free key."""
     return it.sort_key or it.source
 
 
-def _render_dicom(it: _Item, window: tuple[float, float] | None, spill: Path) -> _Item:
+def _render_dicom(it: Item, window: tuple[float, float] | None, spill: Path) -> Item:
     """Render a DICOM frame to an 8-bit PNG in the spill folder; ``it.path`` then points at it."""
     try:
         arr, conversion = dicom.render(it.dicom, window)
@@ -153,7 +154,7 @@ def _render_dicom(it: _Item, window: tuple[float, float] | None, spill: Path) ->
     return it
 
 
-def _validate(it: _Item, max_pixels: int, dicom_run: tuple | None = None) -> _Item:
+def _validate(it: Item, max_pixels: int, dicom_run: tuple | None = None) -> Item:
     if it.check is not None:
         return it  # quarantined by the scan (DICOM headers)
     if it.dicom is not None:
@@ -173,12 +174,12 @@ def _validate(it: _Item, max_pixels: int, dicom_run: tuple | None = None) -> _It
     return it
 
 
-def _carve(items: list[_Item], carve: dict[str, float], seed: int) -> None:
+def _carve(items: list[Item], carve: dict[str, float], seed: int) -> None:
     """Move whole groups from the labeled train pool into val/test, stratified by each group's majority class."""
     pool = [it for it in items if it.label is not None and it.split in (None, "train")]
     for it in pool:
         it.split = "train"
-    groups: dict[str, list[_Item]] = defaultdict(list)
+    groups: dict[str, list[Item]] = defaultdict(list)
     for it in pool:
         groups[it.group if it.group is not None else f"\0{it.source}"].append(it)
     # Salted (DICOM) groups sort by a salt-free key, so a random salt does not reshuffle the splits.
@@ -203,7 +204,7 @@ def _carve(items: list[_Item], carve: dict[str, float], seed: int) -> None:
                     break
 
 
-def _plan(items: list[_Item], shard_mb: float, min_shards: int, seed: int) -> list[list[_Item]]:
+def _plan(items: list[Item], shard_mb: float, min_shards: int, seed: int) -> list[list[Item]]:
     if not items:
         return []
     rows = sorted(items, key=_order)
@@ -215,7 +216,7 @@ def _plan(items: list[_Item], shard_mb: float, min_shards: int, seed: int) -> li
     return [rows[a:b] for a, b in itertools.pairwise(bounds)]
 
 
-def _shard_table(rows: list[_Item], class_index: dict[str, int], tags: tuple[str, ...] = ()) -> pa.Table:
+def _shard_table(rows: list[Item], class_index: dict[str, int], tags: tuple[str, ...] = ()) -> pa.Table:
     images = []
     for it in rows:
         if it.keep is not None:
@@ -263,10 +264,10 @@ def _collect(
     """Scan the source (and the unlabeled folder): every input as an item, nothing decoded yet (DICOM:
     headers read). Returns (kind, items, classes, provided splits, source paths, DICOM stats or None,
     DICOM options or None)."""
-    if shards.is_remote(str(source)):
+    if rio.is_remote(str(source)):
         raise DatasetError(f"source {source} must be a local path (copy it down first)")
     src = Path(source).expanduser().resolve()
-    kind = _detect(src, fmt)
+    kind = detect_format(src, fmt)
     udir = Path(unlabeled).expanduser().resolve() if unlabeled else None
     if udir is not None and not udir.is_dir():
         raise DatasetError(f"unlabeled folder {unlabeled} does not exist")
@@ -287,20 +288,20 @@ def _collect(
         label_csv = Path(labels).expanduser().resolve() if labels else None
         if label_csv is not None and not label_csv.is_file():
             raise DatasetError(f"labels CSV {labels} does not exist")
-        items, classes, provided = _scan_dicom(src, opts, hasher, stats, labels=label_csv, **dicom_kw)
+        items, classes, provided = scan_dicom(src, opts, hasher, stats, labels=label_csv, **dicom_kw)
     else:
         scan = {
-            "folder": lambda: _scan_folder(src, regex),
-            "npz": lambda: _scan_npz(src),
-            "csv": lambda: _scan_csv(src, regex),
+            "folder": lambda: scan_folder(src, regex),
+            "npz": lambda: scan_npz(src),
+            "csv": lambda: scan_csv(src, regex),
         }
         items, classes, provided = scan[kind]()
     sources = [src]
     if udir is not None:
         if udicom:
-            items += _scan_dicom_unlabeled(udir, opts, hasher, stats, **dicom_kw)
+            items += scan_dicom_unlabeled(udir, opts, hasher, stats, **dicom_kw)
         else:
-            items += _scan_unlabeled(udir, regex, prefix="unlabeled:")
+            items += scan_unlabeled(udir, regex, prefix="unlabeled:")
         sources.append(udir)
     if stats is not None and stats["files"] == 0 and kind == "dicom":
         raise DatasetError(f"no DICOM files in {source} (none has the DICOM preamble 'DICM' at byte 128)")
@@ -314,7 +315,7 @@ def _collect(
 
 
 def _validate_all(
-    items: list[_Item], max_pixels: int, workers: int | None, progress: bool, dicom_run: tuple | None = None
+    items: list[Item], max_pixels: int, workers: int | None, progress: bool, dicom_run: tuple | None = None
 ) -> None:
     # Threads: Pillow releases the GIL while decoding (a process pool measured no faster on 224px JPEGs).
     with (
@@ -326,7 +327,7 @@ def _validate_all(
             bar.update()
 
 
-def _dedup(items: list[_Item]) -> tuple[list[_Item], list[dict[str, str]], int]:
+def _dedup(items: list[Item]) -> tuple[list[Item], list[dict[str, str]], int]:
     """Quarantine failures; keep the first of each sha256 (labeled first, then by source path)."""
     quarantine = [{"source": it.source, "reason": it.check.reason} for it in items if not it.check.ok]
     kept, first, duplicates = [], {}, 0
@@ -349,14 +350,14 @@ def _write(
     written: dict[tuple[str, int], ShardInfo] = {}
     lock = threading.Lock()
 
-    def one(split: str, i: int, rows: list[_Item]) -> int:
+    def one(split: str, i: int, rows: list[Item]) -> int:
         info = shards.write_shard(dest, f"{split}/part-{i:05d}.parquet", _shard_table(rows, class_index, tags))
         with lock:
             written[(split, i)] = info
         return len(rows)
 
     with (
-        ThreadPoolExecutor(4 if shards.is_remote(dest) else 2) as pool,
+        ThreadPoolExecutor(4 if rio.is_remote(dest) else 2) as pool,
         _bar(sum(len(p[2]) for p in plan), "write", progress) as bar,
     ):
         futures = [pool.submit(one, *p) for p in plan]

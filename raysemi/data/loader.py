@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -43,7 +42,8 @@ import torch
 from raysemi.config import AugmentConfig
 from raysemi.data import augment as aug
 from raysemi.data.dali import DaliRunner, dali_available, require_dali
-from raysemi.data.shards import DatasetError, assign_shards, filesystem, steps_per_epoch
+from raysemi.data.shards import DatasetError, assign_shards, steps_per_epoch
+from raysemi.io import filesystem, parquet_rows
 
 log = logging.getLogger(__name__)
 
@@ -167,10 +167,8 @@ def shard_row_counts(uris: Sequence[str]) -> list[int]:
     """Row counts from the Parquet footers (when the manifest's counts are not at hand)."""
     counts = []
     for uri in uris:
-        fs, path = filesystem(uri)
         try:
-            with fs.open(path, "rb") as fh:
-                counts.append(pq.read_metadata(fh).num_rows)
+            counts.append(parquet_rows(uri))
         except FileNotFoundError:
             raise DatasetError(f"shard {uri} is missing") from None
     return counts
@@ -476,49 +474,3 @@ def build_loader(
         world_size=world_size, seed=seed, backend=backend, device=device, num_threads=num_threads,
         shard_rows=shard_rows, columns_extra=columns_extra,
     )
-
-
-# ---------------------------------------------------------------- eval transform without a Loader
-
-_EVAL_RUNNERS: OrderedDict[tuple, DaliRunner] = OrderedDict()
-_EVAL_RUNNERS_MAX = 4
-
-
-def _eval_runner(size: int, augment: AugmentConfig, device: torch.device, batch_size: int, num_threads: int):
-    key = (size, augment, str(device), batch_size, num_threads)
-    runner = _EVAL_RUNNERS.pop(key, None)
-    if runner is None:
-        runner = DaliRunner(
-            mode="eval", size=size, augment=augment, batch_size=batch_size, num_threads=num_threads, device=device
-        )
-    _EVAL_RUNNERS[key] = runner
-    while len(_EVAL_RUNNERS) > _EVAL_RUNNERS_MAX:
-        _EVAL_RUNNERS.popitem(last=False)
-    return runner
-
-
-def decode_eval_batch(
-    images: Sequence[bytes],
-    size: int,
-    augment: AugmentConfig,
-    backend: Backend = "auto",
-    device: torch.device | None = None,
-    batch_size: int = 256,
-    num_threads: int = 2,
-) -> torch.Tensor:
-    """The eval transform of encoded images, ``(N, 3, size, size)`` float32 on ``device``, in order.
-
-    For the pseudo-label actors and the kNN monitor, which hold bytes rather than shards. The DALI pipeline
-    is built once per (size, augment, device, batch_size, num_threads) and kept (up to 4 of them)."""
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    if len(images) == 0:
-        return torch.empty((0, 3, size, size), dtype=torch.float32, device=device)
-    if resolve_backend(backend) == "torch":
-        t = aug.eval_transform(size, augment)
-        return torch.stack([t(aug.decode_rgb(b)) for b in images]).to(device)
-    runner = _eval_runner(size, augment, device, batch_size, num_threads)
-    chunks = (
-        ([np.frombuffer(b, dtype=np.uint8) for b in images[i : i + batch_size]], None)
-        for i in range(0, len(images), batch_size)
-    )
-    return torch.cat([outs[0] for outs, _ in runner.run(chunks)])

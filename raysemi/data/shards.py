@@ -2,9 +2,8 @@
 
 A dataset is ``<root>/manifest.json`` and ``<root>/<split>/part-NNNNN.parquet``. Shards are written under
 a temporary name and renamed; the manifest is written last, so a folder without a manifest is never
-mistaken for a dataset. Every path is a URI and goes through fsspec (s3fs for ``s3://``), so the same code
-reads and writes both. S3 endpoints and credentials come from the standard AWS environment
-(``AWS_ENDPOINT_URL``, ``AWS_PROFILE``, instance roles); nothing is read from configs.
+mistaken for a dataset. Every path is a URI and goes through ``raysemi.io`` (fsspec; s3fs for ``s3://``), so the same code
+reads and writes both.
 """
 
 from __future__ import annotations
@@ -12,18 +11,16 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import uuid
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
-from fsspec.implementations.local import LocalFileSystem
 
 from raysemi.errors import RaysemiError
+from raysemi.io import filesystem, join, write_bytes_atomic
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -47,21 +44,6 @@ class DatasetError(RaysemiError):
 def image_id(data: bytes) -> str:
     """Stable id of an encoded image: the sha256 of its bytes (so exact copies share an id)."""
     return hashlib.sha256(data).hexdigest()
-
-
-def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The fsspec filesystem and in-filesystem path for a local path or URI."""
-    fs, path = fsspec.core.url_to_fs(str(uri))
-    return fs, path
-
-
-def join(uri: str, *parts: str) -> str:
-    base = str(uri).rstrip("/")
-    return "/".join([base, *[p.strip("/") for p in parts]])
-
-
-def is_remote(uri: str) -> bool:
-    return "://" in str(uri) and not str(uri).startswith("file://")
 
 
 @dataclass
@@ -142,31 +124,6 @@ def read_manifest(root: str) -> Manifest:
         return Manifest.from_json(text)
     except (KeyError, TypeError, json.JSONDecodeError) as err:
         raise DatasetError(f"{root}/{MANIFEST} is malformed: {err}") from None
-
-
-def write_bytes_atomic(uri: str, data: bytes) -> None:
-    """Write under a temporary name, then move into place. On object stores one PUT is already atomic
-    (a reader sees the whole object or none), so the bytes go straight to their name there."""
-    fs, path = filesystem(uri)
-    if not isinstance(fs, LocalFileSystem):
-        with fs.open(path, "wb") as fh:
-            fh.write(data)
-        return
-    # Only local folders need creating; on S3, makedirs would create a missing *bucket* (s3fs's
-    # create_parents), so a typo in a bucket name would silently make a new bucket.
-    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        with fs.open(tmp, "wb") as fh:
-            fh.write(data)
-        fs.mv(tmp, path)
-    except BaseException:
-        try:  # leave no temporary behind; the original error is what matters
-            if fs.exists(tmp):
-                fs.rm(tmp)
-        except Exception:
-            pass
-        raise
 
 
 def write_manifest(root: str, manifest: Manifest) -> None:

@@ -1,5 +1,5 @@
 """Source scanners: an image folder, a MedMNIST-style ``.npz``, a CSV or an ``--unlabeled`` folder -> a list
-of ``_Item`` (one per input, nothing decoded yet) with the class names and the splits the source names;
+of ``Item`` (one per input, nothing decoded yet) with the class names and the splits the source names;
 plus format detection. Validation, dedup, splitting and writing are ``ingest.py``'s.
 
 * **folder**: one subfolder per class (``ROOT/<class>/**``), optionally under split folders
@@ -37,7 +37,7 @@ _SPLIT_DIRS = {"train": "train", "val": "val", "valid": "val", "validation": "va
 
 
 @dataclass
-class _Item:
+class Item:
     source: str  # path relative to the source, "npz:train:12", or "unlabeled:<path in --unlabeled DIR>"
     label: str | None
     group: str | None
@@ -76,10 +76,10 @@ def _group_of(name: str, regex: re.Pattern | None) -> str | None:
     return None if m is None else (m.group(1) if regex.groups else m.group(0))
 
 
-def _scan_folder(root: Path, regex, say_names: bool = True) -> tuple[list[_Item], list[str], set[str]]:
+def scan_folder(root: Path, regex, say_names: bool = True) -> tuple[list[Item], list[str], set[str]]:
     subdirs = _subdirs(root)
     split_dirs = [p for p in subdirs if p.name.lower() in _SPLIT_DIRS]
-    items: list[_Item] = []
+    items: list[Item] = []
     if split_dirs:
         others = [p.name for p in subdirs if p not in split_dirs and p.name != "unlabeled"]
         if others:
@@ -97,24 +97,24 @@ def _scan_folder(root: Path, regex, say_names: bool = True) -> tuple[list[_Item]
             classes.add(cdir.name)
             for f in _files(cdir):
                 rel = f.relative_to(root).as_posix()
-                items.append(_Item(rel, cdir.name, _group_of(f.name, regex), split, path=f))
+                items.append(Item(rel, cdir.name, _group_of(f.name, regex), split, path=f))
     if (root / "unlabeled").is_dir():
-        items += _scan_unlabeled(root / "unlabeled", regex, prefix="unlabeled/")
+        items += scan_unlabeled(root / "unlabeled", regex, prefix="unlabeled/")
     if not classes:
         raise DatasetError(f"{root} has no class subfolders (expected {root}/<class>/<image files>)")
     return items, sorted(classes), {s for s, _ in layout if s}
 
 
-def _scan_unlabeled(root: Path, regex, prefix: str) -> list[_Item]:
+def scan_unlabeled(root: Path, regex, prefix: str) -> list[Item]:
     return [
-        _Item(
+        Item(
             f"{prefix}{f.relative_to(root).as_posix()}", None, _group_of(f.name, regex), "unlabeled", path=f
         )
         for f in _files(root)
     ]
 
 
-def _scan_npz(path: Path) -> tuple[list[_Item], list[str], set[str]]:
+def scan_npz(path: Path) -> tuple[list[Item], list[str], set[str]]:
     try:
         npz = np.load(path, allow_pickle=False)
         keys = set(npz.files)
@@ -122,7 +122,7 @@ def _scan_npz(path: Path) -> tuple[list[_Item], list[str], set[str]]:
         raise DatasetError(f"{path} is not a readable .npz file ({err})") from None
     if "train_images" not in keys:
         raise DatasetError(f"{path} has no 'train_images' key (it has: {', '.join(sorted(keys)) or 'none'})")
-    items: list[_Item] = []
+    items: list[Item] = []
     max_label = -1
     provided = set()
     for split in SPLITS:
@@ -155,7 +155,7 @@ def _scan_npz(path: Path) -> tuple[list[_Item], list[str], set[str]]:
             provided.add(split)
         for i in range(images.shape[0]):
             label = None if labels is None else int(labels[i])
-            items.append(_Item(f"npz:{split}:{i}", label, None, split, array=images[i]))
+            items.append(Item(f"npz:{split}:{i}", label, None, split, array=images[i]))
     names_key = next((k for k in ("label_names", "classes") if k in keys), None)
     if names_key:
         classes = [str(c) for c in np.asarray(npz[names_key]).ravel()]
@@ -171,7 +171,7 @@ def _scan_npz(path: Path) -> tuple[list[_Item], list[str], set[str]]:
     return items, classes, provided
 
 
-def _scan_csv(path: Path, regex) -> tuple[list[_Item], list[str], set[str]]:
+def scan_csv(path: Path, regex) -> tuple[list[Item], list[str], set[str]]:
     try:
         with open(path, newline="", encoding="utf-8-sig") as fh:
             rows = [r for r in csv.reader(fh) if r and any(c.strip() for c in r) and not r[0].startswith("#")]
@@ -210,7 +210,7 @@ def _scan_csv(path: Path, regex) -> tuple[list[_Item], list[str], set[str]]:
         group = cell("group") or _group_of(f.name, regex)
         if label is not None:
             labels.add(label)
-        items.append(_Item(rel, label, group, split, path=f))
+        items.append(Item(rel, label, group, split, path=f))
     if missing:
         raise DatasetError(f"CSV {path} names {len(missing)} missing file(s), e.g. {missing[0]}")
     numeric = all(re.fullmatch(r"-?\d+", x) for x in labels)
@@ -218,7 +218,7 @@ def _scan_csv(path: Path, regex) -> tuple[list[_Item], list[str], set[str]]:
     return items, classes, {it.split for it in items if it.split in ("train", "val", "test")}
 
 
-def _detect(source: Path, fmt: str) -> str:
+def detect_format(source: Path, fmt: str) -> str:
     if fmt not in FORMATS:
         raise DatasetError(f"unknown format {fmt!r} (expected one of: {', '.join(FORMATS)})")
     if not source.exists():
@@ -284,14 +284,14 @@ def _read_dicom_labels(path: Path) -> tuple[str, dict[str, tuple[str | None, str
     return kind, out
 
 
-def _dicom_headers(items: list[_Item], opts: dicom.DicomOptions, max_pixels: int, workers: int | None):
+def _dicom_headers(items: list[Item], opts: dicom.DicomOptions, max_pixels: int, workers: int | None):
     # Threads: most of a header read is file I/O; the parse is short.
     with ThreadPoolExecutor(workers or min(8, os.cpu_count() or 2)) as pool:
         return list(pool.map(lambda it: dicom.read_header(it.path, opts, max_pixels), items))
 
 
 def _expand_dicom(
-    base: list[_Item],
+    base: list[Item],
     opts: dicom.DicomOptions,
     hasher: dicom.Hasher,
     stats: dict,
@@ -300,11 +300,11 @@ def _expand_dicom(
     workers: int | None,
     lookup: tuple[str, dict, Counter] | None = None,
     class_folders: bool = False,
-) -> list[_Item]:
+) -> list[Item]:
     """Files -> DICOM items: one per frame taken, or one quarantined item per bad file; skipped files
     (not DICOM, DICOMDIR) are only counted."""
     key_name = dicom.GROUP_BY[opts.group_by]
-    out: list[_Item] = []
+    out: list[Item] = []
     for it, h in zip(base, _dicom_headers(base, opts, max_pixels, workers)):
         if h.skip:
             stats["skipped"][h.skip] = stats["skipped"].get(h.skip, 0) + 1
@@ -325,7 +325,7 @@ def _expand_dicom(
             if label is None:
                 split = "unlabeled"
         if h.reason:
-            out.append(_Item(src, label, None, split, check=Checked(reason=h.reason), sort_key=dicom.Hasher.order(rel)))
+            out.append(Item(src, label, None, split, check=Checked(reason=h.reason), sort_key=dicom.Hasher.order(rel)))
             continue
         if class_folders and label is not None and dicom.names_patient(label, h.names):
             raise DatasetError(
@@ -336,7 +336,7 @@ def _expand_dicom(
         if raw is None and split != "unlabeled":
             stats["missing_group_key"]["quarantined"] += 1
             reason = f"no {key_name} (the group key that keeps a patient on one side of the splits)"
-            out.append(_Item(src, label, None, split, check=Checked(reason=reason), sort_key=dicom.Hasher.order(rel)))
+            out.append(Item(src, label, None, split, check=Checked(reason=reason), sort_key=dicom.Hasher.order(rel)))
             continue
         if raw is None:
             stats["missing_group_key"]["unlabeled_kept"] += 1
@@ -344,7 +344,7 @@ def _expand_dicom(
         for index in h.frames:
             suffix = "" if index is None else f"#{index}"
             out.append(
-                _Item(
+                Item(
                     src + suffix,
                     label,
                     group,
@@ -358,7 +358,7 @@ def _expand_dicom(
     return out
 
 
-def _scan_dicom(
+def scan_dicom(
     root: Path,
     opts: dicom.DicomOptions,
     hasher: dicom.Hasher,
@@ -367,14 +367,14 @@ def _scan_dicom(
     labels: Path | None,
     max_pixels: int,
     workers: int | None,
-) -> tuple[list[_Item], list[str], set[str]]:
+) -> tuple[list[Item], list[str], set[str]]:
     if labels is None:
-        base, classes, provided = _scan_folder(root, None, say_names=False)
+        base, classes, provided = scan_folder(root, None, say_names=False)
         items = _expand_dicom(base, opts, hasher, stats, max_pixels=max_pixels, workers=workers, class_folders=True)
         kept = {it.label for it in items if it.label is not None}
         return items, [c for c in classes if c in kept] or classes, provided
     kind, table = _read_dicom_labels(labels)
-    base = [_Item(f.relative_to(root).as_posix(), None, None, None, path=f) for f in _files(root)]
+    base = [Item(f.relative_to(root).as_posix(), None, None, None, path=f) for f in _files(root)]
     hits: Counter = Counter()
     items = _expand_dicom(
         base, opts, hasher, stats, max_pixels=max_pixels, workers=workers, lookup=(kind, table, hits)
@@ -393,6 +393,6 @@ def _scan_dicom(
     return items, classes, {it.split for it in items if it.split in ("train", "val", "test")}
 
 
-def _scan_dicom_unlabeled(udir: Path, opts, hasher, stats, *, max_pixels: int, workers: int | None) -> list[_Item]:
-    base = _scan_unlabeled(udir, None, prefix="unlabeled:")
+def scan_dicom_unlabeled(udir: Path, opts, hasher, stats, *, max_pixels: int, workers: int | None) -> list[Item]:
+    base = scan_unlabeled(udir, None, prefix="unlabeled:")
     return _expand_dicom(base, opts, hasher, stats, max_pixels=max_pixels, workers=workers)

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from raysemi.data.shards import DatasetError, Manifest, join, read_shard, table_bytes, write_bytes_atomic
+from raysemi.data.shards import DatasetError, Manifest, read_shard, table_bytes
+from raysemi.io import join, write_bytes_atomic
 
 TRAINSET_SCHEMA = pa.schema(
     [("id", pa.string()), ("image", pa.binary()), ("label", pa.int16()), ("weight", pa.float32())]

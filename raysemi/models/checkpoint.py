@@ -13,10 +13,10 @@ import logging
 import torch
 
 from raysemi.config import Config, config_from_yaml, config_to_yaml
+from raysemi.io import CheckpointError, load_weights, save_weights
 from raysemi.models.backbone import create_backbone, feature_dim
 from raysemi.models.byol import Classifier, split_online_state
 from raysemi.models.heads import ProjectionHead
-from raysemi.ray_utils import CheckpointError, load_weights, save_weights
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -12,8 +11,8 @@ import torch
 from torch import nn
 
 from raysemi import ray_utils
-from raysemi.data.shards import filesystem, join, write_bytes_atomic
 from raysemi.errors import RaysemiError
+from raysemi.io import filesystem, join
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -85,13 +84,3 @@ def guard_output(out_dir: str, marker: str, resume: bool, overwrite: bool, what:
     if exists and not resume:
         raise RaysemiError(f"{out_dir} already holds a {what}: pass --resume to reuse it or --overwrite")
     return exists
-
-
-def write_json(uri: str, obj: Any) -> None:
-    write_bytes_atomic(uri, json.dumps(obj, indent=2, default=float).encode())
-
-
-def read_json(uri: str) -> Any:
-    fs, path = filesystem(uri)
-    with fs.open(path, "rb") as fh:
-        return json.loads(fh.read())

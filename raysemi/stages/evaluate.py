@@ -17,18 +17,18 @@ import numpy as np
 from raysemi import ray_utils
 from raysemi.config import Config
 from raysemi.data.loader import build_loader
-from raysemi.data.shards import filesystem, is_remote, join, read_manifest, write_bytes_atomic
+from raysemi.data.shards import read_manifest
 from raysemi.errors import RaysemiError
+from raysemi.io import filesystem, is_remote, join, write_bytes_atomic
 from raysemi.metrics import classification_metrics
 from raysemi.models.checkpoint import load_classifier
 from raysemi.report import write_report
+from raysemi.stages.predict import predict_probs
 
 
 def predict_split_local(model_uri: str, cfg: Config, split: str) -> tuple[list[str], np.ndarray, np.ndarray]:
     """Ids, labels (-1 = none) and probabilities of ``split``, in this process."""
     import torch
-
-    from raysemi.stages.finetune import evaluate
 
     device = ray_utils.get_device()
     model, _, _ = load_classifier(model_uri, device)
@@ -39,7 +39,7 @@ def predict_split_local(model_uri: str, cfg: Config, split: str) -> tuple[list[s
         num_threads=cfg.data.num_threads,
     )
     with torch.inference_mode():
-        return evaluate(model, loader, device, cfg.finetune.precision)
+        return predict_probs(model, loader, device, cfg.finetune.precision)
 
 
 def predict_split(model_uri: str, cfg: Config, split: str) -> tuple[list[str], np.ndarray, np.ndarray]:

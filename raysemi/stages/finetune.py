@@ -1,4 +1,4 @@
-"""Fine-tuning (and each round's retraining): builder, ``train_one_epoch``, ``evaluate``, worker, ``run``.
+"""Fine-tuning (and each round's retraining): builder, ``train_one_epoch``, worker, ``run``.
 
 The BYOL predictor is replaced by a linear classifier (on the projector output by default, as in the
 method paper; on the encoder features with ``model.head=encoder``), and the network is trained with
@@ -20,23 +20,25 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from timm.utils import ModelEmaV3
 
+from raysemi import io as rio
 from raysemi import ray_utils
 from raysemi.config import Config, FinetuneConfig, from_dict
 from raysemi.data.loader import build_loader
-from raysemi.data.shards import join, read_manifest, split_batch
+from raysemi.data.shards import read_manifest, split_batch
 from raysemi.data.trainset import TrainSet
 from raysemi.errors import RaysemiError
+from raysemi.io import join, write_json
 from raysemi.losses import cross_entropy
 from raysemi.models.backbone import unwrap
 from raysemi.models.byol import Classifier
 from raysemi.models.checkpoint import build_classifier, classifier_from_byol, load_classifier, save_classifier
 from raysemi.optim import build_optimizer, set_lr
 from raysemi.schedules import warmup_cosine_lr
-from raysemi.stages.common import StepTimer, all_reduce_sum, autocast, grad_scaler, wrap_ddp, write_json
+from raysemi.stages.common import StepTimer, all_reduce_sum, autocast, grad_scaler, wrap_ddp
+from raysemi.stages.predict import predict_probs
 
 log = logging.getLogger("raysemi.finetune")
 
@@ -160,22 +162,6 @@ def train_one_epoch(
     }
 
 
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, loader, device: torch.device, precision: str = "fp32"):
-    """Ids, labels (-1 = none) and softmax probabilities of every row the eval loader yields."""
-    model.eval()
-    ids, labels, probs = [], [], []
-    for batch in loader:
-        with autocast(device, precision):
-            logits = model(batch["image"])
-        probs.append(torch.softmax(logits.float(), dim=1).cpu())
-        labels.append(batch["label"].cpu())
-        ids += list(batch["id"])
-    if not probs:
-        return [], np.zeros(0, dtype=np.int64), np.zeros((0, 0), dtype=np.float32)
-    return ids, torch.cat(labels).numpy(), torch.cat(probs).numpy()
-
-
 def build_ema(model: torch.nn.Module, decay: float) -> ModelEmaV3 | None:
     """timm's ``ModelEmaV3`` of the weights and BN buffers, its decay warmed up (``1 - (1 + t)^(-2/3)``
     capped at ``decay``) so that a short fine-tuning is not dominated by the random head; None when off."""
@@ -241,7 +227,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         step = int(metrics["step"])
         metrics["epoch"] = math.ceil(step / plan.interval) - 1
         if val_loader is not None:
-            _, y, p = evaluate(ema.module if ema is not None else model, val_loader, device, f.precision)
+            _, y, p = predict_probs(ema.module if ema is not None else model, val_loader, device, f.precision)
             metrics["val_accuracy"] = float((p.argmax(1) == y).mean()) if len(y) else float("nan")
             log.info("finetune %s", {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
         history.append(metrics)
@@ -267,7 +253,7 @@ def run(cfg: Config, trainset: TrainSet, init: str | None, out_dir: str, name: s
     if result.checkpoint is None:
         raise RaysemiError(f"fine-tuning run {name!r} finished without a checkpoint")
     with result.checkpoint.as_directory() as d:
-        state = ray_utils.load_state(d)
+        state = rio.load_state(d)
     model = build_classifier(cfg, len(classes))
     model.load_state_dict(state.get("ema", state["model"]))  # the EMA model is the one exported
     weights = join(out_dir, WEIGHTS)

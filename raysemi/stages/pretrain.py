@@ -17,35 +17,21 @@ from typing import Any
 import timm
 import torch
 
+from raysemi import io as rio
 from raysemi import ray_utils
 from raysemi.config import Config, config_from_yaml, config_to_yaml, from_dict
 from raysemi.data.loader import build_loader
-from raysemi.data.shards import (
-    DatasetError,
-    Manifest,
-    join,
-    read_manifest,
-    split_batch,
-    steps_per_epoch,
-    write_bytes_atomic,
-)
+from raysemi.data.shards import DatasetError, Manifest, read_manifest, split_batch, steps_per_epoch
 from raysemi.errors import RaysemiError
+from raysemi.io import join, read_json, write_bytes_atomic, write_json
 from raysemi.knn import knn_accuracy
 from raysemi.losses import symmetric_byol_loss
 from raysemi.models.backbone import create_backbone
 from raysemi.models.byol import BYOL, byol_forward
 from raysemi.optim import build_optimizer, set_lr
 from raysemi.schedules import byol_tau, scale_lr, warmup_cosine_lr
-from raysemi.stages.common import (
-    StepTimer,
-    all_reduce_sum,
-    autocast,
-    grad_scaler,
-    guard_output,
-    read_json,
-    wrap_ddp,
-    write_json,
-)
+from raysemi.stages.common import StepTimer, all_reduce_sum, autocast, grad_scaler, guard_output, wrap_ddp
+from raysemi.stages.predict import extract_features
 
 log = logging.getLogger("raysemi.pretrain")
 
@@ -139,7 +125,6 @@ def byol_step(
     return loss.item()
 
 
-
 def train_one_epoch(
     model: BYOL,
     online: torch.nn.Module,
@@ -185,21 +170,6 @@ def train_one_epoch(
         "epoch_seconds": timer.total,
         "workers": world,
     }
-
-
-@torch.no_grad()
-def extract_features(backbone: torch.nn.Module, loader) -> tuple[torch.Tensor, torch.Tensor]:
-    """Frozen backbone features and labels (-1 = unlabelled) of every row the loader yields."""
-    was_training = backbone.training
-    backbone.eval()
-    feats, labels = [], []
-    for batch in loader:
-        feats.append(backbone(batch["image"]).float().cpu())
-        labels.append(batch["label"].cpu())
-    backbone.train(was_training)
-    if not feats:
-        return torch.empty(0), torch.empty(0, dtype=torch.long)
-    return torch.cat(feats), torch.cat(labels)
 
 
 def knn_monitor(backbone: torch.nn.Module, bank_loader, query_loader, num_classes: int, k: int) -> float | None:
@@ -302,7 +272,7 @@ def run(cfg: Config, resume: bool = False, overwrite: bool = False) -> PretrainR
     check_inputs(cfg)
     name = run_name(cfg)
     if guard_output(out, WEIGHTS, resume, overwrite, "pretrained model"):
-        _, meta = ray_utils.load_weights(weights)
+        _, meta = rio.load_weights(weights)
         if config_from_yaml(meta["config"]).model != cfg.model:
             raise RaysemiError(f"{weights} was pretrained with another model config: pass --overwrite")
         log.info("reusing the pretrained model at %s", weights)
@@ -320,21 +290,13 @@ def run(cfg: Config, resume: bool = False, overwrite: bool = False) -> PretrainR
     if result.checkpoint is None:
         raise RaysemiError(f"pretraining run {name!r} finished without a checkpoint")
     with result.checkpoint.as_directory() as d:
-        state = ray_utils.load_state(d)
+        state = rio.load_state(d)
     history = state["history"]
     write_bytes_atomic(join(out, "config.yaml"), config_to_yaml(cfg).encode())
     write_json(join(out, "metrics.json"), history)
-    ray_utils.save_weights(
+    rio.save_weights(
         weights, state["model"],
         metadata={"config": config_to_yaml(cfg), "backbone": cfg.model.backbone, "epochs": str(len(history))},
     )
     log.info("pretraining done in %.0f s: %s", time.time() - t0, weights)
     return PretrainResult(weights, history, out)
-
-
-def total_steps_for(cfg: Config, manifest: Manifest) -> int:
-    """Optimizer steps of a full pretraining (for estimates and tests)."""
-    _, rows = pretrain_shards(manifest, cfg.data.path)
-    world = cfg.ray.num_workers
-    return cfg.pretrain.epochs * steps_per_epoch(rows, world, split_batch(cfg.pretrain.batch_size, world))
-

@@ -22,7 +22,7 @@ from raysemi.errors import RaysemiError
 from raysemi.knn import knn_accuracy
 from raysemi.models.backbone import create_backbone
 from raysemi.models.checkpoint import backbone_from_byol
-from raysemi.stages.pretrain import extract_features
+from raysemi.stages.predict import extract_features
 
 log = logging.getLogger("raysemi.probe")
 

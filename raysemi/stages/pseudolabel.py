@@ -33,13 +33,14 @@ from datetime import datetime, timezone
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 
+from raysemi import io as rio
 from raysemi import ray_utils
 from raysemi.config import Config
-from raysemi.data.shards import filesystem, join, read_shard, table_bytes, write_bytes_atomic
+from raysemi.data.shards import read_shard, table_bytes
 from raysemi.errors import RaysemiError
+from raysemi.io import filesystem, join, write_bytes_atomic
 from raysemi.stages.common import autocast
 from raysemi.stages.selection import check_budget, class_counts, select_pseudo_labels
 
@@ -98,13 +99,6 @@ def marker_uri(out_uri: str, index: int) -> str:
     return join(out_uri, f"part-{index:05d}.commit.json")
 
 
-def parquet_rows(uri: str) -> int:
-    """Row count from the Parquet footer (no column data read)."""
-    fs, path = filesystem(uri)
-    with fs.open(path, "rb") as fh:
-        return pq.ParquetFile(fh).metadata.num_rows
-
-
 def read_marker(out_uri: str, index: int) -> dict | None:
     fs, path = filesystem(marker_uri(out_uri, index))
     try:
@@ -122,7 +116,7 @@ def is_committed(out_uri: str, index: int, input_uri: str, rows: int, model_sha2
     if marker.get("input") != input_uri or marker.get("rows") != rows:
         return False
     try:
-        return parquet_rows(part_uri(out_uri, index)) == rows
+        return rio.parquet_rows(part_uri(out_uri, index)) == rows
     except (FileNotFoundError, OSError, pa.ArrowInvalid):
         return False
 
@@ -152,18 +146,13 @@ def pending_shards(
 def model_classes(model_uri: str) -> list[str]:
     """The class names in a classifier file's safetensors header: a cheap check, in the driver, that the
     file is a raysemi classifier before any actor starts (the header only; no tensors read)."""
-    fs, path = filesystem(model_uri)
+    if not rio.exists(model_uri):
+        raise RaysemiError(f"pseudolabel: model {model_uri} does not exist")
     try:
-        with fs.open(path, "rb") as fh:
-            head = fh.read(8)
-            size = int.from_bytes(head, "little") if len(head) == 8 else -1
-            header = json.loads(fh.read(size)) if 0 < size < 100_000_000 else None
-    except FileNotFoundError:
-        raise RaysemiError(f"pseudolabel: model {model_uri} does not exist") from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        header = None
-    meta = header.get("__metadata__") if isinstance(header, dict) else None
-    if not isinstance(meta, dict) or "classes" not in meta or "config" not in meta:
+        meta = rio.weights_metadata(model_uri)
+    except rio.CheckpointError:
+        meta = {}
+    if "classes" not in meta or "config" not in meta:
         raise RaysemiError(f"pseudolabel: {model_uri} is not a raysemi classifier (safetensors with classes/config)")
     return list(json.loads(meta["classes"]))
 
@@ -212,7 +201,7 @@ def verify_exactly_once(out_uri: str, shard_uris: list[str], input_rows: list[in
             ids = read_shard(part_uri(out_uri, i), ["id"]).column("id")
         except (RaysemiError, FileNotFoundError):
             raise RaysemiError(f"exactly-once check failed: no prediction shard for {uri}") from None
-        want = input_rows[i] if input_rows is not None else parquet_rows(uri)
+        want = input_rows[i] if input_rows is not None else rio.parquet_rows(uri)
         if len(ids) != want:
             raise RaysemiError(
                 f"exactly-once check failed: {part_uri(out_uri, i)} holds {len(ids)} rows, its input {uri} {want}"
@@ -455,9 +444,9 @@ def predict_shards(
     if not shard_uris:
         raise RaysemiError("pseudolabel: no input shards to predict")
     model_classes(model_uri)
-    model_sha = ray_utils.file_sha256(model_uri)
+    model_sha = rio.file_sha256(model_uri)
     try:
-        rows = [parquet_rows(u) for u in shard_uris]
+        rows = [rio.parquet_rows(u) for u in shard_uris]
     except FileNotFoundError as err:
         raise RaysemiError(f"pseudolabel: input shard missing ({err})") from None
     _remove_stale(out_uri, len(shard_uris))

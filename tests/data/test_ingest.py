@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from raysemi import io as rio
 from raysemi.data import shards
 from raysemi.data.ingest import ingest, summarize
 from raysemi.data.shards import DatasetError
@@ -305,7 +306,7 @@ def test_local_and_s3_are_identical(tmp_path, s3_bucket):
         assert shards.read_split(str(tmp_path / "ds"), split).equals(
             shards.read_split(f"{s3_bucket}/data/ds", split)
         )
-    fs, path = shards.filesystem(f"{s3_bucket}/data/ds")
+    fs, path = rio.filesystem(f"{s3_bucket}/data/ds")
     assert not [f for f in fs.find(path) if ".tmp-" in f or "probe" in f]
     with pytest.raises(DatasetError, match="already holds a dataset"):
         ingest(str(tmp_path / "src"), f"{s3_bucket}/data/ds", progress=False)

@@ -8,6 +8,7 @@ import pyarrow as pa
 import pytest
 from fsspec.implementations.local import LocalFileSystem
 
+from raysemi import io as rio
 from raysemi.data import shards
 from raysemi.data.shards import DatasetError, Manifest, SplitInfo
 
@@ -26,7 +27,7 @@ def _table(n: int, start: int = 0) -> pa.Table:
 
 
 def _all_files(root: str) -> list[str]:
-    fs, path = shards.filesystem(root)
+    fs, path = rio.filesystem(root)
     fs.invalidate_cache()
     return list(fs.find(path))
 
@@ -45,9 +46,9 @@ def _roundtrip(root: str) -> None:
     assert back == manifest
     assert [s.rows for s in back.splits["train"].shards] == [10, 10, 10]
     assert back.splits["train"].labeled == 24
-    fs, _ = shards.filesystem(root)
+    fs, _ = rio.filesystem(root)
     for info, uri in zip(infos, back.shard_uris(root, "train")):
-        with fs.open(shards.filesystem(uri)[1], "rb") as fh:
+        with fs.open(rio.filesystem(uri)[1], "rb") as fh:
             assert hashlib.sha256(fh.read()).hexdigest() == info.sha256
     table = shards.read_split(root, "train")
     assert table.equals(pa.concat_tables([_table(10, 0), _table(10, 10), _table(10, 20)]))

@@ -8,6 +8,7 @@ import cloudpickle
 import pytest
 import torch
 
+from raysemi import io as rio
 from raysemi import ray_utils
 from raysemi.config import ConfigError, config_to_yaml, from_dict, load_config
 from raysemi.data.shards import DatasetError
@@ -71,7 +72,7 @@ def test_ddp_two_workers_equal_one_worker_full_batch(ray_session, tmp_path):
     )
     result = trainer.fit()
     with result.checkpoint.as_directory() as d:
-        ddp = ray_utils.load_state(d)["model"]
+        ddp = rio.load_state(d)["model"]
     moved = 0
     for k, v in single.items():
         if v.is_floating_point():
@@ -102,7 +103,7 @@ def test_checkpoint_from_another_model_is_refused(tmp_path, demo_dataset):
     cfg = load_config(None, [*TINY, f"data.path={demo_dataset}", f"run.output_dir={tmp_path}",
                              "pretrain.batch_size=32"])
     other = cfg.replace(**{"model.proj_dim": 16})
-    ray_utils.save_weights(
+    rio.save_weights(
         str(tmp_path / "pretrain" / pretrain.WEIGHTS), pretrain.build_model(cfg).state_dict(),
         {"config": config_to_yaml(other)},
     )
@@ -135,7 +136,7 @@ def test_two_workers_on_s3_learn_and_survive_a_killed_worker(ray_session, s3_buc
     # The monitor runs and reports; on ~20 val images after 4 tiny epochs its value is noise, so its rise
     # is not asserted here (seen on the demo set: 0.444 -> 0.524 over 5 epochs).
     assert all(0.0 <= h["knn_accuracy"] <= 1.0 for h in hist)
-    tensors, meta = ray_utils.load_weights(result.weights)
+    tensors, meta = rio.load_weights(result.weights)
     assert any(k.startswith("online.backbone.") for k in tensors)
     assert any(k.startswith("target.backbone.") for k in tensors)
     assert meta["epochs"] == "4"

@@ -7,12 +7,12 @@ import json
 import pytest
 import torch
 
-from raysemi import ray_utils
+from raysemi import io as rio
 from raysemi.cli import main
 from raysemi.config import config_to_yaml, load_config
 from raysemi.data.shards import read_manifest
+from raysemi.io import CheckpointError
 from raysemi.models.checkpoint import backbone_from_byol
-from raysemi.ray_utils import CheckpointError
 from raysemi.stages import pretrain, probe
 
 TINY = ["model.backbone=test_resnet", "model.small_image=false", "model.proj_hidden_dim=64", "model.proj_dim=32",
@@ -26,7 +26,7 @@ def _save_byol(path, cfg, perturb: bool = False) -> str:
         with torch.no_grad():
             for p in model.online.backbone.parameters():
                 p.add_(torch.randn_like(p))
-    ray_utils.save_weights(str(path), model.state_dict(), {"config": config_to_yaml(cfg)})
+    rio.save_weights(str(path), model.state_dict(), {"config": config_to_yaml(cfg)})
     return str(path)
 
 

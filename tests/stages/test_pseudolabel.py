@@ -14,18 +14,9 @@ from PIL import Image
 
 from raysemi import ray_utils
 from raysemi.config import load_config
-from raysemi.data.shards import (
-    SCHEMA,
-    Manifest,
-    SplitInfo,
-    filesystem,
-    image_id,
-    join,
-    read_shard,
-    write_manifest,
-    write_shard,
-)
+from raysemi.data.shards import SCHEMA, Manifest, SplitInfo, image_id, read_shard, write_manifest, write_shard
 from raysemi.errors import RaysemiError
+from raysemi.io import filesystem, join
 from raysemi.models.checkpoint import build_classifier, save_classifier
 from raysemi.stages import pseudolabel as pl
 

@@ -1,0 +1,209 @@
+"""The one storage layer: paths as URIs, atomic writes, JSON, checkpoints (safetensors, torch state), hashes.
+
+Every path is a local path or a URI (``s3://bucket/prefix``) and goes through fsspec (s3fs for ``s3://``), so
+the same code reads and writes both. S3 endpoints and credentials come from the standard AWS environment
+(``AWS_ENDPOINT_URL``, ``AWS_PROFILE``, instance roles); nothing is read from configs. Nothing here imports
+Ray: models, data and stages all use it, on a Train worker or in a plain process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+import uuid
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import torch
+from fsspec.implementations.local import LocalFileSystem
+
+from raysemi.config import Config, config_to_yaml, from_dict
+from raysemi.errors import RaysemiError
+
+STATE_FILE = "state.pt"
+CONFIG_FILE = "config.yaml"
+_MAX_HEADER = 100_000_000  # a safetensors header larger than this is not one we wrote
+
+
+class CheckpointError(RaysemiError):
+    """A checkpoint that is missing, unreadable, unsafe or from another model."""
+
+
+# ---------------------------------------------------------------- paths
+
+
+def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem and in-filesystem path for a local path or URI."""
+    fs, path = fsspec.core.url_to_fs(str(uri))
+    return fs, path
+
+
+def join(uri: str, *parts: str) -> str:
+    """``uri/part/part``: a URI join that works for local paths and object-store prefixes alike."""
+    base = str(uri).rstrip("/")
+    return "/".join([base, *[p.strip("/") for p in parts]])
+
+
+def is_remote(uri: str) -> bool:
+    """True for an object-store URI (``s3://``...), False for a local path or ``file://``."""
+    return "://" in str(uri) and not str(uri).startswith("file://")
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return fs.exists(path)
+
+
+# ---------------------------------------------------------------- bytes and JSON
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = filesystem(uri)
+    with fs.open(path, "rb") as fh:
+        return fh.read()
+
+
+def write_bytes_atomic(uri: str, data: bytes) -> None:
+    """Write under a temporary name, then move into place. On object stores one PUT is already atomic
+    (a reader sees the whole object or none), so the bytes go straight to their name there."""
+    fs, path = filesystem(uri)
+    if not isinstance(fs, LocalFileSystem):
+        with fs.open(path, "wb") as fh:
+            fh.write(data)
+        return
+    # Only local folders need creating; on S3, makedirs would create a missing *bucket* (s3fs's
+    # create_parents), so a typo in a bucket name would silently make a new bucket.
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        with fs.open(tmp, "wb") as fh:
+            fh.write(data)
+        fs.mv(tmp, path)
+    except BaseException:
+        try:  # leave no temporary behind; the original error is what matters
+            if fs.exists(tmp):
+                fs.rm(tmp)
+        except Exception:
+            pass
+        raise
+
+
+def write_json(uri: str, obj: Any) -> None:
+    """Indented JSON, written atomically (numpy floats and the like as floats)."""
+    write_bytes_atomic(uri, json.dumps(obj, indent=2, default=float).encode())
+
+
+def read_json(uri: str) -> Any:
+    return json.loads(read_bytes(uri))
+
+
+# ---------------------------------------------------------------- hashes and Parquet footers
+
+
+def file_sha256(uri: str) -> str:
+    """sha256 of a file, read in 1 MiB chunks."""
+    fs, path = filesystem(uri)
+    h = hashlib.sha256()
+    with fs.open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def parquet_rows(uri: str) -> int:
+    """Row count from the Parquet footer (no column data read); FileNotFoundError when it is missing."""
+    import pyarrow.parquet as pq
+
+    fs, path = filesystem(uri)
+    with fs.open(path, "rb") as fh:
+        return pq.read_metadata(fh).num_rows
+
+
+# ---------------------------------------------------------------- safetensors
+
+
+def save_weights(uri: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
+    """Model weights as safetensors at a local path or URI; returns the sha256 of the file."""
+    from safetensors.torch import save
+
+    data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata)
+    write_bytes_atomic(uri, data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def _header_metadata(head: bytes, uri: str) -> dict[str, str]:
+    try:
+        header = json.loads(head)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"{uri} is not a safetensors checkpoint (unreadable header)") from None
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    return dict(meta) if isinstance(meta, dict) else {}
+
+
+def weights_metadata(uri: str) -> dict[str, str]:
+    """The metadata strings of a safetensors file, from its header alone (no tensors read)."""
+    fs, path = filesystem(uri)
+    try:
+        with fs.open(path, "rb") as fh:
+            first = fh.read(8)
+            size = struct.unpack("<Q", first)[0] if len(first) == 8 else -1
+            if not 0 < size < _MAX_HEADER:
+                raise CheckpointError(f"{uri} is not a safetensors checkpoint (bad header size)")
+            return _header_metadata(fh.read(size), uri)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {uri} does not exist") from None
+
+
+def load_weights(uri: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read safetensors weights and their metadata from a local path or URI."""
+    from safetensors.torch import load
+
+    try:
+        data = read_bytes(uri)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {uri} does not exist") from None
+    try:
+        tensors = load(data)
+    except Exception as err:
+        raise CheckpointError(f"{uri} is not a safetensors checkpoint ({err})") from None
+    size = struct.unpack("<Q", data[:8])[0]
+    return tensors, _header_metadata(data[8 : 8 + size], uri)
+
+
+# ---------------------------------------------------------------- torch state (training checkpoints)
+
+
+def safe_torch_load(data: bytes, name: str, map_location: str | torch.device = "cpu") -> Any:
+    """``torch.load`` that never unpickles code: anything but tensors and plain containers is refused."""
+    try:
+        return torch.load(BytesIO(data), map_location=map_location, weights_only=True)
+    except Exception as err:  # torch raises UnpicklingError (or RuntimeError) for a refused payload
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"refusing checkpoint {name}: not a plain tensor checkpoint ({first})") from None
+
+
+def save_state(directory: str | Path, state: dict[str, Any], cfg: Config | None = None) -> None:
+    """Tensors and plain containers only (``torch.save``), read back with ``weights_only=True``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.save(state, directory / STATE_FILE)
+    if cfg is not None:
+        (directory / CONFIG_FILE).write_text(config_to_yaml(cfg))
+
+
+def load_state(directory: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """What ``save_state`` wrote, refused (``CheckpointError``) unless it is tensors and plain containers."""
+    path = Path(directory) / STATE_FILE
+    if not path.is_file():
+        raise CheckpointError(f"no {STATE_FILE} in checkpoint {directory}")
+    return safe_torch_load(path.read_bytes(), str(path), map_location)
+
+
+def read_config_beside(uri: str) -> Config:
+    """The resolved config saved next to an output (``<dir>/config.yaml``)."""
+    import yaml
+
+    return from_dict(yaml.safe_load(read_bytes(join(uri, CONFIG_FILE))))
