@@ -12,7 +12,8 @@ values render as "n/a" and their plot is skipped)::
       "stages": {"pretrain": s, "finetune": s, "round_1": s, ..., "evaluate": s},   # wall seconds
       "rounds": [                                  # round 0 = fine-tuning on the labeled set only
         {"round": 0, "val": <classification_metrics dict> | None, "n_pseudo": 0,
-         "pseudo_precision": float | None, "train_rows": int, "seconds": float},
+         "pseudo_precision": float | None, "train_rows": int, "steps": int, "images_seen": int,
+         "seconds": float},
         {"round": 1, ...},
       ],
       "best_round": int,                           # the round whose model is evaluated on test
@@ -227,7 +228,8 @@ def render_markdown(report: Mapping[str, Any], images: Mapping[str, str] | None 
     test = _test(report)
 
     lines = [f"# raysemi report: {run.get('name') or 'unnamed run'}", "", "## Run", ""]
-    for key in ("name", "mode", "head", "dataset", "backbone", "config_path", "started"):
+    for key in ("name", "mode", "head", "dataset", "backbone", "select_metric", "selection", "soft_targets",
+                "config_path", "started"):
         if run.get(key) is not None:
             lines.append(f"- **{key}**: {run[key]}")
     if classes:
@@ -250,7 +252,10 @@ def render_markdown(report: Mapping[str, Any], images: Mapping[str, str] | None 
                     fmt(r.get("train_rows")),
                     fmt(r.get("n_pseudo")),
                     fmt(r.get("pseudo_precision")),
+                    fmt(r.get("steps")),
+                    fmt(r.get("images_seen")),
                     fmt(val.get("accuracy")),
+                    fmt(val.get("balanced_accuracy")),
                     fmt(val.get("macro_f1")),
                 ]
             )
@@ -260,7 +265,10 @@ def render_markdown(report: Mapping[str, Any], images: Mapping[str, str] | None 
                 "train rows",
                 "pseudo-labels added",
                 "pseudo-label precision",
+                "optimizer steps",
+                "images seen",
                 "val accuracy",
+                "val balanced accuracy",
                 "val macro-F1",
             ],
             rows,

@@ -47,7 +47,7 @@ def full_report() -> dict:
             {"round": 0, "val": _metrics(200, 1, 1.5), "n_pseudo": 0, "pseudo_precision": None,
              "train_rows": 300, "seconds": 130.0},
             {"round": 1, "val": _metrics(200, 2, 2.5), "n_pseudo": 500, "pseudo_precision": 0.912,
-             "train_rows": 800, "seconds": 250.5},
+             "train_rows": 800, "steps": 600, "images_seen": 38400, "seconds": 250.5},
             {"round": 2, "val": _metrics(200, 3, 2.0), "n_pseudo": 1000, "pseudo_precision": 0.874,
              "train_rows": 1800, "seconds": 260.25},
         ],
@@ -99,11 +99,15 @@ def test_markdown_holds_the_values(tmp_path, full_report):
     test = full_report["test"]
     assert md.startswith("# raysemi report: covid19-demo\n")
     assert "- **mode**: full" in md and "- **head**: projector" in md and "- **backbone**: resnet18" in md
-    # Per-round table: round, train rows, pseudo-labels added, pseudo-label precision, val acc, val F1.
+    # Per-round table: round, train rows, pseudo-labels added, pseudo-label precision, optimizer steps, images
+    # seen, val acc, val balanced acc, val F1.
     r1 = full_report["rounds"][1]["val"]
-    assert f"| 1 (best) | 800 | 500 | 0.9120 | {r1['accuracy']:.4f} | {r1['macro_f1']:.4f} |" in md
+    assert (f"| 1 (best) | 800 | 500 | 0.9120 | 600 | 38400 | {r1['accuracy']:.4f} | "
+            f"{r1['balanced_accuracy']:.4f} | {r1['macro_f1']:.4f} |") in md
     r0 = full_report["rounds"][0]["val"]
-    assert f"| 0 | 300 | 0 | n/a | {r0['accuracy']:.4f} | {r0['macro_f1']:.4f} |" in md
+    # A report from before steps were counted shows n/a there.
+    assert (f"| 0 | 300 | 0 | n/a | n/a | n/a | {r0['accuracy']:.4f} | {r0['balanced_accuracy']:.4f} | "
+            f"{r0['macro_f1']:.4f} |") in md
     assert "## Test metrics (model of round 1)" in md
     assert f"| accuracy | {test['accuracy']:.4f} |" in md
     assert f"| balanced accuracy | {test['balanced_accuracy']:.4f} |" in md
