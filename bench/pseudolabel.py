@@ -35,6 +35,7 @@ import pyarrow as pa
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from raysemi import io as rio  # noqa: E402
 from raysemi.config import load_config  # noqa: E402
 from raysemi.data.shards import (  # noqa: E402
     SCHEMA,
@@ -47,6 +48,7 @@ from raysemi.data.shards import (  # noqa: E402
 )
 from raysemi.io import join  # noqa: E402
 from raysemi.models.checkpoint import build_classifier, save_classifier  # noqa: E402
+from raysemi.stages import commits, predictor  # noqa: E402
 from raysemi.stages import pseudolabel as pl  # noqa: E402
 
 CLASSES = ["a", "b", "c"]
@@ -100,11 +102,11 @@ def cpu_model() -> str:
 
 def run_single(model: str, cfg, sha: str, uris: list[str], rows: list[int], out: str, threads: int) -> dict:
     t0 = time.perf_counter()
-    predictor = pl.ShardPredictor(model, cfg, sha, num_threads=threads)
-    predictor.ready()
+    shard_predictor = predictor.ShardPredictor(model, cfg, sha, num_threads=threads)
+    shard_predictor.ready()
     startup = time.perf_counter() - t0
     t0 = time.perf_counter()
-    done = sum(predictor.run(i, u, out, r) for i, (u, r) in enumerate(zip(uris, rows)))
+    done = sum(shard_predictor.run(i, u, out, r)[0] for i, (u, r) in enumerate(zip(uris, rows)))
     return {"rows": done, "seconds": time.perf_counter() - t0, "startup_s": startup}
 
 
@@ -119,7 +121,7 @@ def run_pool(model: str, cfg, sha: str, uris: list[str], rows: list[int], out: s
         seconds = time.perf_counter() - t0
     finally:
         pool.shutdown()
-    pl.verify_exactly_once(out, uris, rows)
+    commits.verify_exactly_once(out, uris, rows)
     return {"rows": done, "seconds": seconds, "startup_s": startup}
 
 
@@ -138,7 +140,7 @@ class RayDataPredictor:
         self.model, self.model_cfg, _ = load_classifier(model_uri, self.device)
         self.cfg = cfg
         size = self.model_cfg.data.image_size
-        pl.predict_batch(self.model, torch.zeros(8, 3, size, size, device=self.device))  # warm-up, as ours
+        predictor.predict_batch(self.model, torch.zeros(8, 3, size, size, device=self.device))  # warm-up, as ours
         self.log = Path(log_dir, f"actor-{os.getpid()}")
         self.log.write_text(f"ready {time.time()!r}\n")
 
@@ -150,7 +152,7 @@ class RayDataPredictor:
         start = time.time()
         t = aug.eval_transform(self.model_cfg.data.image_size, self.model_cfg.augment)
         images = torch.stack([t(aug.decode_rgb(b)) for b in batch["image"]]).to(self.device)
-        pred, conf, probs = pl.predict_batch(self.model, images)
+        pred, conf, probs = predictor.predict_batch(self.model, images)
         with self.log.open("a") as fh:
             fh.write(f"call {start!r} {time.time()!r} {len(batch['id'])}\n")
         return {"id": batch["id"], "pred": pred.numpy().astype(np.int16), "confidence": conf.numpy(),
@@ -227,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     default_threads = torch.get_num_threads()
     with tempfile.TemporaryDirectory(prefix="raysemi-bench-pl-") as tmp:
         uris = dataset_shards(args.dataset) if args.dataset else generate(f"{tmp}/data", args.images, args.shards, args.size)
-        rows = [pl.parquet_rows(u) for u in uris]
+        rows = [rio.parquet_rows(u) for u in uris]
         cfg = load_config(None, [
             f"model.backbone={args.backbone}", f"model.small_image={str(args.small_image).lower()}",
             "model.proj_hidden_dim=512", "model.proj_dim=128", f"data.image_size={args.size}", "data.loader=torch",

@@ -33,9 +33,10 @@ from raysemi.io import filesystem, join, write_bytes_atomic
 from raysemi.losses import sharpen
 from raysemi.metrics import pseudo_label_precision
 from raysemi.stages import finetune, pretrain
+from raysemi.stages.commits import read_predictions
 from raysemi.stages.evaluate import publish_report, split_metrics
-from raysemi.stages.pseudolabel import check_budget, predict_shards, read_predictions
-from raysemi.stages.selection import budget_count, select_pseudo_labels, selection_prior
+from raysemi.stages.pseudolabel import predict_shards
+from raysemi.stages.selection import budget_count, check_budget, select_pseudo_labels, selection_prior
 
 log = logging.getLogger("raysemi.pipeline")
 

@@ -5,6 +5,10 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -12,12 +16,12 @@ import pytest
 import torch
 from PIL import Image
 
-from raysemi import ray_utils
 from raysemi.config import load_config
 from raysemi.data.shards import SCHEMA, Manifest, SplitInfo, image_id, read_shard, write_manifest, write_shard
 from raysemi.errors import RaysemiError
 from raysemi.io import filesystem, join
 from raysemi.models.checkpoint import build_classifier, save_classifier
+from raysemi.stages import commits, predictor
 from raysemi.stages import pseudolabel as pl
 
 CLASSES = ["normal", "pneumonia", "covid"]
@@ -66,6 +70,57 @@ def save_model(uri: str, cfg, seed: int) -> str:
     return save_classifier(uri, build_classifier(cfg, len(CLASSES)), cfg, CLASSES)
 
 
+def held_predictor(index: int, gate):
+    """A ``ShardPredictor`` whose first process to get shard ``index`` writes ``gate`` and then holds it
+    (never commits), so that the test can kill that process from outside; a restarted one runs normally."""
+
+    class HeldPredictor(predictor.ShardPredictor):
+        def run(self, i, shard_uri, out_uri, rows):
+            if i == index and not os.path.exists(gate):
+                with open(gate, "w") as fh:
+                    fh.write("held")
+                time.sleep(120)  # killed long before; if not, the test's timeout says so
+            return super().run(i, shard_uri, out_uri, rows)
+
+    return HeldPredictor
+
+
+def pids_titled(text: str) -> set[int]:
+    """Processes whose command line (Ray sets it to ``ray::<Class>.<method>`` while a task runs) has ``text``."""
+    found = set()
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if text in cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                found.add(int(cmdline.parent.name))
+        except OSError:  # the process ended meanwhile
+            pass
+    return found
+
+
+def held_process(gate) -> int | None:
+    """The actor process holding shard ``index``: the one Ray titles ``HeldPredictor.run`` once the gate
+    exists (the other actors' tasks last milliseconds, so it is the one still in ``run`` a moment later)."""
+    if not os.path.exists(gate):
+        return None
+    seen = []
+    for _ in range(3):
+        seen.append(pids_titled("HeldPredictor.run"))
+        time.sleep(0.3)
+    steady = set.intersection(*seen)
+    return steady.pop() if len(steady) == 1 else None
+
+
+def wait_for(probe, running, timeout: float = 240.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert not running.done(), f"finished before the kill: {running.result()}"
+        found = probe()
+        if found is not None:
+            return found
+        time.sleep(0.2)
+    raise AssertionError("the held actor never showed up")
+
+
 @pytest.fixture(scope="module")
 def cfg():
     return load_config(None, TINY)
@@ -73,7 +128,7 @@ def cfg():
 
 @pytest.mark.ray
 def test_exactly_once_with_a_killed_actor_and_after_an_interrupted_run(
-    ray_session, s3_bucket, cfg, tmp_path, monkeypatch
+    ray_session, s3_bucket, cfg, tmp_path
 ):
     """All on S3 (the cluster case). Actor start-up dominates on 2 cores, so one test covers both."""
     uris = make_dataset(f"{s3_bucket}/dataset", shards=6, rows=6)
@@ -82,20 +137,23 @@ def test_exactly_once_with_a_killed_actor_and_after_an_interrupted_run(
     out = f"{s3_bucket}/predictions/round=1"
     fs, _ = filesystem(out)
 
-    # 1. The actor predicting shard 3 kills its own process before committing: it is replaced, the shard re-run.
-    fired = tmp_path / "fired"
-    monkeypatch.setenv(ray_utils.FAULT_ENV, f"pseudolabel:3:0:{fired}")
-    first = pl.predict_shards(model, uris, out, cfg, progress=False)
-    monkeypatch.delenv(ray_utils.FAULT_ENV)
-    assert fired.exists(), "the injected failure did not fire"
+    # 1. The test kills the process of the actor predicting shard 3 before it commits: Ray restarts the actor
+    # and re-runs the shard on it.
+    gate = tmp_path / "held"
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(pl.predict_shards, model, uris, out, cfg, progress=False,
+                              predictor=held_predictor(3, gate))
+        victim = wait_for(lambda: held_process(gate), running)
+        os.kill(victim, signal.SIGKILL)
+        first = running.result(timeout=300)
     assert first.actor_restarts == 1
     assert (first.shards_total, first.shards_computed, first.shards_skipped, first.rows) == (6, 6, 0, 36)
     assert first.model_sha256 == sha and first.images_per_s > 0
-    marker = json.loads(fs.cat(pl.marker_uri(out, 3)))
+    marker = json.loads(fs.cat(commits.marker_uri(out, 3)))
     assert marker["model_sha256"] == sha and marker["rows"] == 6 and marker["input"] == uris[3]
 
-    preds = pl.read_predictions(out)
-    assert preds.schema == pl.PRED_SCHEMA
+    preds = commits.read_predictions(out)
+    assert preds.schema == commits.PRED_SCHEMA
     ids = preds.column("id").to_pylist()
     assert len(ids) == len(set(ids)) == 36
     assert set(ids) == {i for u in uris for i in read_shard(u, ["id"]).column("id").to_pylist()}
@@ -105,33 +163,33 @@ def test_exactly_once_with_a_killed_actor_and_after_an_interrupted_run(
     np.testing.assert_array_equal(preds.column("pred").to_numpy(), probs.argmax(1))
     np.testing.assert_allclose(preds.column("confidence").to_numpy(), probs.max(1))
     # The actors give what one process gives with the same model and eval transform, in row order.
-    local = pl.ShardPredictor(model, cfg, sha).predict_table(uris[2])
+    local = predictor.ShardPredictor(model, cfg, sha).predict_table(uris[2])
     got = preds.slice(12, 6)
     assert got.column("id").to_pylist() == local.column("id").to_pylist()
     np.testing.assert_allclose(got.column("confidence").to_numpy(), local.column("confidence").to_numpy(), rtol=1e-5)
 
     # 2. An interrupted run: shard 1 lost its marker, shard 4 its Parquet file. Only those two are recomputed.
-    before = {i: fs.cat(pl.marker_uri(out, i)) for i in (0, 2, 3, 5)}
-    fs.rm(pl.marker_uri(out, 1))
-    fs.rm(pl.part_uri(out, 4))
+    before = {i: fs.cat(commits.marker_uri(out, i)) for i in (0, 2, 3, 5)}
+    fs.rm(commits.marker_uri(out, 1))
+    fs.rm(commits.part_uri(out, 4))
     one_actor = cfg.replace(**{"pseudolabel.num_actors": 1})  # two small shards: one actor to start, not two
     second = pl.predict_shards(model, uris, out, one_actor, progress=False)
     assert (second.shards_computed, second.shards_skipped, second.rows, second.actor_restarts) == (2, 4, 36, 0)
-    assert {i: fs.cat(pl.marker_uri(out, i)) for i in (0, 2, 3, 5)} == before, "a committed shard was redone"
-    assert pl.read_predictions(out).column("id").to_pylist() == ids
+    assert {i: fs.cat(commits.marker_uri(out, i)) for i in (0, 2, 3, 5)} == before, "a committed shard was redone"
+    assert commits.read_predictions(out).column("id").to_pylist() == ids
 
     # 3. Nothing missing: no actor starts. A different model file: every shard is pending again.
     third = pl.predict_shards(model, uris, out, cfg, progress=False)
     assert (third.shards_computed, third.shards_skipped, third.images_per_s) == (0, 6, 0.0)
     rows = [6] * 6
-    assert pl.pending_shards(out, uris, rows, sha) == []
-    assert [t[0] for t in pl.pending_shards(out, uris, rows, "another model's sha256")] == list(range(6))
-    assert pl.read_predictions(out, model_sha256="another model's sha256").num_rows == 0
+    assert commits.pending_shards(out, uris, rows, sha) == []
+    assert [t[0] for t in commits.pending_shards(out, uris, rows, "another model's sha256")] == list(range(6))
+    assert commits.read_predictions(out, model_sha256="another model's sha256").num_rows == 0
 
     # 4. A shorter input list: parts beyond it are removed, so the folder holds predictions of these inputs only.
     fourth = pl.predict_shards(model, uris[:4], out, cfg, progress=False)
     assert (fourth.shards_computed, fourth.rows) == (0, 24)
-    assert pl.read_predictions(out).num_rows == 24
+    assert commits.read_predictions(out).num_rows == 24
 
 
 def test_model_is_checked_before_any_actor_starts(tmp_path, cfg):
@@ -144,7 +202,7 @@ def test_model_is_checked_before_any_actor_starts(tmp_path, cfg):
         pl.predict_shards(str(tmp_path / "missing.safetensors"), uris, str(tmp_path / "pred"), cfg)
     good = str(tmp_path / "good.safetensors")
     save_model(good, cfg, seed=0)
-    assert pl.model_classes(good) == CLASSES
+    assert predictor.model_classes(good) == CLASSES
     with pytest.raises(RaysemiError, match="input shard missing"):
         pl.predict_shards(good, [str(tmp_path / "nope.parquet")], str(tmp_path / "pred"), cfg)
 
@@ -155,14 +213,14 @@ def test_local_predictor_writes_a_committed_shard(tmp_path, cfg):
     model = str(tmp_path / "model.safetensors")
     sha = save_model(model, cfg, seed=0)
     out = str(tmp_path / "pred")
-    predictor = pl.ShardPredictor(model, cfg.replace(**{"pseudolabel.batch_size": 3}), sha)
-    assert [predictor.run(i, u, out, 5) for i, u in enumerate(uris)] == [5, 5]
-    assert pl.verify_exactly_once(out, uris) == 10
-    assert pl.pending_shards(out, uris, [5, 5], sha) == []
-    table = pl.read_predictions(out)
+    sp = predictor.ShardPredictor(model, cfg.replace(**{"pseudolabel.batch_size": 3}), sha)
+    assert [sp.run(i, u, out, 5)[0] for i, u in enumerate(uris)] == [5, 5]
+    assert commits.verify_exactly_once(out, uris) == 10
+    assert commits.pending_shards(out, uris, [5, 5], sha) == []
+    table = commits.read_predictions(out)
     assert table.num_rows == 10 and table.column("pred").type == pa.int16()
     with pytest.raises(RuntimeError, match="holds 4"):
-        predictor.run(0, uris[0], out, 4)
+        sp.run(0, uris[0], out, 4)
 
 
 def _fake(ids: list[str]) -> pa.Table:
@@ -170,7 +228,7 @@ def _fake(ids: list[str]) -> pa.Table:
     return pa.table(
         {"id": ids, "pred": pa.array([0] * n, pa.int16()), "confidence": pa.array([0.5] * n, pa.float32()),
          "probs": pa.array([[0.5, 0.5]] * n, pa.list_(pa.float32()))},
-        schema=pl.PRED_SCHEMA,
+        schema=commits.PRED_SCHEMA,
     )
 
 
@@ -179,17 +237,17 @@ def test_exactly_once_check_catches_violations(tmp_path):
     uris = make_dataset(root, shards=2, rows=3)
     ids = [read_shard(u, ["id"]).column("id").to_pylist() for u in uris]
     out = str(tmp_path / "pred")
-    pl.commit(out, 0, uris[0], _fake(ids[0]), "sha")
-    pl.commit(out, 1, uris[1], _fake(ids[1]), "sha")
-    assert pl.verify_exactly_once(out, uris) == 6
-    assert pl.is_committed(out, 1, uris[1], 3, "sha") and not pl.is_committed(out, 1, uris[1], 3, "other")
+    commits.commit(out, 0, uris[0], _fake(ids[0]), "sha")
+    commits.commit(out, 1, uris[1], _fake(ids[1]), "sha")
+    assert commits.verify_exactly_once(out, uris) == 6
+    assert commits.is_committed(out, 1, uris[1], 3, "sha") and not commits.is_committed(out, 1, uris[1], 3, "other")
 
-    pl.commit(out, 1, uris[1], _fake([ids[1][0], ids[1][1], ids[0][0]]), "sha")  # a duplicate, a missing id
+    commits.commit(out, 1, uris[1], _fake([ids[1][0], ids[1][1], ids[0][0]]), "sha")  # a duplicate, a missing id
     with pytest.raises(RaysemiError, match="1 ids have more than one prediction"):
-        pl.verify_exactly_once(out, uris)
-    pl.commit(out, 1, uris[1], _fake(ids[1][:2]), "sha")
+        commits.verify_exactly_once(out, uris)
+    commits.commit(out, 1, uris[1], _fake(ids[1][:2]), "sha")
     with pytest.raises(RaysemiError, match="holds 2 rows"):
-        pl.verify_exactly_once(out, uris)
-    os.remove(pl.part_uri(out, 1))
+        commits.verify_exactly_once(out, uris)
+    os.remove(commits.part_uri(out, 1))
     with pytest.raises(RaysemiError, match="no prediction shard"):
-        pl.verify_exactly_once(out, uris)
+        commits.verify_exactly_once(out, uris)
