@@ -1,7 +1,9 @@
 """``raysemi ingest``: an image folder, a MedMNIST-style ``.npz``, a CSV or a DICOM tree -> validated,
 deduplicated, group-split Parquet shards with a manifest (the data contract in ``shards.py``).
 
-The sources and their layouts are described in ``sources.py``; DICOM reading and rendering in ``dicom.py``.
+The steps, each in its own module: scan the source (``sources.py``; DICOM reading and rendering in
+``dicom.py``), check the destination (``destination.py``), validate every image (here), dedup, carve
+val/test by group and plan the shards (``partition.py``), write them (``shard_writer.py``), then the manifest.
 DICOM frames are rendered once at validation into a temporary folder (removed at the end) and read back
 when their shard is written; their id is the sha256 of the stored PNG.
 
@@ -15,36 +17,28 @@ complete. Ids are the sha256 of the original bytes, stable across re-ingests.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
-import math
 import os
-import random
 import re
-import sys
 import tempfile
-import threading
 import uuid
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
-import numpy as np
-import pyarrow as pa
-from fsspec.implementations.local import LocalFileSystem
-from tqdm import tqdm
-
 from raysemi import io as rio
-from raysemi.data import dicom, shards
+from raysemi.data import dicom, dicom_render, shards
+from raysemi.data.destination import check_destination, clear_parts, remove_if_empty
 from raysemi.data.dicom import DicomOptions
-from raysemi.data.shards import SPLITS, DatasetError, Manifest, ShardInfo, SplitInfo
+from raysemi.data.dicom_sources import scan_dicom, scan_dicom_unlabeled
+from raysemi.data.partition import carve_group_splits, dedup, plan_shards
+from raysemi.data.shard_writer import progress_bar, read_item, write_shards
+from raysemi.data.shards import SPLITS, DatasetError, Manifest, SplitInfo
 from raysemi.data.sources import (
     FORMATS,
     Item,
     detect_format,
     scan_csv,
-    scan_dicom,
-    scan_dicom_unlabeled,
     scan_folder,
     scan_npz,
     scan_unlabeled,
@@ -55,89 +49,10 @@ __all__ = ["FORMATS", "DicomOptions", "ingest", "summarize"]  # FORMATS: re-expo
 
 log = logging.getLogger(__name__)
 
-_PART = re.compile(r"part-\d+\.parquet(\.tmp-[0-9a-f]+)?$")
-
-
-def _inside(child: Path, parent: Path) -> bool:
-    return child == parent or parent in child.parents
-
-
-def _check_destination(dest: str, overwrite: bool, sources: list[Path]) -> bool:
-    """Refuse an existing dataset (unless overwrite) and prove the destination writable, writing nothing
-    that stays."""
-    fs, root = rio.filesystem(dest)
-    if not rio.is_remote(dest):
-        d = Path(root).resolve()
-        if d.exists() and not d.is_dir():
-            raise DatasetError(f"destination {dest} exists and is not a folder")
-        for src in sources:
-            if (src.is_dir() and _inside(d, src)) or any(_inside(src, d / s) for s in SPLITS):
-                raise DatasetError(f"destination {dest} overlaps the source {src}")
-    try:
-        exists = shards.dataset_exists(dest)
-    except PermissionError as err:
-        raise DatasetError(f"cannot access destination {dest}: access denied ({err})") from None
-    except Exception as err:
-        raise DatasetError(f"cannot access destination {dest}: {type(err).__name__}: {err}") from None
-    if exists and not overwrite:
-        raise DatasetError(f"{dest} already holds a dataset (manifest.json); pass --overwrite to replace it")
-    probe = f"{root.rstrip('/')}/.raysemi-write-probe-{uuid.uuid4().hex[:8]}"
-    created = False
-    try:
-        if isinstance(fs, LocalFileSystem) and not fs.exists(root):
-            fs.makedirs(root, exist_ok=True)
-            created = True
-        fs.pipe_file(probe, b"probe")
-        fs.rm_file(probe)
-    except FileNotFoundError as err:
-        where = f"bucket {root.split('/')[0]!r} does not exist" if rio.is_remote(dest) else str(err)
-        raise DatasetError(f"cannot write to {dest}: {where}") from None
-    except PermissionError as err:
-        raise DatasetError(f"cannot write to {dest}: access denied ({err})") from None
-    except Exception as err:
-        raise DatasetError(f"cannot write to {dest}: {type(err).__name__}: {err}") from None
-    return created
-
-
-def _remove_if_empty(dest: str, created: bool) -> None:
-    """Undo the folder the destination probe created, when a failed ingest left it empty."""
-    path = Path(rio.filesystem(dest)[1])
-    if created and path.is_dir() and not any(path.iterdir()):
-        path.rmdir()
-
-
-def _clear_parts(dest: str) -> None:
-    """Remove shard files (and temporaries) under the split folders: leftovers of an unfinished ingest."""
-    fs, root = rio.filesystem(dest)
-    fs.invalidate_cache()
-    for split in SPLITS:
-        sdir = f"{root.rstrip('/')}/{split}"
-        try:
-            names = fs.ls(sdir, detail=False)
-        except (FileNotFoundError, NotADirectoryError):
-            continue
-        doomed = [n for n in names if _PART.match(n.rsplit("/", 1)[-1])]
-        if doomed:
-            fs.rm(doomed)
-        if isinstance(fs, LocalFileSystem) and fs.exists(sdir) and not fs.ls(sdir):
-            fs.rmdir(sdir)
-
-
-def _read(it: Item) -> bytes:
-    if it.path is not None:
-        return it.path.read_bytes()
-    return encode_array(it.array)
-
-
-def _order(it: Item) -> str:
-    """Row order: the source path, or (DICOM, where ``source`` is a salted hash) a salt-free key."""
-    return it.sort_key or it.source
-
-
 def _render_dicom(it: Item, window: tuple[float, float] | None, spill: Path) -> Item:
     """Render a DICOM frame to an 8-bit PNG in the spill folder; ``it.path`` then points at it."""
     try:
-        arr, conversion = dicom.render(it.dicom, window)
+        arr, conversion = dicom_render.render(it.dicom, window)
     except dicom.DicomReject as bad:
         it.check = Checked(reason=bad.reason)
         return it
@@ -160,7 +75,7 @@ def _validate(it: Item, max_pixels: int, dicom_run: tuple | None = None) -> Item
     if it.dicom is not None:
         return _render_dicom(it, *dicom_run)
     try:
-        data = _read(it)
+        data = read_item(it)
     except OSError as err:
         it.check = Checked(reason=f"unreadable: {type(err).__name__}")
         return it
@@ -172,80 +87,6 @@ def _validate(it: Item, max_pixels: int, dicom_run: tuple | None = None) -> Item
         it.check = Checked(conversion=it.check.conversion, mode=it.check.mode, size=it.check.size)
         it.array = None
     return it
-
-
-def _carve(items: list[Item], carve: dict[str, float], seed: int) -> None:
-    """Move whole groups from the labeled train pool into val/test, stratified by each group's majority class."""
-    pool = [it for it in items if it.label is not None and it.split in (None, "train")]
-    for it in pool:
-        it.split = "train"
-    groups: dict[str, list[Item]] = defaultdict(list)
-    for it in pool:
-        groups[it.group if it.group is not None else f"\0{it.source}"].append(it)
-    # Salted (DICOM) groups sort by a salt-free key, so a random salt does not reshuffle the splits.
-    order = {k: (m[0].group_sort or k) for k, m in groups.items()}
-    by_class: dict[str, list[str]] = defaultdict(list)
-    for key, members in groups.items():
-        by_class[Counter(m.label for m in members).most_common(1)[0][0]].append(key)
-    rng = random.Random(seed)
-    for cls in sorted(by_class):
-        keys = sorted(by_class[cls], key=order.__getitem__)
-        rng.shuffle(keys)
-        n = sum(len(groups[k]) for k in keys)
-        targets = {s: round(n * f) for s, f in carve.items()}
-        counts = dict.fromkeys(carve, 0)
-        for k in keys:
-            size = len(groups[k])
-            for s, t in targets.items():
-                if counts[s] < t and abs(counts[s] + size - t) <= t - counts[s]:
-                    counts[s] += size
-                    for it in groups[k]:
-                        it.split = s
-                    break
-
-
-def _plan(items: list[Item], shard_mb: float, min_shards: int, seed: int) -> list[list[Item]]:
-    if not items:
-        return []
-    rows = sorted(items, key=_order)
-    order = np.random.default_rng(seed).permutation(len(rows))
-    rows = [rows[i] for i in order]
-    total = sum(it.nbytes for it in rows)
-    k = min(len(rows), max(1, math.ceil(total / (shard_mb * 1e6)), min(min_shards, len(rows))))
-    bounds = np.linspace(0, len(rows), k + 1).round().astype(int)
-    return [rows[a:b] for a, b in itertools.pairwise(bounds)]
-
-
-def _shard_table(rows: list[Item], class_index: dict[str, int], tags: tuple[str, ...] = ()) -> pa.Table:
-    images = []
-    for it in rows:
-        if it.keep is not None:
-            images.append(it.keep)
-            continue
-        data = _read(it)
-        if shards.image_id(data) != it.sha:
-            raise DatasetError(f"{it.path} changed during ingest; run it again")
-        images.append(data)
-    return pa.table(
-        {
-            "id": [it.sha for it in rows],
-            "image": images,
-            "label": pa.array(
-                [None if it.label is None else class_index[it.label] for it in rows], pa.int16()
-            ),
-            "group": pa.array([it.group for it in rows], pa.string()),
-            "source": [it.source for it in rows],
-            # DICOM tags the user chose to keep (vetted by dicom.check_keep_tags): extra string columns
-            **{t: pa.array([it.dicom.tags.get(t) if it.dicom else None for it in rows], pa.string()) for t in tags},
-        },
-        schema=pa.schema([*shards.SCHEMA, *(pa.field(t, pa.string()) for t in tags)]),
-    )
-
-
-def _bar(total: int, desc: str, progress: bool) -> tqdm:
-    return tqdm(
-        total=total, desc=desc, unit="img", disable=not (progress and sys.stderr.isatty()), leave=False
-    )
 
 
 def _collect(
@@ -320,55 +161,11 @@ def _validate_all(
     # Threads: Pillow releases the GIL while decoding (a process pool measured no faster on 224px JPEGs).
     with (
         ThreadPoolExecutor(workers or min(8, os.cpu_count() or 2)) as pool,
-        _bar(len(items), "validate", progress) as bar,
+        progress_bar(len(items), "validate", progress) as bar,
     ):
         for f in as_completed([pool.submit(_validate, it, max_pixels, dicom_run) for it in items]):
             f.result()
             bar.update()
-
-
-def _dedup(items: list[Item]) -> tuple[list[Item], list[dict[str, str]], int]:
-    """Quarantine failures; keep the first of each sha256 (labeled first, then by source path)."""
-    quarantine = [{"source": it.source, "reason": it.check.reason} for it in items if not it.check.ok]
-    kept, first, duplicates = [], {}, 0
-    for it in sorted((it for it in items if it.check.ok), key=lambda it: (it.label is None, _order(it))):
-        prev = first.setdefault(it.sha, it)
-        if prev is it:
-            kept.append(it)
-        elif it.label is None or it.label == prev.label:
-            duplicates += 1
-        else:
-            reason = f"duplicate with conflicting label (of {prev.source})"
-            quarantine.append({"source": it.source, "reason": reason})
-    return kept, quarantine, duplicates
-
-
-def _write(
-    dest: str, plan: list, class_index: dict[str, int], progress: bool, tags: tuple[str, ...] = ()
-) -> dict[tuple[str, int], ShardInfo]:
-    """Write every planned shard (a few at a time); on any failure cancel the rest and re-raise."""
-    written: dict[tuple[str, int], ShardInfo] = {}
-    lock = threading.Lock()
-
-    def one(split: str, i: int, rows: list[Item]) -> int:
-        info = shards.write_shard(dest, f"{split}/part-{i:05d}.parquet", _shard_table(rows, class_index, tags))
-        with lock:
-            written[(split, i)] = info
-        return len(rows)
-
-    with (
-        ThreadPoolExecutor(4 if rio.is_remote(dest) else 2) as pool,
-        _bar(sum(len(p[2]) for p in plan), "write", progress) as bar,
-    ):
-        futures = [pool.submit(one, *p) for p in plan]
-        try:
-            for f in as_completed(futures):
-                bar.update(f.result())
-        except BaseException:
-            for f in futures:
-                f.cancel()
-            raise  # leaving the with-block waits for the shards in flight, so cleanup sees them all
-    return written
 
 
 def ingest(
@@ -422,10 +219,10 @@ def ingest(
             shown = ["(DICOM export; path not stored without --keep-paths)"] * len(sources)
         if stats is not None:
             dicom_run = (opts.window, Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="raysemi-dicom-"))))
-        created = _check_destination(dest, overwrite, sources)
+        created = check_destination(dest, overwrite, sources)
         try:
             _validate_all(items, max_pixels, workers, progress, dicom_run)
-            kept, quarantine, duplicates = _dedup(items)
+            kept, quarantine, duplicates = dedup(items)
             if not kept:
                 bad = quarantine[0]
                 raise DatasetError(
@@ -435,7 +232,7 @@ def ingest(
             carve = {
                 s: f for s, f in (("val", val_fraction), ("test", test_fraction)) if s not in provided and f > 0
             }
-            _carve(kept, carve, seed)
+            carve_group_splits(kept, carve, seed)
             by_split = {s: [it for it in kept if it.split == s] for s in SPLITS}
             sides = defaultdict(set)
             for it in kept:
@@ -447,15 +244,15 @@ def ingest(
             plan = [
                 (s, i, rows)
                 for s in SPLITS
-                for i, rows in enumerate(_plan(by_split[s], shard_mb, min_shards, seed))
+                for i, rows in enumerate(plan_shards(by_split[s], shard_mb, min_shards, seed))
             ]
             try:
                 if overwrite and shards.dataset_exists(dest):
                     # only now: a source that fails validation leaves the old one intact
                     shards.remove_dataset(dest)
-                _clear_parts(dest)
+                clear_parts(dest)
                 tags = opts.keep_tags if opts is not None else ()
-                written = _write(dest, plan, {c: i for i, c in enumerate(classes)}, progress, tags)
+                written = write_shards(dest, plan, {c: i for i, c in enumerate(classes)}, progress, tags)
                 splits = {}
                 for s in SPLITS:
                     counts = Counter(it.label for it in by_split[s] if it.label is not None)
@@ -496,15 +293,15 @@ def ingest(
                 shards.write_manifest(dest, manifest)  # last: only a complete dataset has one
             except BaseException:
                 try:
-                    _clear_parts(dest)
+                    clear_parts(dest)
                 except Exception as cleanup_err:  # the original error is the one to report
                     log.warning("could not remove partial shards at %s: %s", dest, cleanup_err)
                 raise
         except OSError as err:
-            _remove_if_empty(dest, created)
+            remove_if_empty(dest, created)
             raise DatasetError(f"writing {dest} failed: {type(err).__name__}: {err}") from err
         except BaseException:
-            _remove_if_empty(dest, created)
+            remove_if_empty(dest, created)
             raise
         log.info(
             "ingested %s -> %s: %d stored, %d quarantined, %d duplicates",

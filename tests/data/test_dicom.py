@@ -33,8 +33,9 @@ from pydicom.uid import (  # noqa: E402
 )
 
 from raysemi import cli  # noqa: E402
-from raysemi.data import dicom, shards  # noqa: E402
-from raysemi.data.dicom import DicomOptions, DicomRef  # noqa: E402
+from raysemi.data import dicom, dicom_header, dicom_render, shards  # noqa: E402
+from raysemi.data.dicom import DicomOptions  # noqa: E402
+from raysemi.data.dicom_render import DicomRef  # noqa: E402
 from raysemi.data.ingest import ingest  # noqa: E402
 from raysemi.data.shards import DatasetError  # noqa: E402
 
@@ -171,7 +172,7 @@ def expected_display(path: Path, window: tuple[float, float] | None = None) -> n
 def rendered(path: Path, window=None, index=None) -> tuple[np.ndarray, str]:
     ref = DicomRef(path, index, "", {})
     with dicom.quiet():
-        arr, _ = dicom.render(ref, window)
+        arr, _ = dicom_render.render(ref, window)
     return arr, ref.rules
 
 
@@ -346,9 +347,9 @@ def enhanced_ct(n: int, *, positions: bool) -> Dataset:
 
 def test_volume_quarantined_unless_asked_and_functional_groups_applied(tmp_path):
     path = save(enhanced_ct(4, positions=True), tmp_path / "vol.dcm")
-    header = dicom.read_header(path, DicomOptions(), 10**8)
+    header = dicom_header.read_header(path, DicomOptions(), 10**8)
     assert header.reason.startswith("3-D volume (4 slices) where a 2-D image was expected")
-    header = dicom.read_header(path, DicomOptions(volumes=True, frames="middle"), 10**8)
+    header = dicom_header.read_header(path, DicomOptions(volumes=True, frames="middle"), 10**8)
     assert header.reason is None and header.frames == [2]
     out, rules = rendered(path, index=2)
     flat = pydicom.dcmread(path)  # the frame's rescale and window, lifted to the top by hand
@@ -547,18 +548,18 @@ def test_unsupported_transfer_syntax_names_the_decoder(tmp_path, monkeypatch):
     j2k_path = save(j2k, tmp_path / "j2k.dcm")
     decoder = get_decoder(JPEG2000Lossless)
     monkeypatch.setattr(decoder, "_available", {})
-    assert dicom.read_header(j2k_path, DicomOptions(), 10**8).reason == (
+    assert dicom_header.read_header(j2k_path, DicomOptions(), 10**8).reason == (
         "unsupported transfer syntax: JPEG 2000 Image Compression (Lossless Only) "
         "(needs pylibjpeg-openjpeg, pillow or python-gdcm)"
     )
     mpeg = encapsulated(make_ds(U12, bits=12), b"\x00\x00\x01\xb3" + bytes(64), "1.2.840.10008.1.2.4.100")
     path = save(mpeg, tmp_path / "mpeg.dcm")
-    reason = dicom.read_header(path, DicomOptions(), 10**8).reason
+    reason = dicom_header.read_header(path, DicomOptions(), 10**8).reason
     assert reason.startswith("unsupported transfer syntax: MPEG2 Main Profile / Main Level (no decoder in pydicom")
     # JPEG XL: newer than pydicom 3.0's dictionary (pydicom cannot even write it: patch the UID in place).
     jxl = tmp_path / "jxl.dcm"
     jxl.write_bytes(path.read_bytes().replace(b"1.2.840.10008.1.2.4.100", b"1.2.840.10008.1.2.4.110"))
-    reason = dicom.read_header(jxl, DicomOptions(), 10**8).reason
+    reason = dicom_header.read_header(jxl, DicomOptions(), 10**8).reason
     assert reason.startswith("unsupported transfer syntax: 1.2.840.10008.1.2.4.110 (no decoder in pydicom")
 
 
