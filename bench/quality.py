@@ -1,0 +1,203 @@
+"""Few-label quality of one recipe on any ingested data sets: the method against its baselines, over label seeds.
+
+    python bench/quality.py DATASET [DATASET ...] [--config configs/cpu.yaml] [--seeds 0 1 2] [--set k=v ...]
+
+For every data set (a raysemi dataset folder or s3:// prefix) and every label seed, with the same config
+(so the same optimizer steps per round for every row):
+
+- supervised at the config's label fraction (random init, labelled rows only),
+- supervised at 100% of the train labels (the ceiling the method is measured against),
+- BYOL + fine-tune at the label fraction: round 0 of the full method's run (the same computation: same
+  pretrained weights, labelled rows, steps and seed), evaluated on test,
+- the full method (BYOL, fine-tune, pseudo-label rounds; the round chosen on validation by
+  ``run.select_metric``).
+
+The label seed picks which train labels are kept (``data.label_seed``) and seeds fine-tuning
+(``finetune.seed``); pretraining is computed once per data set and shared through ``pretrain.cache``
+(it does not see labels). Each run is ``raysemi run`` in its own process and folder
+``<out>/<dataset>/<row>-seed<S>``; a folder that already holds a ``report.json`` of the same config is
+reused, so an interrupted bench continues where it stopped. Nothing is tuned to a class name or a count:
+the table is mean +- std over seeds of test accuracy, balanced accuracy, macro-F1 and one-vs-rest AUC,
+printed and written to ``bench/results/quality-<config>.md`` and ``.json``. A failed run fails the bench
+(no partial table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+RAYSEMI = str(Path(sys.executable).parent / "raysemi")
+ROWS = (
+    ("supervised", "supervised, few labels"),
+    ("supervised_all", "supervised, all labels"),
+    ("byol_finetune", "BYOL + fine-tune, few labels"),
+    ("full", "full method, few labels"),
+)
+METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "auc_ovr")
+
+
+def _run(cmd: list[str], log: Path) -> None:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as fh:
+        rc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT).returncode
+    if rc != 0:
+        raise SystemExit(f"bench/quality.py: error: run failed (exit {rc}): {' '.join(cmd[1:])}; see {log}")
+
+
+def _reusable(run_dir: Path, overrides: list[str]) -> bool:
+    """A finished run of the same settings: its report exists and its config was written from them."""
+    report, cfg = run_dir / "report.json", run_dir / "config.yaml"
+    if not report.is_file() or not cfg.is_file():
+        return False
+    return (run_dir / "bench-overrides.json").is_file() and json.loads(
+        (run_dir / "bench-overrides.json").read_text()) == overrides
+
+
+def run_one(config: str, sets: list[str], run_dir: Path) -> tuple[dict[str, Any], float, bool]:
+    """``raysemi run`` with ``sets`` in ``run_dir``; its report, wall seconds and whether it was reused."""
+    overrides = [*sets, f"run.output_dir={run_dir}", f"run.name=quality-{run_dir.name}"]
+    if _reusable(run_dir, [config, *overrides]):
+        return json.loads((run_dir / "report.json").read_text()), 0.0, True
+    cmd = [RAYSEMI, "run", "--config", config, "--overwrite"]
+    for kv in overrides:
+        cmd += ["--set", kv]
+    t0 = time.time()
+    _run(cmd, run_dir.parent / f"{run_dir.name}.log")
+    (run_dir / "bench-overrides.json").write_text(json.dumps([config, *overrides]))
+    return json.loads((run_dir / "report.json").read_text()), time.time() - t0, False
+
+
+def evaluate_round(config: str, sets: list[str], run_dir: Path, round_: int) -> dict[str, Any]:
+    """Test metrics of round ``round_``'s model of a finished run (``raysemi evaluate``)."""
+    out = run_dir / f"evaluate-round{round_}"
+    report = out / "evaluate-test" / "report.json"
+    if not report.is_file():
+        model = run_dir / f"round={round_}" / "classifier.safetensors"
+        cmd = [RAYSEMI, "evaluate", "--config", config, "--model", str(model), "--split", "test"]
+        for kv in [*sets, f"run.output_dir={out}"]:
+            cmd += ["--set", kv]
+        _run(cmd, run_dir.parent / f"{run_dir.name}-evaluate-round{round_}.log")
+    return json.loads(report.read_text())["test"]
+
+
+def _auc(test: dict[str, Any]) -> float | None:
+    auc = test.get("auc_ovr")
+    return auc.get("macro") if isinstance(auc, dict) else auc
+
+
+def measure(config: str, dataset: str, seed: int, extra: list[str], out: Path) -> list[dict[str, Any]]:
+    """The four rows of one data set and one label seed."""
+    base = [f"data.path={dataset}", f"data.label_seed={seed}", f"finetune.seed={seed}",
+            f"pretrain.cache={out / 'pretrain_cache'}", *extra]
+    rows = []
+    for key, sets in (
+        ("supervised", ["run.mode=supervised"]),
+        ("supervised_all", ["run.mode=supervised", "data.label_fraction=null", "data.labels_per_class=null"]),
+        ("full", ["run.mode=full"]),
+    ):
+        run_dir = out / f"{key}-seed{seed}"
+        report, wall, reused = run_one(config, base + sets, run_dir)
+        rows.append(_row(key, seed, report, report["test"], wall, reused, report["best_round"]))
+        if key == "full":
+            test0 = evaluate_round(config, base + sets, run_dir, 0)
+            r0 = dict(report, rounds=report["rounds"][:1])
+            rows.append(_row("byol_finetune", seed, r0, test0, 0.0, True, 0))
+    return rows
+
+
+def _row(key: str, seed: int, report: dict[str, Any], test: dict[str, Any], wall: float, reused: bool,
+         best: int) -> dict[str, Any]:
+    return {
+        "row": key, "seed": seed, "labelled": report["data"]["n_train_labeled"], "test_images": test["n"],
+        **{m: (_auc(test) if m == "auc_ovr" else test[m]) for m in METRICS},
+        "per_class_recall": {c: v.get("recall") for c, v in test.get("per_class", {}).items()}
+        if isinstance(test.get("per_class"), dict) else None,
+        "predicted_classes": sum(1 for v in _col_sums(test["confusion"]) if v),  # 1 = a collapsed model
+        "best_round": best,
+        "val_per_round": [round(r["val"][report["run"].get("select_metric", "accuracy")], 4)
+                          for r in report["rounds"]],
+        "steps_per_round": [r.get("steps") for r in report["rounds"]],
+        "pseudo_precision": [r.get("pseudo_precision") for r in report["rounds"][1:]],
+        "stages_s": report.get("stages"), "wall_s": round(wall, 1), "reused": reused,
+    }
+
+
+def _col_sums(matrix: list[list[int]]) -> list[int]:
+    """Predictions per class (the confusion matrix's rows are the truth, its columns the predictions)."""
+    return [sum(row[j] for row in matrix) for j in range(len(matrix))]
+
+
+def _mean_std(values: list[float | None]) -> str:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return "-"
+    sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+    return f"{statistics.mean(vals):.3f} ± {sd:.3f}"
+
+
+def format_table(results: dict[str, list[dict[str, Any]]]) -> str:
+    head = ["data set", "method", "labels", "seeds", "accuracy", "balanced acc.", "macro-F1", "AUC (ovr)",
+            "min. classes predicted", "full: rounds chosen"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for dataset, rows in results.items():
+        for key, label in ROWS:
+            mine = [r for r in rows if r["row"] == key]
+            if not mine:
+                continue
+            cells = [Path(dataset).name, label, "/".join(sorted({str(r["labelled"]) for r in mine})), str(len(mine)),
+                     *(_mean_std([r[m] for r in mine]) for m in METRICS),
+                     str(min(r["predicted_classes"] for r in mine)),
+                     " ".join(str(r["best_round"]) for r in mine) if key == "full" else "-"]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("datasets", nargs="+", help="ingested data sets (folders or s3:// prefixes)")
+    ap.add_argument("--config", default="configs/cpu.yaml", help="the recipe (default configs/cpu.yaml)")
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="label seeds (default 0 1 2)")
+    ap.add_argument("--set", dest="sets", action="append", default=[], help="key=value, passed to every run")
+    ap.add_argument("--out", default="outputs/quality", help="run folders (default outputs/quality)")
+    ap.add_argument("--results", default=None, help="JSON to write (default bench/results/quality-<config>.json)")
+    args = ap.parse_args(argv)
+    if not Path(args.config).is_file():
+        raise SystemExit(f"bench/quality.py: error: config {args.config} does not exist")
+    for d in args.datasets:
+        if "://" not in d and not (Path(d) / "manifest.json").is_file():
+            raise SystemExit(f"bench/quality.py: error: {d} is not an ingested data set (no manifest.json)")
+    t0 = time.time()
+    results: dict[str, list[dict[str, Any]]] = {}
+    for d in args.datasets:
+        out = Path(args.out).resolve() / Path(d.rstrip("/")).name
+        results[d] = []
+        for seed in args.seeds:
+            t1 = time.time()
+            results[d] += measure(args.config, d, seed, args.sets, out)
+            print(f"{Path(d).name} seed {seed}: {time.time() - t1:.0f} s", flush=True)
+    table = format_table(results)
+    print(table)
+    wall = time.time() - t0
+    stem = Path(args.config).stem
+    dest = Path(args.results or ROOT / "bench" / "results" / f"quality-{stem}.json")
+    command = "python bench/quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    cfg = yaml.safe_load(Path(args.config).read_text())
+    dest.write_text(json.dumps({"benchmark": "quality", "command": command, "config": args.config,
+                                "config_values": cfg, "sets": args.sets, "seeds": args.seeds,
+                                "wall_s": round(wall, 1), "table": table, "runs": results}, indent=2) + "\n")
+    dest.with_suffix(".md").write_text(f"# bench/quality.py\n\n`{command}` ({wall / 60:.0f} min)\n\n{table}\n")
+    print(f"written to {dest} and {dest.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    main()
