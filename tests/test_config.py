@@ -43,11 +43,27 @@ def test_frozen():
         ("pretrain.batch_size=1", "pretrain.batch_size: 1 is smaller than ray.num_workers (2)"),
         ("data.label_fraction=1.5", "data.label_fraction: 1.5 is outside (0, 1]"),
         ("pretrain", "is not of the form key=value"),
+        ("pseudolabel.budget=1.5", "pseudolabel.budget: 1.5 is neither a fraction in (0, 1] nor a whole number"),
+        ("pseudolabel.budget=0", "pseudolabel.budget: 0.0 is neither a fraction"),
+        ("pseudolabel.selection=random", "pseudolabel.selection: 'random' is not one of"),
+        ("pseudolabel.temperature=0", "pseudolabel.temperature: must be > 0"),
+        ("finetune.steps=0", "finetune.steps: must be >= 1 (or null to count in epochs)"),
+        ("finetune.ema_decay=1.0", "finetune.ema_decay: 1.0 is outside [0, 1)"),
+        ("finetune.drop_path_rate=1", "finetune.drop_path_rate: must be in [0, 1)"),
+        ("augment.finetune_policy=autoaugment", "augment.finetune_policy: 'autoaugment' is not one of"),
+        ("augment.finetune_crop_scale=[0.5, 0.2]", "augment.finetune_crop_scale: (0.5, 0.2) is not in (0, 1]"),
+        ("run.select_metric=loss", "run.select_metric: 'loss' is not one of"),
     ],
 )
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
         load_config(None, [override])
+
+
+def test_budget_fraction_or_count_and_steps_null():
+    cfg = load_config(None, ["pseudolabel.budget=500", "finetune.steps=null"])
+    assert cfg.pseudolabel.budget == 500.0 and cfg.finetune.steps is None
+    assert load_config(None, ["pseudolabel.budget=0.2"]).pseudolabel.budget == 0.2
 
 
 def test_unknown_key_in_yaml(tmp_path):
