@@ -15,8 +15,9 @@ For every data set (a raysemi dataset folder or s3:// prefix) and every label se
 The label seed picks which train labels are kept (``data.label_seed``) and seeds fine-tuning
 (``finetune.seed``); pretraining is computed once per data set and shared through ``pretrain.cache``
 (it does not see labels). Each run is ``raysemi run`` in its own process and folder
-``<out>/<dataset>/<row>-seed<S>``; a folder that already holds a ``report.json`` of the same config is
-reused, so an interrupted bench continues where it stopped. Nothing is tuned to a class name or a count:
+``<out>/<dataset>/<row>-seed<S>``; a folder that already holds a ``report.json`` of the same computation
+(its resolved config equal in every part that its mode uses) is reused, so an interrupted bench continues
+where it stopped and a change of pseudo-label settings reruns only the full method. Nothing is tuned to a class name or a count:
 the table is mean +- std over seeds of test accuracy, balanced accuracy, macro-F1 and one-vs-rest AUC,
 printed and written to ``bench/results/quality-<config>.md`` and ``.json``. A failed run fails the bench
 (no partial table).
@@ -54,26 +55,40 @@ def _run(cmd: list[str], log: Path) -> None:
         raise SystemExit(f"bench/quality.py: error: run failed (exit {rc}): {' '.join(cmd[1:])}; see {log}")
 
 
-def _reusable(run_dir: Path, overrides: list[str]) -> bool:
-    """A finished run of the same settings: its report exists and its config was written from them."""
-    report, cfg = run_dir / "report.json", run_dir / "config.yaml"
-    if not report.is_file() or not cfg.is_file():
+def _relevant(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The parts of a resolved config that a run's result depends on (per ``run.mode``), without its name
+    and folder: a supervised run does not depend on pretraining or pseudo-labelling settings."""
+    cfg = {k: dict(v) for k, v in cfg.items()}
+    for key in ("output_dir", "name"):
+        cfg["run"].pop(key, None)
+    if cfg["run"]["mode"] != "full":
+        cfg.pop("pseudolabel")
+    if cfg["run"]["mode"] == "supervised":
+        cfg.pop("pretrain")
+    return cfg
+
+
+def _reusable(run_dir: Path, config: str, overrides: list[str]) -> bool:
+    """A finished run of the same computation: its report exists and its resolved config matches."""
+    if not (run_dir / "report.json").is_file() or not (run_dir / "config.yaml").is_file():
         return False
-    return (run_dir / "bench-overrides.json").is_file() and json.loads(
-        (run_dir / "bench-overrides.json").read_text()) == overrides
+    from raysemi.config import absolute_paths, load_config
+
+    want = absolute_paths(load_config(config, overrides)).to_dict()
+    have = yaml.safe_load((run_dir / "config.yaml").read_text())
+    return _relevant(want) == _relevant(have)
 
 
 def run_one(config: str, sets: list[str], run_dir: Path) -> tuple[dict[str, Any], float, bool]:
     """``raysemi run`` with ``sets`` in ``run_dir``; its report, wall seconds and whether it was reused."""
     overrides = [*sets, f"run.output_dir={run_dir}", f"run.name=quality-{run_dir.name}"]
-    if _reusable(run_dir, [config, *overrides]):
+    if _reusable(run_dir, config, overrides):
         return json.loads((run_dir / "report.json").read_text()), 0.0, True
     cmd = [RAYSEMI, "run", "--config", config, "--overwrite"]
     for kv in overrides:
         cmd += ["--set", kv]
     t0 = time.time()
     _run(cmd, run_dir.parent / f"{run_dir.name}.log")
-    (run_dir / "bench-overrides.json").write_text(json.dumps([config, *overrides]))
     return json.loads((run_dir / "report.json").read_text()), time.time() - t0, False
 
 
