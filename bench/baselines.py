@@ -23,6 +23,10 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from raysemi.tables import markdown_table  # noqa: E402
+
 MODES = ("supervised", "byol_finetune", "full")
 LABELS = {"supervised": "supervised only", "byol_finetune": "BYOL + fine-tune", "full": "full method"}
 
@@ -71,14 +75,14 @@ def _f(v: Any) -> str:
 def format_table(rows: list[dict[str, Any]]) -> str:
     head = ["method", "labels", "test acc", "balanced acc", "macro-F1", "AUC (ovr)", "ECE", "val acc per round",
             "pseudo-label precision per round", "chosen round"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    body = []
     for r in rows:
         auc = r["test_auc_ovr"].get("macro") if isinstance(r["test_auc_ovr"], dict) else r["test_auc_ovr"]
         cells = [r["label"], str(r["labelled"]), _f(r["test_accuracy"]), _f(r["test_balanced_accuracy"]),
                  _f(r["test_macro_f1"]), _f(auc), _f(r["test_ece"]), _f(r["val_accuracy_per_round"]),
                  _f(r["pseudo_precision_per_round"]), str(r["best_round"])]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        body.append(cells)
+    return "\n".join(markdown_table(head, body))
 
 
 def main(argv: list[str] | None = None) -> None:

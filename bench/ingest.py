@@ -35,6 +35,7 @@ sys.path.insert(0, str(REPO))
 from raysemi.data import shards  # noqa: E402
 from raysemi.data.ingest import ingest  # noqa: E402
 from raysemi.data.validate import check_image  # noqa: E402
+from raysemi.tables import markdown_table  # noqa: E402
 
 DEFAULT_SOURCE = REPO.parent / "shared" / "data" / "covid19-radiography-3class"
 
@@ -192,12 +193,9 @@ def main() -> None:
     if args.dicom:
         print(f"DICOM export (generated): {args.dicom} files, {dicom_mb:.1f} MB, {os.cpu_count()} CPUs")
     print()
-    print(f"| {'target':<34} | {'images/s':>9} | {'MB/s':>6} | {'median s':>8} |")
-    print(f"| {'-' * 34} | {'-' * 9} | {'-' * 6} | {'-' * 8} |")
-    for r in rows:
-        print(
-            f"| {r['target']:<34} | {r['images_per_s']:>9.1f} | {r['mb_per_s']:>6.2f} | {r['seconds_median']:>8.2f} |"
-        )
+    cells = ([r["target"], f"{r['images_per_s']:.1f}", f"{r['mb_per_s']:.2f}", f"{r['seconds_median']:.2f}"]
+             for r in rows)
+    print("\n".join(markdown_table(["target", "images/s", "MB/s", "median s"], cells, align="lrrr")))
     stored = sum(s.rows for s in manifest.splits.values())
     print(f"\nstored {stored}, quarantined {len(manifest.quarantine)}, duplicates {manifest.duplicates}")
     if dicom_manifest is not None:

@@ -51,6 +51,7 @@ from raysemi.config import AugmentConfig  # noqa: E402
 from raysemi.data import shards  # noqa: E402
 from raysemi.data.dali import dali_available  # noqa: E402
 from raysemi.data.loader import build_loader  # noqa: E402
+from raysemi.tables import markdown_table  # noqa: E402
 
 DEFAULT_SOURCE = REPO.parent / "shared" / "data" / "covid19-radiography-3class"
 DEFAULT_OUT = REPO / "bench" / "results" / "pretrain.json"
@@ -221,15 +222,21 @@ def ratios(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
 def format_table(rows: list[dict[str, Any]]) -> str:
     head = ["what", "backend", "size", "threads", "images/s median", "best", "per thread", "images/CPU-s",
             "CPU ms/image", "cores busy"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    body = []
     for r in rows:
         cells = [
             r["what"], r["backend"], f"{r['size']}px", str(r["threads"]), f"{r['images_per_s']:.1f}",
             f"{r['images_per_s_best']:.1f}", f"{r['images_per_s_per_thread']:.1f}", f"{r['images_per_cpu_s']:.1f}",
             f"{r['cpu_ms_per_image']:.2f}", f"{r['cores_busy']:.2f}",
         ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        body.append(cells)
+    return "\n".join(markdown_table(head, body))
+
+
+def step_table(steps: list[dict[str, Any]]) -> str:
+    """The training-step rows (raysemi's step vs a plain loop) as a Markdown table."""
+    cells = ([r["impl"], f"{r['images_per_s']:.1f}", r["images_per_s_all"]] for r in steps)
+    return "\n".join(markdown_table(["BYOL step", "images/s median", "all repeats"], cells))
 
 
 def _plain_byol_step(model, x1, x2, opt, tau: float) -> float:
@@ -308,8 +315,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.steps_only:
         steps = step_rows(args)
         overhead = steps[0]["images_per_s"] / steps[1]["images_per_s"]
-        for r in steps:
-            print(f"| {r['impl']} | {r['images_per_s']:.1f} | {r['images_per_s_all']} |")
+        print(step_table(steps))
         print(f"raysemi / plain loop: {overhead:.3f} (target >= 0.95)")
         out = Path(args.out)
         result = json.loads(out.read_text()) if out.is_file() else {"benchmark": "pretrain"}
@@ -339,9 +345,8 @@ def main(argv: list[str] | None = None) -> None:
     print()
     print(format_table(table_rows))
     overhead = steps[0]["images_per_s"] / steps[1]["images_per_s"]
-    print("\n| BYOL step | images/s median | all repeats |\n|---|---|---|")
-    for r in steps:
-        print(f"| {r['impl']} | {r['images_per_s']:.1f} | {r['images_per_s_all']} |")
+    print()
+    print(step_table(steps))
     print(f"raysemi / plain loop: {overhead:.3f} (target >= 0.95)")
     print("\nDALI / torchvision, same threads, same machine:")
     for key, by_size in summary.items():

@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from raysemi.config import load_config  # noqa: E402
-from raysemi.tuning import pretrain_counts, run_tune  # noqa: E402
+from raysemi.tune import pretrain_counts, run_tune  # noqa: E402
 
 TOY = [
     "model.backbone=test_resnet", "model.small_image=false", "model.proj_hidden_dim=64", "model.proj_dim=32",

@@ -132,7 +132,7 @@ def cmd_knn(args: argparse.Namespace) -> int:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     from raysemi.config import parse_override
-    from raysemi.tuning import run_tune
+    from raysemi.tune import run_tune
 
     # On --resume the experiment's own config is used; one given anyway must match it. --set wins over the
     # space's own `set`.

@@ -53,8 +53,30 @@ def is_remote(uri: str) -> bool:
 
 
 def exists(uri: str) -> bool:
+    """Whether a file or folder is at ``uri``."""
     fs, path = filesystem(uri)
     return fs.exists(path)
+
+
+def guard_output(where: str, what: str, found: str | bool, *, resume: bool | None = None, overwrite: bool = False,
+                 remove: str | None = None, error: type[RaysemiError] = RaysemiError) -> bool:
+    """The one check before writing where an earlier output may be: ``found`` (a URI that exists when it is
+    there, or the answer itself) says whether ``where`` already holds ``what``. Refused unless ``overwrite``
+    (which removes ``remove`` first, when given) or ``resume`` (None: this command cannot resume, so only
+    --overwrite is offered). Returns True when the earlier output is there and is to be continued."""
+    earlier = found if isinstance(found, bool) else exists(found)
+    if not earlier:
+        return False
+    if overwrite:
+        if remove is not None and exists(remove):
+            fs, path = filesystem(remove)
+            fs.rm(path, recursive=True)
+        return False
+    if resume:
+        return True
+    hint = "pass --overwrite to replace it" if resume is None else \
+        "pass --resume to continue it or --overwrite to replace it"
+    raise error(f"{where} already holds {what}: {hint}")
 
 
 # ---------------------------------------------------------------- bytes and JSON

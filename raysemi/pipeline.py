@@ -28,8 +28,7 @@ from raysemi.config import Config, config_to_yaml
 from raysemi.data.labels import label_split
 from raysemi.data.shards import DatasetError, Manifest, read_manifest, table_bytes
 from raysemi.data.trainset import write_trainset
-from raysemi.errors import RaysemiError
-from raysemi.io import filesystem, join, write_bytes_atomic
+from raysemi.io import filesystem, guard_output, join, write_bytes_atomic
 from raysemi.losses import sharpen
 from raysemi.metrics import pseudo_label_precision
 from raysemi.stages import finetune, pretrain
@@ -56,14 +55,8 @@ def check_dataset(cfg: Config) -> Manifest:
 
 def _prepare_output(cfg: Config, resume: bool, overwrite: bool) -> None:
     """Refuse an output folder that holds an earlier run unless told to resume it or start afresh."""
-    fs, path = filesystem(cfg.run.output_dir)
-    earlier = fs.exists(f"{path.rstrip('/')}/{CONFIG}")
-    if earlier and overwrite:
-        fs.rm(path, recursive=True)
-    elif earlier and not resume:
-        raise RaysemiError(
-            f"{cfg.run.output_dir} holds an earlier run: pass --resume to continue it or --overwrite to replace it"
-        )
+    out = cfg.run.output_dir
+    guard_output(out, "an earlier run", join(out, CONFIG), resume=resume, overwrite=overwrite, remove=out)
     write_bytes_atomic(join(cfg.run.output_dir, CONFIG), config_to_yaml(cfg).encode())
 
 
@@ -209,9 +202,7 @@ def finetune_only(cfg: Config, init: str | None, overwrite: bool = False) -> str
     manifest = check_dataset(cfg)
     labels = label_split(cfg.data.path, cfg.data)
     out = join(cfg.run.output_dir, "finetune")
-    fs, path = filesystem(join(out, finetune.WEIGHTS))
-    if fs.exists(path) and not overwrite:
-        raise RaysemiError(f"{out} already holds a classifier: pass --overwrite to replace it")
+    guard_output(out, "a classifier", join(out, finetune.WEIGHTS), overwrite=overwrite)
     if overwrite:
         ray_utils.remove_train_run(f"{cfg.run.name}-finetune", cfg)
     rows = {i: (int(y), 1.0) for i, y in zip(labels.labeled_ids, labels.labeled_targets)}

@@ -157,9 +157,11 @@ def lock_actor():
     """The cluster's lock actor (created on first use; detached, so no run's exit takes it down)."""
     import ray
 
+    from raysemi import ray_utils
+
     return ray.remote(CacheLock).options(
         name=LOCK_ACTOR, namespace=NAMESPACE, get_if_exists=True, lifetime="detached", num_cpus=0,
-        max_restarts=-1, max_task_retries=-1,
+        max_restarts=-1, max_task_retries=-1, **ray_utils.OUTSIDE_PLACEMENT_GROUP,
     ).remote()
 
 

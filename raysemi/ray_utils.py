@@ -22,9 +22,11 @@ from raysemi.io import filesystem, is_remote, join, load_state, save_state
 
 log = logging.getLogger("raysemi")
 
-FAULT_ENV = "RAYSEMI_INJECT_FAILURE"  # test hook: "<stage>:<epoch>:<rank>:<marker path>"
-
-
+# Scheduling option of the stages' own tasks and actors: outside any placement group the caller runs in.
+# A Tune trial's placement group captures its child tasks (placement_group_capture_child_tasks=True) and
+# holds only the trial's own 0.01 CPU; "DEFAULT" is Ray's documented way out of it. Outside Tune it is the
+# default anyway. Train V2 places its workers in a placement group of its own and needs nothing.
+OUTSIDE_PLACEMENT_GROUP = {"scheduling_strategy": "DEFAULT"}
 
 # ---------------------------------------------------------------- starting Ray
 
@@ -154,21 +156,6 @@ def restored_state(map_location: str | torch.device = "cpu") -> dict[str, Any] |
         return load_state(d, map_location)
 
 
-def maybe_inject_failure(spec: str | None, stage: str, epoch: int) -> None:
-    """Test hook: kill this worker process once at ``epoch`` of ``stage`` on one rank (``FAULT_ENV`` format).
-    A marker file makes it fire once, so the restarted worker group runs on."""
-    if not spec:
-        return
-    want_stage, want_epoch, want_rank, marker = spec.split(":", 3)
-    if want_stage != stage or int(want_epoch) != epoch or int(want_rank) != world_rank():
-        return
-    if os.path.exists(marker):
-        return
-    Path(marker).write_text(f"killed {stage} epoch {epoch} rank {world_rank()}\n")
-    log.warning("injected failure: killing %s worker rank %d at epoch %d", stage, world_rank(), epoch)
-    os._exit(1)
-
-
 # ---------------------------------------------------------------- launching
 
 
@@ -191,7 +178,6 @@ def fit(worker_fn, loop_config: dict[str, Any], cfg: Config, name: str):
     from ray.train.torch import TorchTrainer
 
     init_ray(cfg.ray.address)
-    loop_config = {**loop_config, "fault": os.environ.get(FAULT_ENV)}
     trainer = TorchTrainer(
         worker_fn,
         train_loop_config=loop_config,

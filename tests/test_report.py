@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from raysemi import report as report_mod
+from raysemi import report_plots
 from raysemi.metrics import classification_metrics
 from raysemi.report import fmt, fmt_seconds, render_markdown, write_report
 
@@ -138,6 +139,7 @@ def test_report_json_is_written_last(tmp_path, full_report, monkeypatch):
         real_write(uri, data)
 
     monkeypatch.setattr(report_mod, "write_bytes_atomic", recording_write)
+    monkeypatch.setattr(report_plots, "write_bytes_atomic", recording_write)  # the PNGs
     write_report(full_report, tmp_path)
     assert order[-1] == "report.json"
     assert len(order) == 5

@@ -15,10 +15,13 @@ import pytest
 import yaml
 from ray.tune import Callback
 
-from raysemi import tuning
 from raysemi.cli import main
 from raysemi.config import load_config
-from raysemi.tuning import SpaceError, load_space, parse_space, validate_space
+from raysemi.errors import RaysemiError
+from raysemi.tune import SETUP, SpaceError, load_space, parse_space, results, run_tune, search, validate_space
+from raysemi.tune import experiment as tune_experiment
+from raysemi.tune.space import TRIAL_METRICS, max_reports
+from raysemi.tune.trial import plain, trial_dir
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -32,7 +35,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 @pytest.mark.parametrize("path", SPACES, ids=[p.name for p in SPACES])
 def test_every_space_file_parses_and_validates(path):
     space = load_space(path)
-    assert space.params and space.metric in tuning.TRIAL_METRICS and space.num_trials >= 1
+    assert space.params and space.metric in TRIAL_METRICS and space.num_trials >= 1
     for cfg in (load_config(None), *(load_config(p) for p in sorted(CONFIGS.glob("*.yaml")))):
         validate_space(space, cfg)
     domains = space.param_space()
@@ -107,7 +110,7 @@ def test_sampled_values_make_valid_trial_configs():
     base = validate_space(space, load_config(None))
     for _ in range(5):
         for _, point in generate_variants(space.param_space()):
-            cfg = base.replace(**{k: tuning._plain(v) for k, v in point.items()})
+            cfg = base.replace(**{k: plain(v) for k, v in point.items()})
             assert 1 <= cfg.pseudolabel.rounds <= 3 and 0.003 <= cfg.finetune.lr <= 0.1
 
 
@@ -169,7 +172,7 @@ def test_cli_refuses_bad_input_before_any_trial(tmp_path, capsys, demo_dataset, 
     def no_ray(*_a, **_k):
         raise AssertionError("Ray must not start for bad input")
 
-    monkeypatch.setattr(tuning, "run_trial", no_ray)
+    monkeypatch.setattr(tune_experiment, "run_trial", no_ray)
     monkeypatch.setattr(ray, "init", no_ray)
     bad = tmp_path / "bad.yaml"
     cases = [
@@ -198,10 +201,10 @@ def test_an_existing_experiment_is_refused_without_resume(tmp_path, demo_dataset
     monkeypatch.setattr(ray, "init", lambda *a, **k: (_ for _ in ()).throw(AssertionError("no Ray")))
     exp = tmp_path / "out" / "tiny"
     exp.mkdir(parents=True)
-    (exp / tuning.SETUP).write_text("{}")
+    (exp / SETUP).write_text("{}")
     cfg = load_config(None, [f"data.path={demo_dataset}"])
-    with pytest.raises(tuning.RaysemiError, match="pass --resume to continue it or --overwrite"):
-        tuning.run_tune(cfg, str(SPACES[[p.stem for p in SPACES].index("tiny")]), out=str(tmp_path / "out"))
+    with pytest.raises(RaysemiError, match="pass --resume to continue it or --overwrite"):
+        run_tune(cfg, str(SPACES[[p.stem for p in SPACES].index("tiny")]), out=str(tmp_path / "out"))
 
 
 # ---------------------------------------------------------------- resources
@@ -210,25 +213,25 @@ def test_an_existing_experiment_is_refused_without_resume(tmp_path, demo_dataset
 def test_concurrency_from_what_a_trial_needs():
     cpu = load_config(None, ["ray.num_workers=2", "ray.cpus_per_worker=0.5", "pseudolabel.num_actors=1",
                              "pseudolabel.cpus_per_actor=0.5"])
-    assert tuning.trial_needs(cpu) == {"CPU": 1.0, "GPU": 0}
+    assert search.trial_needs(cpu) == {"CPU": 1.0, "GPU": 0}
     # Each trial's own 0.01 CPU counts: 2 trials of 1 CPU do not fit 2 CPUs, 2 of 0.99 do.
-    assert tuning.max_concurrent_trials(cpu, {"CPU": 2.0}) == 1
-    assert tuning.max_concurrent_trials(cpu, {"CPU": 16.0}) == 15
-    assert tuning.max_concurrent_trials(cpu.replace(**{"ray.num_workers": 1}), {"CPU": 2.0}) == 3
+    assert search.max_concurrent_trials(cpu, {"CPU": 2.0}) == 1
+    assert search.max_concurrent_trials(cpu, {"CPU": 16.0}) == 15
+    assert search.max_concurrent_trials(cpu.replace(**{"ray.num_workers": 1}), {"CPU": 2.0}) == 3
     almost = cpu.replace(**{"ray.num_workers": 1, "ray.cpus_per_worker": 0.99, "pseudolabel.cpus_per_actor": 0.99})
-    assert tuning.max_concurrent_trials(almost, {"CPU": 2.0}) == 2
-    assert tuning.max_concurrent_trials(cpu, {"CPU": 0.5}) == 1  # never below one
+    assert search.max_concurrent_trials(almost, {"CPU": 2.0}) == 2
+    assert search.max_concurrent_trials(cpu, {"CPU": 0.5}) == 1  # never below one
     gpu = load_config(CONFIGS / "covid19.yaml")  # 4 GPU workers, 4 GPU actors
-    assert tuning.trial_needs(gpu)["GPU"] == 4
-    assert tuning.max_concurrent_trials(gpu, {"CPU": 64.0, "GPU": 8.0}) == 2
-    assert tuning.max_concurrent_trials(gpu, {"CPU": 64.0, "GPU": 2.0}) == 1  # never below one
+    assert search.trial_needs(gpu)["GPU"] == 4
+    assert search.max_concurrent_trials(gpu, {"CPU": 64.0, "GPU": 8.0}) == 2
+    assert search.max_concurrent_trials(gpu, {"CPU": 64.0, "GPU": 2.0}) == 1  # never below one
 
 
 def test_asha_stops_on_rounds_and_leaves_the_final_report():
     space = load_space(SPACES[[p.stem for p in SPACES].index("asha")])
     cfg = load_config(None)
-    assert tuning.max_reports(space, cfg) == 3 + 2  # randint up to 3 rounds: rounds 0..3 and the final report
-    tc = tuning.tune_config(space, cfg, 4)
+    assert max_reports(space, cfg) == 3 + 2  # randint up to 3 rounds: rounds 0..3 and the final report
+    tc = search.tune_config(space, cfg, 4)
     assert tc.scheduler._max_t == 5 and tc.metric == "val_accuracy" and tc.mode == "max"
     assert tc.search_alg.max_concurrent == 4
 
@@ -256,14 +259,14 @@ def test_results_table_heatmap_and_best_config(tmp_path, demo_dataset):
     ]
     for t in trials:
         t.last_result["val_accuracy"] = t.last_result.get("val_accuracy")
-    rows = tuning.collect_rows(trials, space, base)
+    rows = results.collect_rows(trials, space, base)
     assert [r["status"] for r in rows] == ["completed", "completed", "stopped early", "error"]
     assert rows[0]["pretrain_key"] != rows[1]["pretrain_key"]
     exp = tmp_path / "exp"
     trial_dir = exp / "trials" / "abc_00001"
     trial_dir.mkdir(parents=True)
     (trial_dir / "config.yaml").write_text(yaml.safe_dump(base.replace(**{"pretrain.epochs": 2}).to_dict()))
-    summary = tuning.write_outputs(str(exp), "exp", space, base, rows)
+    summary = results.write_outputs(str(exp), "exp", space, base, rows)
     assert summary.best["trial_id"] == "abc_00001" and not summary.interrupted
     md = (exp / "tune_results.md").read_text()
     assert "2 computed, 1 reused" in md and "| abc_00001 |" in md and "stopped early" in md
@@ -290,7 +293,7 @@ def _stub_trial(config: dict, setup: dict) -> None:
     with open(setup["counter"], "a") as fh:
         fh.write(trial_id + "\n")
     cfg = from_dict(setup["base"]).replace(**config)
-    write_bytes_atomic(join(tuning.trial_dir(setup["exp"], trial_id), "config.yaml"), config_to_yaml(cfg).encode())
+    write_bytes_atomic(join(trial_dir(setup["exp"], trial_id), "config.yaml"), config_to_yaml(cfg).encode())
     acc = 0.5 + cfg.pretrain.epochs / 1000
     tune.report({"round": 0, "val_accuracy": acc, "round_val_accuracy": acc, "completed": False})
     tune.report({"round": 0, "val_accuracy": acc, "round_val_accuracy": acc, "test_accuracy": acc - 0.1,
@@ -303,30 +306,30 @@ def test_sweep_on_s3_storage_resumes_without_rerunning_finished_trials(ray_sessi
     from raysemi.io import filesystem
 
     counter = tmp_path / "runs.txt"
-    real = tuning.run_trial
-    monkeypatch.setattr(tuning, "run_trial", lambda config, setup: _stub_trial(config, {**setup, "counter": str(counter)}))
+    real = tune_experiment.run_trial
+    monkeypatch.setattr(tune_experiment, "run_trial", lambda config, setup: _stub_trial(config, {**setup, "counter": str(counter)}))
     space = tmp_path / "s.yaml"
     space.write_text(yaml.safe_dump({"params": {"pretrain.epochs": {"grid": [50, 150]},
                                                 "pretrain.lr": {"grid": [0.01, 0.001]}}}))
     cfg = load_config(None, [f"data.path={demo_dataset}", "pretrain.batch_size=32", "ray.num_workers=1",
                              "pseudolabel.budget=10", "pseudolabel.rounds=1"])
     out = f"{s3_bucket}/tune"
-    first = tuning.run_tune(cfg, str(space), name="grid", out=out)
+    first = run_tune(cfg, str(space), name="grid", out=out)
     assert [r["status"] for r in first.rows] == ["completed"] * 4 and len(counter.read_text().split()) == 4
     assert first.best["pretrain.epochs"] == 150 and first.best["val_accuracy"] == pytest.approx(0.65)
     assert first.files["md"] == f"{out}/grid/tune_results.md"
     fs, _ = filesystem(out)
     assert {p.rsplit("/", 1)[1] for p in fs.ls(f"{out}/grid", refresh=True)} >= {
-        "tune_results.csv", "tune_results.md", "heatmap.png", "best_config.yaml", "tuner.pkl", tuning.SETUP}
+        "tune_results.csv", "tune_results.md", "heatmap.png", "best_config.yaml", "tuner.pkl", SETUP}
     assert yaml.safe_load(fs.cat(f"{out}/grid/best_config.yaml"))["pretrain"]["epochs"] == 150
     assert first.best["pretrain_key"] is not None
 
-    again = tuning.run_tune(None, None, name="grid", out=out, resume=True)
+    again = run_tune(None, None, name="grid", out=out, resume=True)
     assert len(counter.read_text().split()) == 4  # the finished trials were not run again
     assert [r["trial_id"] for r in again.rows] == [r["trial_id"] for r in first.rows]
-    with pytest.raises(tuning.RaysemiError, match="holds an earlier tune experiment"):
-        tuning.run_tune(cfg, str(space), name="grid", out=out)
-    monkeypatch.setattr(tuning, "run_trial", real)
+    with pytest.raises(RaysemiError, match="holds an earlier tune experiment"):
+        run_tune(cfg, str(space), name="grid", out=out)
+    monkeypatch.setattr(tune_experiment, "run_trial", real)
 
 
 # ---------------------------------------------------------------- a real sweep
@@ -355,6 +358,21 @@ class InterruptOnce(Callback):
             os.kill(os.getpid(), signal.SIGUSR1)
 
 
+class KillAfterRound(Callback):
+    """Kills the process of trial ``index`` (SIGKILL, from outside the trial) when it has reported ``round``,
+    once (a marker file: the restored experiment unpickles this callback too). Tune holds a function trial at
+    its report until the driver asks for the next result, so the kill lands after the round's checkpoint."""
+
+    def __init__(self, index: int, round_: int, marker: str) -> None:
+        self.index, self.round, self.marker = index, round_, marker
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if (int(trial.trial_id.rsplit("_", 1)[-1]) == self.index and result.get("round") == self.round
+                and not result.get("completed") and not os.path.exists(self.marker)):
+            Path(self.marker).write_text(f"killed trial {trial.trial_id} (pid {result['pid']})\n")
+            os.kill(result["pid"], signal.SIGKILL)
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.timeout(1800)  # about 5 min on an idle 2-core machine; far longer on a shared, loaded one
@@ -365,18 +383,17 @@ def test_tiny_sweep_survives_a_trial_failure_and_an_interruption(ray_session, de
     2-CPU test Ray."""
     out = tmp_path / "tune"
     fault, stop = tmp_path / "fault", tmp_path / "stopped"
-    monkeypatch.setenv(tuning.TUNE_FAULT_ENV, f"1:0:{fault}")  # trial 1 dies once after round 0
     cfg = load_config(None, [f"data.path={demo_dataset}", *TINY])
     space = str(SPACES[[p.stem for p in SPACES].index("tiny")])
 
-    first = tuning.run_tune(cfg, space, out=str(out), overrides={"pseudolabel.rounds": 0},
-                            callbacks=[InterruptOnce(str(stop))])
+    first = run_tune(cfg, space, out=str(out), overrides={"pseudolabel.rounds": 0},
+                            callbacks=[InterruptOnce(str(stop)), KillAfterRound(1, 0, str(fault))])
     assert first.interrupted and "--resume" in first.text
     done = {r["trial_id"] for r in first.rows if r["status"] == "completed"}
     assert stop.read_text() in done
     stamps = {t: (out / "tiny" / "trials" / t / "report.json").stat().st_mtime_ns for t in done}
 
-    summary = tuning.run_tune(None, None, name="tiny", out=str(out), resume=True)
+    summary = run_tune(None, None, name="tiny", out=str(out), resume=True)
     rows = {r["trial_id"]: r for r in summary.rows}
     assert len(rows) == 4 and all(r["status"] == "completed" for r in rows.values()), summary.text
     for t, stamp in stamps.items():  # finished trials were kept, not re-run

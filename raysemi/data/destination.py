@@ -36,8 +36,7 @@ def check_destination(dest: str, overwrite: bool, sources: list[Path]) -> bool:
         raise DatasetError(f"cannot access destination {dest}: access denied ({err})") from None
     except Exception as err:
         raise DatasetError(f"cannot access destination {dest}: {type(err).__name__}: {err}") from None
-    if exists and not overwrite:
-        raise DatasetError(f"{dest} already holds a dataset (manifest.json); pass --overwrite to replace it")
+    rio.guard_output(dest, "a dataset (manifest.json)", exists, overwrite=overwrite, error=DatasetError)
     probe = f"{root.rstrip('/')}/.raysemi-write-probe-{uuid.uuid4().hex[:8]}"
     created = False
     try:

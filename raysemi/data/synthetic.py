@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from raysemi.data.shards import DatasetError, Manifest
+from raysemi.io import guard_output
 
 FOLDER = "SYNTHETIC-demo"
 GROUP_REGEX = r"^(p\d+)_"
@@ -165,8 +166,7 @@ def make_demo_dataset(
     from raysemi.data import shards
 
     dest = str(Path(root).expanduser() / "dataset")
-    if shards.dataset_exists(dest) and not overwrite:
-        raise DatasetError(f"{dest} already holds a dataset; pass --overwrite to replace it")
+    guard_output(dest, "a dataset", shards.dataset_exists(dest), overwrite=overwrite, error=DatasetError)
     images = generate_synthetic(
         str(Path(root).expanduser() / "images"),
         num_classes=num_classes,

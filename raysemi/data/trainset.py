@@ -59,7 +59,6 @@ def write_trainset(
             t = read_shard(uri, ["id", "image"])
             parts.append(t.filter(pc.is_in(t.column("id"), value_set=wanted)))
     found = pa.concat_tables(parts) if parts else pa.table({"id": [], "image": []})
-    found = found.take(pc.unique_indices(found.column("id"))) if hasattr(pc, "unique_indices") else found
     ids = found.column("id").to_pylist()
     missing = len(rows) - len(set(ids))
     if missing:

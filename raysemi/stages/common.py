@@ -1,4 +1,4 @@
-"""Pieces the training stages share: mixed precision, step timing, DDP wrapping, output folders."""
+"""Pieces the training stages share: mixed precision, step timing, DDP wrapping."""
 
 from __future__ import annotations
 
@@ -11,8 +11,6 @@ import torch
 from torch import nn
 
 from raysemi import ray_utils
-from raysemi.errors import RaysemiError
-from raysemi.io import filesystem, join
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -71,16 +69,3 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     if ray_utils.is_distributed():
         torch.distributed.all_reduce(t)
     return t.tolist()
-
-
-def guard_output(out_dir: str, marker: str, resume: bool, overwrite: bool, what: str) -> bool:
-    """Refuse to write over an earlier run unless told; returns True when ``marker`` exists and
-    ``resume`` says to reuse it."""
-    fs, path = filesystem(join(out_dir, marker))
-    exists = fs.exists(path)
-    if exists and overwrite:
-        fs.rm(path)
-        return False
-    if exists and not resume:
-        raise RaysemiError(f"{out_dir} already holds a {what}: pass --resume to reuse it or --overwrite")
-    return exists

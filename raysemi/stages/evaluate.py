@@ -48,7 +48,7 @@ def predict_split(model_uri: str, cfg: Config, split: str) -> tuple[list[str], n
 
     ray_utils.init_ray(cfg.ray.address)
     task = ray.remote(predict_split_local).options(
-        num_cpus=cfg.ray.cpus_per_worker, num_gpus=1 if cfg.ray.use_gpu else 0
+        num_cpus=cfg.ray.cpus_per_worker, num_gpus=1 if cfg.ray.use_gpu else 0, **ray_utils.OUTSIDE_PLACEMENT_GROUP
     )
     return ray.get(task.remote(model_uri, cfg, split))
 

@@ -39,6 +39,7 @@ from raysemi.optim import build_optimizer, set_lr
 from raysemi.schedules import warmup_cosine_lr
 from raysemi.stages.common import StepTimer, all_reduce_sum, autocast, grad_scaler, wrap_ddp
 from raysemi.stages.predict import predict_probs
+from raysemi.stages.worker import TrainState, build_replica
 
 log = logging.getLogger("raysemi.finetune")
 
@@ -180,23 +181,16 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     trainset = TrainSet(**loop_config["trainset"])
     num_classes = len(trainset.class_counts)
 
-    torch.manual_seed(f.seed)
-    model = build_model(cfg, num_classes, loop_config["init"]).to(device)
-    if cfg.model.sync_batchnorm and world > 1:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = build_replica(lambda: build_model(cfg, num_classes, loop_config["init"]), f.seed,
+                          cfg.model.sync_batchnorm, device)
     ddp_model = wrap_ddp(model, device)
     optimizer = build_optimizer(f.optimizer, [p for p in model.parameters() if p.requires_grad], f.lr,
                                 f.weight_decay)
-    scaler = grad_scaler(device, f.precision)
-    ema = build_ema(model, f.ema_decay)
+    train_state = TrainState(model, optimizer, grad_scaler(device, f.precision), build_ema(model, f.ema_decay))
+    scaler, ema = train_state.scaler, train_state.ema
     step, history = 0, []
-    state = ray_utils.restored_state(device)
+    state = train_state.restore(device)
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        if ema is not None:
-            ema.module.load_state_dict(state["ema"])
         step, history = int(state["step"]), list(state["history"])
 
     batch = min(split_batch(f.batch_size, world), min(sum(trainset.rows[r::world]) for r in range(world)))
@@ -231,14 +225,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             metrics["val_accuracy"] = float((p.argmax(1) == y).mean()) if len(y) else float("nan")
             log.info("finetune %s", {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
         history.append(metrics)
-        last = step >= plan.total_steps
-        state = None
-        if rank == 0 and ((metrics["epoch"] + 1) % f.checkpoint_every == 0 or last):
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scaler": scaler.state_dict(), "step": step, "history": history}
-            if ema is not None:
-                state["ema"] = ema.module.state_dict()
-        ray_utils.report(metrics, state, cfg if state is not None else None)
+        due = (metrics["epoch"] + 1) % f.checkpoint_every == 0 or step >= plan.total_steps
+        train_state.report(metrics, cfg, due, step=step, history=history)
 
 
 # ---------------------------------------------------------------- entry point

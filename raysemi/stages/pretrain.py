@@ -23,15 +23,16 @@ from raysemi.config import Config, config_from_yaml, config_to_yaml, from_dict
 from raysemi.data.loader import build_loader
 from raysemi.data.shards import DatasetError, Manifest, read_manifest, split_batch, steps_per_epoch
 from raysemi.errors import RaysemiError
-from raysemi.io import join, read_json, write_bytes_atomic, write_json
+from raysemi.io import guard_output, join, read_json, write_bytes_atomic, write_json
 from raysemi.knn import knn_accuracy
 from raysemi.losses import symmetric_byol_loss
 from raysemi.models.backbone import create_backbone
 from raysemi.models.byol import BYOL, byol_forward
 from raysemi.optim import build_optimizer, set_lr
 from raysemi.schedules import byol_tau, scale_lr, warmup_cosine_lr
-from raysemi.stages.common import StepTimer, all_reduce_sum, autocast, grad_scaler, guard_output, wrap_ddp
+from raysemi.stages.common import StepTimer, all_reduce_sum, autocast, grad_scaler, wrap_ddp
 from raysemi.stages.predict import extract_features
+from raysemi.stages.worker import TrainState, build_replica
 
 log = logging.getLogger("raysemi.pretrain")
 
@@ -196,24 +197,19 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     uris, rows = pretrain_shards(manifest, cfg.data.path)
     batch = split_batch(p.batch_size, world)
 
-    torch.manual_seed(p.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
-    model = build_model(cfg).to(device)
-    if cfg.model.sync_batchnorm and world > 1:
-        # Online and target alike, so that both normalise with the statistics of the global batch.
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    # SyncBatchNorm in the online and target networks alike.
+    model = build_replica(lambda: build_model(cfg), p.seed, cfg.model.sync_batchnorm, device)
     online = wrap_ddp(model.online, device)
     if device.type == "cuda" and p.channels_last:
         model.to(memory_format=torch.channels_last)
     lr_peak = scale_lr(p.lr, batch * world)
     optimizer = build_optimizer(p.optimizer, model.online, lr_peak, p.weight_decay)
-    scaler = grad_scaler(device, p.precision)
+    train_state = TrainState(model, optimizer, grad_scaler(device, p.precision))
+    scaler = train_state.scaler
 
     start_epoch, history = 0, []
-    state = ray_utils.restored_state(device)
+    state = train_state.restore(device)
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
         start_epoch, history = int(state["epoch"]) + 1, list(state["history"])
         log.info("rank %d resumed from the checkpoint of epoch %d", rank, start_epoch - 1)
 
@@ -233,7 +229,6 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             monitor = (build_loader(bank_uris, **eval_kw), build_loader(query_uris, **eval_kw))
 
     for epoch in range(start_epoch, p.epochs):
-        ray_utils.maybe_inject_failure(loop_config.get("fault"), "pretrain", epoch)
         loader.set_epoch(epoch)
         metrics = train_one_epoch(
             model, online, loader, optimizer, scaler, cfg, epoch=epoch, total_steps=total_steps,
@@ -249,13 +244,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         if rank == 0:
             shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
             log.info("pretrain %s", shown)
-        state = None
-        if rank == 0 and ((epoch + 1) % p.checkpoint_every == 0 or last):
-            state = {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                "epoch": epoch, "history": history,
-            }
-        ray_utils.report(metrics, state, cfg if state is not None else None)
+        train_state.report(metrics, cfg, (epoch + 1) % p.checkpoint_every == 0 or last, epoch=epoch, history=history)
 
 
 # ---------------------------------------------------------------- entry point
@@ -271,19 +260,15 @@ def run(cfg: Config, resume: bool = False, overwrite: bool = False) -> PretrainR
     weights = join(out, WEIGHTS)
     check_inputs(cfg)
     name = run_name(cfg)
-    if guard_output(out, WEIGHTS, resume, overwrite, "pretrained model"):
+    if guard_output(out, "a pretrained model", weights, resume=resume, overwrite=overwrite, remove=weights):
         _, meta = rio.load_weights(weights)
         if config_from_yaml(meta["config"]).model != cfg.model:
             raise RaysemiError(f"{weights} was pretrained with another model config: pass --overwrite")
         log.info("reusing the pretrained model at %s", weights)
         return PretrainResult(weights, read_json(join(out, "metrics.json")), out)
-    if overwrite:
-        ray_utils.remove_train_run(name, cfg)
-    elif ray_utils.train_run_exists(name, cfg) and not resume:
-        raise RaysemiError(
-            f"an unfinished pretraining run {name!r} is in {ray_utils.storage_root(cfg)}: "
-            "pass --resume or --overwrite"
-        )
+    storage = ray_utils.storage_root(cfg)
+    guard_output(storage, f"an unfinished pretraining run {name!r}", join(storage, name), resume=resume,
+                 overwrite=overwrite, remove=join(storage, name))
 
     t0 = time.time()
     result = ray_utils.fit(train_worker, {"cfg": cfg.to_dict()}, cfg, name)

@@ -23,6 +23,7 @@ from raysemi.knn import knn_accuracy
 from raysemi.models.backbone import create_backbone
 from raysemi.models.checkpoint import backbone_from_byol
 from raysemi.stages.predict import extract_features
+from raysemi.tables import markdown_table
 
 log = logging.getLogger("raysemi.probe")
 
@@ -67,7 +68,7 @@ def knn_table(cfg: Config, weights: list[str], split: str = "test") -> list[dict
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| weights | split | bank | queries | k | kNN accuracy |", "|---|---|---:|---:|---:|---:|"]
-    lines += [f"| {r['weights']} | {r['split']} | {r['bank']} | {r['queries']} | {r['k']} | {r['knn_accuracy']:.4f} |"
-              for r in rows]
-    return "\n".join(lines)
+    """The probe's rows as a Markdown table."""
+    cells = ([r["weights"], r["split"], r["bank"], r["queries"], r["k"], f"{r['knn_accuracy']:.4f}"] for r in rows)
+    return "\n".join(markdown_table(["weights", "split", "bank", "queries", "k", "kNN accuracy"], cells,
+                                     align="llrrrr"))

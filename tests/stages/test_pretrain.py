@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import cloudpickle
 import pytest
@@ -13,9 +16,11 @@ from raysemi import ray_utils
 from raysemi.config import ConfigError, config_to_yaml, from_dict, load_config
 from raysemi.data.shards import DatasetError
 from raysemi.errors import RaysemiError
+from raysemi.io import join
 from raysemi.optim import build_optimizer
 from raysemi.stages import pretrain
 from raysemi.stages.common import grad_scaler, wrap_ddp
+from tests.procs import pids_titled, wait_for
 
 # Ray workers unpickle this module's functions by value (tests/ is not importable on workers).
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -113,29 +118,43 @@ def test_checkpoint_from_another_model_is_refused(tmp_path, demo_dataset):
         pretrain.run(cfg)
 
 
+def checkpoints_in(uri: str) -> int:
+    """Checkpoint folders Ray Train has written for a run (``<storage>/<run name>/checkpoint_*``)."""
+    from raysemi.io import filesystem
+
+    fs, path = filesystem(uri)
+    try:
+        return sum(1 for p in fs.ls(path, refresh=True) if p.rstrip("/").rsplit("/", 1)[-1].startswith("checkpoint_"))
+    except FileNotFoundError:
+        return 0
+
+
 @pytest.mark.ray
 @pytest.mark.slow
-def test_two_workers_on_s3_learn_and_survive_a_killed_worker(ray_session, s3_bucket, demo_dataset_s3,
-                                                           tmp_path, monkeypatch):
-    marker = tmp_path / "killed"
-    monkeypatch.setenv(ray_utils.FAULT_ENV, f"pretrain:2:1:{marker}")
+def test_two_workers_on_s3_learn_and_survive_a_killed_worker(ray_session, s3_bucket, demo_dataset_s3):
     cfg = load_config(None, [
         *TINY, f"data.path={demo_dataset_s3}", f"run.output_dir={s3_bucket}/run", "data.loader=auto",
         "pretrain.epochs=4", "pretrain.batch_size=64", "pretrain.lr=0.3", "pretrain.knn_every=1",
         "pretrain.checkpoint_every=1", "ray.max_failures=1", "run.name=e2e",
     ])
-    result = pretrain.run(cfg)
-    assert marker.exists(), "the injected failure did not fire"
+    run_dir = join(ray_utils.storage_root(cfg), pretrain.run_name(cfg))
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(pretrain.run, cfg)
+        # Once two checkpoints are stored, the first (epoch 0's) is registered: kill a Train worker from outside.
+        wait_for(lambda: True if checkpoints_in(run_dir) >= 2 else None, running, what="the second checkpoint")
+        victim = min(wait_for(lambda: pids_titled("RayTrainWorker") or None, running, what="a Train worker"))
+        os.kill(victim, signal.SIGKILL)
+        result = running.result(timeout=900)
     hist = result.metrics
     assert [h["epoch"] for h in hist] == [0, 1, 2, 3]
-    # Resumed, not restarted: the first group ran from epoch 0; the restored one started at the last
-    # checkpoint Ray had registered when the worker died (epoch 1's or, if the kill beat its upload, 0's).
+    # Resumed, not restarted: the first group ran from epoch 0; the restored one started after the last
+    # checkpoint Ray had registered when the worker died (epoch 0's at least).
     assert hist[0]["start_epoch"] == 0
-    assert hist[-1]["start_epoch"] in (1, 2)
+    assert 1 <= hist[-1]["start_epoch"] <= 3
     assert hist[-1]["loss"] < hist[0]["loss"]
-    # The monitor runs and reports; on ~20 val images after 4 tiny epochs its value is noise, so its rise
-    # is not asserted here (seen on the demo set: 0.444 -> 0.524 over 5 epochs).
-    assert all(0.0 <= h["knn_accuracy"] <= 1.0 for h in hist)
+    # The monitor runs and reports every epoch (knn_every=1), before and after the restart; on ~20 val images
+    # after 4 tiny epochs its value is noise, so its rise is not asserted (the demo set: 0.444 -> 0.524).
+    assert all(isinstance(h.get("knn_accuracy"), float) for h in hist)
     tensors, meta = rio.load_weights(result.weights)
     assert any(k.startswith("online.backbone.") for k in tensors)
     assert any(k.startswith("target.backbone.") for k in tensors)

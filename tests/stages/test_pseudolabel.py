@@ -8,7 +8,6 @@ import os
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -23,6 +22,7 @@ from raysemi.io import filesystem, join
 from raysemi.models.checkpoint import build_classifier, save_classifier
 from raysemi.stages import commits, predictor
 from raysemi.stages import pseudolabel as pl
+from tests.procs import pids_titled, wait_for
 
 CLASSES = ["normal", "pneumonia", "covid"]
 TINY = [
@@ -85,18 +85,6 @@ def held_predictor(index: int, gate):
     return HeldPredictor
 
 
-def pids_titled(text: str) -> set[int]:
-    """Processes whose command line (Ray sets it to ``ray::<Class>.<method>`` while a task runs) has ``text``."""
-    found = set()
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            if text in cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace"):
-                found.add(int(cmdline.parent.name))
-        except OSError:  # the process ended meanwhile
-            pass
-    return found
-
-
 def held_process(gate) -> int | None:
     """The actor process holding shard ``index``: the one Ray titles ``HeldPredictor.run`` once the gate
     exists (the other actors' tasks last milliseconds, so it is the one still in ``run`` a moment later)."""
@@ -108,17 +96,6 @@ def held_process(gate) -> int | None:
         time.sleep(0.3)
     steady = set.intersection(*seen)
     return steady.pop() if len(steady) == 1 else None
-
-
-def wait_for(probe, running, timeout: float = 240.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert not running.done(), f"finished before the kill: {running.result()}"
-        found = probe()
-        if found is not None:
-            return found
-        time.sleep(0.2)
-    raise AssertionError("the held actor never showed up")
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +120,7 @@ def test_exactly_once_with_a_killed_actor_and_after_an_interrupted_run(
     with ThreadPoolExecutor(1) as pool:
         running = pool.submit(pl.predict_shards, model, uris, out, cfg, progress=False,
                               predictor=held_predictor(3, gate))
-        victim = wait_for(lambda: held_process(gate), running)
+        victim = wait_for(lambda: held_process(gate), running, what="the held actor")
         os.kill(victim, signal.SIGKILL)
         first = running.result(timeout=300)
     assert first.actor_restarts == 1

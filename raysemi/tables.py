@@ -1,0 +1,20 @@
+"""The one Markdown table formatter: ``report.md``, the tune results and the benchmarks' tables."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+
+def cell(value: Any) -> str:
+    """A value as one table cell: pipes escaped, newlines folded (they would end the row)."""
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def markdown_table(header: Sequence[Any], rows: Iterable[Sequence[Any]], align: Sequence[str] | None = None) -> list[str]:
+    """The lines of a GitHub Markdown table; ``align`` gives one of ``"l"``/``"r"`` per column (default left)."""
+    marks = {"l": "---", "r": "---:"}
+    sep = [marks[a] for a in align] if align else ["---"] * len(header)
+    lines = ["| " + " | ".join(cell(h) for h in header) + " |", "|" + "|".join(sep) + "|"]
+    lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
+    return lines

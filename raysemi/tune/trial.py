@@ -1,0 +1,97 @@
+"""One Tune trial: ``run_pipeline`` with the sampled values, reporting to Tune after every round.
+
+The trial runs the pipeline in its own process, as Ray Train V2 intends (``Tuner(driver_fn)`` whose driver
+builds and fits ``TorchTrainer`` s). Tune schedules the trial in a placement group of ``TRIAL_CPU`` that
+captures its child tasks and actors (``placement_group_capture_child_tasks``). Train V2's controller asks for
+no CPU, so it fits that bundle, and it places the Train workers in a placement group of its own; the other
+stages' tasks and actors (pseudo-label pool, evaluation, the pretraining cache's lock) opt out of the
+captured group with ``scheduling_strategy="DEFAULT"`` (``ray_utils.OUTSIDE_PLACEMENT_GROUP``), which Ray
+documents as the way out. So the pipeline needs no actor of its own beside the trial, and no polling.
+
+Each trial reports after every round (ASHA can stop it) with a small checkpoint (the rounds done), and works
+in ``<exp>/trials/<trial id>`` (``run.name`` = the trial id), resuming its finished rounds after a failure
+(``FailureConfig``) or ``--resume``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from raysemi.config import from_dict
+from raysemi.io import join, read_json
+
+log = logging.getLogger("raysemi.tune")
+
+STATE = "trial_state.json"
+
+
+def plain(value: Any) -> Any:
+    """A sampled value as a plain Python scalar (Tune may hand numpy scalars)."""
+    return value.item() if hasattr(value, "item") and not isinstance(value, list | tuple | str) else value
+
+
+def trial_dir(exp: str, trial_id: str) -> str:
+    """Where a trial's pipeline writes its run: ``<exp>/trials/<trial id>``."""
+    return join(exp, "trials", trial_id)
+
+
+def _report(metrics: dict[str, Any], state: dict[str, Any]) -> None:
+    from ray import tune
+
+    with tempfile.TemporaryDirectory() as tmp:
+        Path(tmp, STATE).write_text(json.dumps(state))
+        tune.report({k: v for k, v in metrics.items() if v is not None},
+                    checkpoint=tune.Checkpoint.from_directory(tmp))
+
+
+def run_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
+    """One Tune trial: the pipeline with the sampled values, reporting after every round and at the end."""
+    from ray import tune
+
+    from raysemi.pipeline import run_pipeline
+
+    t0 = time.time()
+    trial_id = tune.get_context().get_trial_id()
+    values = {k: plain(v) for k, v in config.items()}
+    cfg = from_dict(setup["base"]).replace(
+        **values, **{"run.output_dir": trial_dir(setup["exp"], trial_id), "run.name": trial_id})
+    state: dict[str, Any] = {"rounds": [], "elapsed_s": 0.0, "attempts": 0}
+    ckpt = tune.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            state = json.loads(Path(d, STATE).read_text())
+        log.info("trial %s resumes after round %s", trial_id, [r["round"] for r in state["rounds"]])
+    state["attempts"] += 1
+    done = {r["round"] for r in state["rounds"]}
+    elapsed0 = state["elapsed_s"]
+
+    def on_round(summary: dict[str, Any]) -> None:
+        if summary["round"] in done:  # reported before this trial was restored
+            return
+        state["rounds"].append(summary)
+        state["elapsed_s"] = elapsed0 + time.time() - t0
+        # The best round so far by the run's own rule (run.select_metric), as the pipeline will pick it.
+        best = max(state["rounds"], key=lambda s: (s.get("val_selected", s["val_accuracy"]), -s["round"]))
+        _report({"round": summary["round"], "round_val_accuracy": summary["val_accuracy"],
+                 "val_accuracy": best["val_accuracy"], "val_macro_f1": best["val_macro_f1"],
+                 "val_balanced_accuracy": best.get("val_balanced_accuracy"),
+                 "best_round": best["round"], "n_pseudo": summary["n_pseudo"],
+                 "pretrain_reused": summary["pretrain_reused"], "wall_s": state["elapsed_s"], "completed": False},
+                state)
+
+    report = read_json(run_pipeline(cfg, resume=True, config_path=setup.get("config_path", ""), on_round=on_round))
+    best = report["best_round"]
+    val = report["rounds"][best]["val"]
+    state["elapsed_s"] = elapsed0 + time.time() - t0
+    _report({"round": report["rounds"][-1]["round"], "round_val_accuracy": report["rounds"][-1]["val"]["accuracy"],
+             "val_accuracy": val["accuracy"], "val_macro_f1": val.get("macro_f1"),
+             "val_balanced_accuracy": val.get("balanced_accuracy"), "best_round": best,
+             "test_accuracy": report["test"]["accuracy"], "test_macro_f1": report["test"].get("macro_f1"),
+             "pretrain_reused": bool(report["run"].get("pretrain_reused")),
+             "pretrain_s": report["stages"].get("pretrain"), "wall_s": state["elapsed_s"],
+             "attempts": state["attempts"], "completed": True}, state)
