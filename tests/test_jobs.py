@@ -36,6 +36,7 @@ import urllib.request
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -272,8 +273,10 @@ def test_ray_job_submit_raysemi_run_on_demo_data(head, demo_dataset, tmp_path):
     assert report["run"]["mode"] == "full"
     assert [r["round"] for r in report["rounds"]] == [0, 1]
     assert report["rounds"][1]["n_pseudo"] == 20
-    assert 0.0 <= report["test"]["accuracy"] <= 1.0
     assert report["test"]["n"] == report["data"]["n_test"]
+    confusion = np.array(report["test"]["confusion"])  # the accuracy is the one of the test predictions
+    assert confusion.sum() == report["test"]["n"]
+    assert report["test"]["accuracy"] == pytest.approx(np.trace(confusion) / confusion.sum())
     assert (out / "report.md").read_text().startswith("# raysemi report")
     assert (out / "config.yaml").is_file()
 

@@ -69,3 +69,58 @@ def test_best_round_rule():
             {"val": {"accuracy": 0.8, "balanced_accuracy": 0.6}}]
     assert best_round(hist, "accuracy") == 0  # a tie goes to the earlier round
     assert best_round(hist, "balanced_accuracy") == 1
+
+
+def recording_finetune(monkeypatch) -> list[str | None]:
+    """Wrap ``finetune.run`` (the real one still trains) to record each round's initial weights."""
+    from raysemi.stages import finetune
+
+    real, inits = finetune.run, []
+
+    def run(cfg, trainset, init, *args, **kwargs):
+        inits.append(init)
+        return real(cfg, trainset, init, *args, **kwargs)
+
+    monkeypatch.setattr(finetune, "run", run)
+    return inits
+
+
+QUICK = [*TINY, "finetune.steps=2", "finetune.eval_every=2", "finetune.warmup_steps=0", "pseudolabel.soft_targets=false"]
+
+
+def test_retrain_from_previous_and_resume_reuses_finished_rounds(ray_session, demo_dataset, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    cfg = load_config(None, [f"data.path={demo_dataset}", f"run.output_dir={out}", *QUICK,
+                             "pseudolabel.retrain_from=previous"])
+    inits = recording_finetune(monkeypatch)
+    first = json.loads(Path(run_pipeline(cfg)).read_text())
+    byol = out / "pretrain" / "byol.safetensors"
+    # Round 0 starts from the BYOL weights, round 1 from round 0's classifier (not from BYOL again).
+    assert inits == [str(byol), str(out / "round=0" / "classifier.safetensors")]
+
+    weights = {r: (out / f"round={r}" / "classifier.safetensors").stat().st_mtime_ns for r in (0, 1)}
+    pretrained = byol.stat().st_mtime_ns
+    inits.clear()
+    again = json.loads(Path(run_pipeline(cfg, resume=True)).read_text())
+    assert inits == []  # no round was trained again
+    assert byol.stat().st_mtime_ns == pretrained
+    assert {r: (out / f"round={r}" / "classifier.safetensors").stat().st_mtime_ns for r in (0, 1)} == weights
+    assert [r["steps"] for r in again["rounds"]] == [r["steps"] for r in first["rounds"]] == [2, 2]
+    assert again["best_round"] == first["best_round"]
+    assert again["rounds"][1]["n_pseudo"] == first["rounds"][1]["n_pseudo"]
+
+
+@pytest.mark.parametrize("mode", ["supervised", "byol_finetune"])
+def test_baseline_modes_train_round_0_only(mode, ray_session, demo_dataset, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    cfg = load_config(None, [f"data.path={demo_dataset}", f"run.output_dir={out}", *QUICK, f"run.mode={mode}"])
+    inits = recording_finetune(monkeypatch)
+    report = json.loads(Path(run_pipeline(cfg)).read_text())
+    assert report["run"]["mode"] == mode
+    assert [r["round"] for r in report["rounds"]] == [0] and report["best_round"] == 0  # rounds=1 is ignored
+    assert not (out / "predictions").exists()
+    if mode == "supervised":  # random init, no pretraining at all
+        assert inits == [None] and not (out / "pretrain").exists() and "pretrain" not in report["stages"]
+    else:
+        assert inits == [str(out / "pretrain" / "byol.safetensors")] and report["stages"]["pretrain"] > 0
+    assert report["test"]["accuracy"] is not None and (out / "report.md").is_file()

@@ -174,7 +174,7 @@ def test_a_dead_owner_releases_the_key(ray_session, tmp_path):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_pretraining_is_reused_with_the_same_settings_only(ray_session, demo_dataset, tmp_path):
+def test_pretraining_is_reused_with_the_same_settings_only(ray_session, demo_dataset, tmp_path, monkeypatch):
     cache = str(tmp_path / "cache")
     cfg = load_config(None, [f"data.path={demo_dataset}", *TINY, f"pretrain.cache={cache}",
                              f"run.output_dir={tmp_path / 'a'}"])
@@ -184,10 +184,14 @@ def test_pretraining_is_reused_with_the_same_settings_only(ray_session, demo_dat
     assert not (Path(first.entry) / "ray").exists()  # the Ray Train run is tidied away
 
     # Another run (other fine-tuning, other output folder), same pretraining settings: a hit.
-    t0 = time.time()
+    from raysemi.stages import pretrain
+
+    stamp = Path(first.weights).stat().st_mtime_ns
+    monkeypatch.setattr(pretrain, "run", lambda *a, **k: pytest.fail("a cache hit must not pretrain"))
     second = pc.pretrain_cached(cfg.replace(**{"finetune.lr": 0.5, "run.output_dir": str(tmp_path / "b")}))
     assert second.reused and second.weights == first.weights and second.key == first.key
-    assert time.time() - t0 < 20  # nothing trained
+    assert Path(first.weights).stat().st_mtime_ns == stamp  # nothing trained, nothing rewritten
+    monkeypatch.undo()
 
     # Other pretraining settings: another key, not in the cache (a miss that would compute).
     changed = cfg.replace(**{"pretrain.epochs": 2})
