@@ -110,3 +110,26 @@ def test_local_paths_become_absolute_uris_stay(tmp_path, monkeypatch):
     assert out.pretrain.cache == str(Path.home() / "cache")
     assert out.ray.storage_path is None
     assert absolute_paths(out) == out
+
+
+def test_the_demo_config_is_packaged_and_equals_the_repository_copy():
+    """``raysemi demo`` from a wheel reads the config inside the package (never the defaults)."""
+    import tomllib
+
+    from raysemi import demo
+
+    root = Path(__file__).resolve().parents[1]
+    assert demo.DEMO_CONFIG.parent.parent == root / "raysemi" and demo.DEMO_CONFIG.is_file()
+    package_data = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    assert "configs/*.yaml" in package_data["raysemi"]
+    assert yaml.safe_load(demo.DEMO_CONFIG.read_text()) == yaml.safe_load((root / "configs" / "demo.yaml").read_text())
+    assert load_config(demo.DEMO_CONFIG).model.backbone == "test_resnet"  # not the default resnet18
+
+
+def test_demo_refuses_to_run_without_its_config(tmp_path, monkeypatch):
+    from raysemi import demo
+    from raysemi.errors import RaysemiError
+
+    monkeypatch.setattr(demo, "DEMO_CONFIG", tmp_path / "missing.yaml")
+    with pytest.raises(RaysemiError, match="demo config .* is missing"):
+        demo.run_demo(str(tmp_path / "out"))
