@@ -124,9 +124,14 @@ def checkpoints_in(uri: str) -> int:
 
     fs, path = filesystem(uri)
     try:
-        return sum(1 for p in fs.ls(path, refresh=True) if p.rstrip("/").rsplit("/", 1)[-1].startswith("checkpoint_"))
+        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, refresh=True)]
     except FileNotFoundError:
-        return 0
+        names = []
+    finally:
+        # Ray Train reads the checkpoints through this same (instance-cached) s3fs filesystem: a listing
+        # left in its cache would hide the checkpoints written after it.
+        fs.invalidate_cache(path)
+    return sum(1 for n in names if n.startswith("checkpoint_"))
 
 
 @pytest.mark.ray
