@@ -126,6 +126,9 @@ class PseudoLabelConfig:
     # How the budget is shared among the predicted classes: "top" = most confident overall (the method
     # paper's), "balanced" = equal shares, "prior" = shares in proportion to the labelled class counts.
     selection: Literal["top", "balanced", "prior"] = "prior"
+    # Share of each round's training rows that are true labels, reached by repeating them (0 = no
+    # repetition): at equal steps per round, pseudo-labels would otherwise crowd the true labels out.
+    labeled_share: float = 0.0
     soft_targets: bool = False  # train on the teacher's probabilities (Noisy Student) instead of argmax
     temperature: float = 1.0  # soft targets: p^(1/T), renormalised; < 1 sharpens
     min_confidence: float = 0.0
@@ -373,6 +376,7 @@ def validate(cfg: Config) -> None:
     _check(0.0 <= f.dropout < 1.0, "finetune.dropout: must be in [0, 1)")
     _check(0.0 <= f.drop_path_rate < 1.0, "finetune.drop_path_rate: must be in [0, 1)")
     _check(pl.temperature > 0, "pseudolabel.temperature: must be > 0")
+    _check(0.0 <= pl.labeled_share < 1.0, "pseudolabel.labeled_share: must be in [0, 1)")
     _check(f.pseudo_weight > 0, "finetune.pseudo_weight: must be > 0")
     _check(0.0 <= f.label_smoothing < 1.0, "finetune.label_smoothing: must be in [0, 1)")
     _check(pl.rounds >= 0, "pseudolabel.rounds: must be >= 0")

@@ -61,8 +61,8 @@ def _prepare_output(cfg: Config, resume: bool, overwrite: bool) -> None:
 
 
 def _train_round(cfg: Config, manifest: Manifest, rows: dict[str, tuple[int, float]], r: int,
-                 init: str | None, resume: bool,
-                 targets: dict[str, list[float]] | None = None) -> finetune.FinetuneResult:
+                 init: str | None, resume: bool, targets: dict[str, list[float]] | None = None,
+                 repeats: dict[str, int] | None = None) -> finetune.FinetuneResult:
     out = join(cfg.run.output_dir, f"round={r}")
     weights = join(out, finetune.WEIGHTS)
     fs, path = filesystem(weights)
@@ -73,8 +73,16 @@ def _train_round(cfg: Config, manifest: Manifest, rows: dict[str, tuple[int, flo
         return finetune.FinetuneResult(weights, rio.file_sha256(weights), [], 0.0,
                                        int(extra.get("steps", 0)), int(extra.get("images_seen", 0)))
     trainset = write_trainset(cfg.data.path, manifest, rows, join(out, "trainset"),
-                              num_shards=max(2 * cfg.ray.num_workers, 4), targets=targets)
+                              num_shards=max(2 * cfg.ray.num_workers, 4), targets=targets, repeats=repeats)
     return finetune.run(cfg, trainset, init, out, f"{cfg.run.name}-round{r}", manifest.classes)
+
+
+def labeled_repeats(n_labeled: int, n_pseudo: int, share: float) -> int:
+    """How many copies of each true label make them ``share`` of a round's rows (at least one): with
+    equal steps per round, more pseudo-labels would otherwise mean fewer passes over the true labels."""
+    if share <= 0 or n_pseudo == 0 or n_labeled == 0:
+        return 1
+    return max(1, round(share / (1.0 - share) * n_pseudo / n_labeled))
 
 
 def best_round(history: list[dict[str, Any]], metric: str) -> int:
@@ -150,12 +158,14 @@ def run_pipeline(cfg: Config, *, resume: bool = False, overwrite: bool = False, 
         init = byol
         if r > 0 and pl.retrain_from == "previous":
             init = models[-1]
-        result = _train_round(cfg, manifest, rows, r, init, resume, targets)
+        copies = labeled_repeats(len(labeled), n_pseudo, pl.labeled_share)
+        repeats = {i: copies for i in labeled} if copies > 1 else None
+        result = _train_round(cfg, manifest, rows, r, init, resume, targets, repeats)
         models.append(result.weights)
         val = split_metrics(result.weights, cfg, "val", classes)
         history.append({
             "round": r, "val": val, "n_pseudo": n_pseudo, "train_rows": len(rows),
-            "steps": result.steps, "images_seen": result.images_seen,
+            "steps": result.steps, "images_seen": result.images_seen, "labeled_copies": copies,
             "pseudo_precision": precision["precision"] if precision else None,
             "pseudo_detail": precision, "seconds": time.time() - t0, "model": result.weights,
         })

@@ -43,11 +43,13 @@ def write_trainset(
     num_shards: int,
     splits: tuple[str, ...] = ("train", "unlabeled"),
     targets: dict[str, list[float]] | None = None,
+    repeats: dict[str, int] | None = None,
 ) -> TrainSet:
     """Copy the rows ``{id: (label, weight)}`` out of the dataset's ``splits`` into ``num_shards`` shards.
 
     ``targets`` (soft targets: ``{id: class probabilities}``) adds a ``target`` column; rows it does not
-    name get the one-hot vector of their label."""
+    name get the one-hot vector of their label. ``repeats`` writes a row that many times (oversampling the
+    true labels among many pseudo-labels); the class counts count every copy."""
     if not rows:
         raise DatasetError("the training set is empty: no labelled rows were chosen")
     wanted = pa.array(sorted(rows), pa.string())
@@ -65,7 +67,9 @@ def write_trainset(
         raise DatasetError(f"{missing} training rows were not found in the dataset {root}")
     # Deterministic order that mixes classes across shards.
     order = sorted(range(len(ids)), key=lambda i: hashlib.sha256(ids[i].encode()).hexdigest())
-    found = found.take(pa.array(order))
+    repeats = repeats or {}
+    order = [i for i in order for _ in range(max(1, repeats.get(ids[i], 1)))]
+    found = found.take(pa.array(order, pa.int64()))
     ids = found.column("id").to_pylist()
     labels = pa.array([rows[i][0] for i in ids], pa.int16())
     weights = pa.array([rows[i][1] for i in ids], pa.float32())
@@ -84,6 +88,6 @@ def write_trainset(
         uris.append(uri)
         counts.append(part.num_rows)
     class_counts = [0] * n_classes
-    for label, _ in rows.values():
-        class_counts[label] += 1
+    for i in ids:
+        class_counts[rows[i][0]] += 1
     return TrainSet(uris, counts, class_counts, soft=targets is not None)

@@ -53,3 +53,25 @@ def test_missing_ids_and_an_empty_set_are_refused(demo_dataset, rows, tmp_path):
         write_trainset(demo_dataset, manifest, {**rows, val_id: (0, 1.0)}, str(tmp_path / "b"), 2)
     with pytest.raises(DatasetError, match="empty"):
         write_trainset(demo_dataset, manifest, {}, str(tmp_path / "c"), 2)
+
+
+def test_repeats_write_copies_and_count_them(demo_dataset, rows, tmp_path):
+    manifest = read_manifest(demo_dataset)
+    first = sorted(rows)[0]
+    ts = write_trainset(demo_dataset, manifest, rows, str(tmp_path / "ts"), num_shards=3, repeats={first: 3})
+    table = pq.read_table(str(tmp_path / "ts"))
+    ids = table.column("id").to_pylist()
+    assert ts.total == len(rows) + 2 and ids.count(first) == 3
+    assert sum(ts.class_counts) == ts.total
+    assert ts.class_counts[rows[first][0]] == sum(1 for v in rows.values() if v[0] == rows[first][0]) + 2
+
+
+def test_labeled_repeats_reach_the_share():
+    from raysemi.pipeline import labeled_repeats
+
+    assert labeled_repeats(267, 719, 0.5) == 3  # 801 true-label rows next to 719 pseudo-labels
+    assert labeled_repeats(267, 719, 0.0) == 1
+    assert labeled_repeats(267, 0, 0.5) == 1  # round 0: nothing to balance
+    assert labeled_repeats(1000, 100, 0.5) == 1  # never fewer than one copy
+    n = labeled_repeats(48, 514, 0.75)
+    assert abs(48 * n / (48 * n + 514) - 0.75) < 0.02
