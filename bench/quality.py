@@ -72,10 +72,13 @@ def _reusable(run_dir: Path, config: str, overrides: list[str]) -> bool:
     """A finished run of the same computation: its report exists and its resolved config matches."""
     if not (run_dir / "report.json").is_file() or not (run_dir / "config.yaml").is_file():
         return False
-    from raysemi.config import absolute_paths, load_config
+    from raysemi.config import ConfigError, absolute_paths, from_dict, load_config
 
     want = absolute_paths(load_config(config, overrides)).to_dict()
-    have = yaml.safe_load((run_dir / "config.yaml").read_text())
+    try:  # through the config tree, so that a key added since (with its default) compares equal
+        have = from_dict(yaml.safe_load((run_dir / "config.yaml").read_text())).to_dict()
+    except ConfigError:
+        return False
     return _relevant(want) == _relevant(have)
 
 
@@ -83,7 +86,8 @@ def run_one(config: str, sets: list[str], run_dir: Path) -> tuple[dict[str, Any]
     """``raysemi run`` with ``sets`` in ``run_dir``; its report, wall seconds and whether it was reused."""
     overrides = [*sets, f"run.output_dir={run_dir}", f"run.name=quality-{run_dir.name}"]
     if _reusable(run_dir, config, overrides):
-        return json.loads((run_dir / "report.json").read_text()), 0.0, True
+        report = json.loads((run_dir / "report.json").read_text())
+        return report, sum(report.get("stages", {}).values()), True  # its stages' time when it ran
     cmd = [RAYSEMI, "run", "--config", config, "--overwrite"]
     for kv in overrides:
         cmd += ["--set", kv]
@@ -210,7 +214,10 @@ def main(argv: list[str] | None = None) -> None:
     dest.write_text(json.dumps({"benchmark": "quality", "command": command, "config": args.config,
                                 "config_values": cfg, "sets": args.sets, "seeds": args.seeds,
                                 "wall_s": round(wall, 1), "table": table, "runs": results}, indent=2) + "\n")
-    dest.with_suffix(".md").write_text(f"# bench/quality.py\n\n`{command}` ({wall / 60:.0f} min)\n\n{table}\n")
+    runs_s = sum(r["wall_s"] for rows in results.values() for r in rows)
+    dest.with_suffix(".md").write_text(
+        f"# bench/quality.py\n\n`{command}`: {runs_s / 60:.0f} min of runs (reused runs count the time their "
+        f"stages took when they ran), {wall / 60:.0f} min for this invocation\n\n{table}\n")
     print(f"written to {dest} and {dest.with_suffix('.md')}")
 
 
