@@ -118,10 +118,13 @@ def run_tune(
     else:
         if space_path is None:
             raise RaysemiError("give the search space: --space tune_spaces/NAME.yaml")
+        guard_output(exp, "an earlier tune experiment", exists, resume=False, overwrite=overwrite)
         space = load_space(space_path)
         base = prepare_base(cfg if cfg is not None else load_config(None), space, out, use_cache, overrides)
         preflight(space, base)
-        guard_output(exp, "an earlier tune experiment", exists, resume=False, overwrite=overwrite, remove=exp)
+        if exists:  # --overwrite, and only once the inputs are known good: bad input keeps the old experiment
+            fs, path = filesystem(exp)
+            fs.rm(path, recursive=True)
         setup = {"base": base.to_dict(), "space": space.to_dict(), "space_path": str(space_path), "name": name,
                  "exp": exp, "config_path": config_path,
                  "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
