@@ -118,20 +118,29 @@ def test_checkpoint_from_another_model_is_refused(tmp_path, demo_dataset):
         pretrain.run(cfg)
 
 
-def checkpoints_in(uri: str) -> int:
-    """Checkpoint folders Ray Train has written for a run (``<storage>/<run name>/checkpoint_*``)."""
+def registered_checkpoint(uri: str) -> str | None:
+    """The latest checkpoint Ray Train's controller has registered for a run, from its manager snapshot.
+
+    A ``checkpoint_*`` folder appears in storage when a worker uploads it, before the controller has polled
+    the report; a worker killed in between restarts from nothing. The snapshot is written on registration.
+    """
+    import json
+
     from raysemi.io import filesystem
 
     fs, path = filesystem(uri)
+    snapshot = f"{path.rstrip('/')}/checkpoint_manager_snapshot.json"
     try:
-        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, refresh=True)]
-    except FileNotFoundError:
-        names = []
-    finally:
-        # Ray Train reads the checkpoints through this same (instance-cached) s3fs filesystem: a listing
-        # left in its cache would hide the checkpoints written after it.
+        # Ray Train reads through this same (instance-cached) s3fs filesystem: drop what this listing cached.
         fs.invalidate_cache(path)
-    return sum(1 for n in names if n.startswith("checkpoint_"))
+        with fs.open(snapshot, "rb") as f:
+            state = json.loads(f.read())
+    except (FileNotFoundError, ValueError):
+        return None  # not written yet, or caught mid-upload
+    finally:
+        fs.invalidate_cache(path)
+    latest = state.get("latest_checkpoint_result") or {}
+    return latest.get("checkpoint_dir_name")
 
 
 @pytest.mark.ray
@@ -145,8 +154,8 @@ def test_two_workers_on_s3_learn_and_survive_a_killed_worker(ray_session, s3_buc
     run_dir = join(ray_utils.storage_root(cfg), pretrain.run_name(cfg))
     with ThreadPoolExecutor(1) as pool:
         running = pool.submit(pretrain.run, cfg)
-        # Once two checkpoints are stored, the first (epoch 0's) is registered: kill a Train worker from outside.
-        wait_for(lambda: True if checkpoints_in(run_dir) >= 2 else None, running, what="the second checkpoint")
+        # Once the controller has registered a checkpoint, kill a Train worker from outside.
+        wait_for(lambda: registered_checkpoint(run_dir), running, what="a registered checkpoint")
         victim = min(wait_for(lambda: pids_titled("RayTrainWorker") or None, running, what="a Train worker"))
         os.kill(victim, signal.SIGKILL)
         result = running.result(timeout=900)
