@@ -74,7 +74,7 @@ def _train_round(cfg: Config, manifest: Manifest, rows: dict[str, tuple[int, flo
                                        int(extra.get("steps", 0)), int(extra.get("images_seen", 0)))
     trainset = write_trainset(cfg.data.path, manifest, rows, join(out, "trainset"),
                               num_shards=max(2 * cfg.ray.num_workers, 4), targets=targets, repeats=repeats)
-    return finetune.run(cfg, trainset, init, out, f"{cfg.run.name}-round{r}", manifest.classes)
+    return finetune.run(cfg, trainset, init, out, f"{cfg.run.name}-round{r}", manifest.classes, f"round {r}")
 
 
 def labeled_repeats(n_labeled: int, n_pseudo: int, share: float) -> int:

@@ -9,6 +9,7 @@ device is CUDA when available, else CPU.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import tempfile
@@ -17,6 +18,7 @@ from typing import Any
 
 import torch
 
+from raysemi import console
 from raysemi.config import Config, RayConfig
 from raysemi.io import filesystem, is_remote, join, load_state, save_state
 
@@ -39,11 +41,68 @@ def init_ray(address: str | None = None) -> None:
 
     if ray.is_initialized():
         return
+    if not console.verbose():
+        _quiet_ray_notices()
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(dashboard_host="127.0.0.1", log_to_driver=True)
+        # Ray's state API, which Train's placement-group cleaner calls from its own actor, finds "the" cluster
+        # by scanning this machine's processes and fails ("Found multiple active Ray instances") when another
+        # Ray runs here too. Giving every process of this Ray its dashboard's address settles it.
+        port = _free_loopback_port()
+        ray.init(dashboard_host="127.0.0.1", dashboard_port=port, log_to_driver=True,
+                 runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}})
+    if not console.verbose():
+        _drop_worker_log_lines(_RAY_NOISE)
+
+
+def _free_loopback_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# Lines Ray prints that no user can act on: a Ray-internal notice about Train's own preemption watcher
+# (ray-project/ray#53727) and the note that token authentication is on (it is the default; the warning when
+# it is *off* stays).
+_RAY_NOISE = ("'PreemptionWatcher' and ID",)
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, *fragments: str) -> None:
+        super().__init__()
+        self.fragments = fragments
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(f in record.getMessage() for f in self.fragments)
+
+
+def _quiet_ray_notices() -> None:
+    logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(
+        _DropMessages("Token authentication is enabled"))
+
+
+def _drop_worker_log_lines(fragments: tuple[str, ...]) -> None:
+    """Leave out of the worker output Ray forwards to this driver the lines holding one of ``fragments``.
+    Ray has no public hook for this: when its private dispatcher changes, every line is printed as before."""
+    try:
+        from ray._private import worker as ray_worker
+
+        dispatcher, printer = ray_worker.global_worker_stdstream_dispatcher, ray_worker.print_to_stdstream
+        ignore_prefix = ray_worker._should_ignore_worker_log_prefix(ray_worker.global_worker)
+    except (ImportError, AttributeError):
+        return
+
+    def handler(data: dict) -> None:
+        lines = [ln for ln in data.get("lines", []) if not any(f in ln for f in fragments)]
+        if lines:
+            printer({**data, "lines": lines}, ignore_prefix=ignore_prefix)
+
+    dispatcher.remove_handler("ray_print_logs")
+    dispatcher.add_handler("ray_print_logs", handler)
 
 
 # ---------------------------------------------------------------- Train configs
@@ -75,7 +134,7 @@ def storage_root(cfg: Config) -> str:
 
 
 def run_config(name: str, cfg: Config):
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
 
     path, fs = storage_for(storage_root(cfg))
     return RunConfig(
@@ -84,6 +143,9 @@ def run_config(name: str, cfg: Config):
         storage_filesystem=fs,
         failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
         checkpoint_config=CheckpointConfig(num_to_keep=2),
+        # Ray Train's own INFO lines (worker group start, process group, every checkpoint) on the console
+        # only with --verbose; they always reach Ray's log files.
+        logging_config=LoggingConfig(log_level="INFO" if console.verbose() else "WARNING"),
     )
 
 
@@ -171,6 +233,16 @@ def remove_train_run(name: str, cfg: Config) -> None:
         fs.rm(path, recursive=True)
 
 
+def _quiet_worker(worker_fn, config: dict[str, Any]) -> None:
+    """Run ``worker_fn(config)`` without Ray Train's per-rank "Reporting training result ..." line: Train V2
+    logs it at INFO under a logger named by its file path (outside ``ray.train``, so ``LoggingConfig`` misses it),
+    once per rank and report. The stages print their own line per epoch from rank 0."""
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+    worker_fn(config)
+
+
 def fit(worker_fn, loop_config: dict[str, Any], cfg: Config, name: str):
     """Run ``worker_fn`` on ``cfg.ray.num_workers`` Ray Train workers (DDP process group set up by Ray:
     NCCL on GPU, gloo on CPU) and return the ``ray.train.Result``. A run of the same name in the storage
@@ -179,7 +251,7 @@ def fit(worker_fn, loop_config: dict[str, Any], cfg: Config, name: str):
 
     init_ray(cfg.ray.address)
     trainer = TorchTrainer(
-        worker_fn,
+        worker_fn if console.verbose() else functools.partial(_quiet_worker, worker_fn),
         train_loop_config=loop_config,
         scaling_config=scaling_config(cfg.ray),
         run_config=run_config(name, cfg),

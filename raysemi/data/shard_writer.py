@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
 import pyarrow as pa
-from tqdm import tqdm
 
+from raysemi import console
 from raysemi import io as rio
 from raysemi.data import shards
 from raysemi.data.shards import DatasetError, ShardInfo
@@ -48,10 +47,9 @@ def shard_table(rows: list[Item], class_index: dict[str, int], tags: tuple[str, 
     )
 
 
-def progress_bar(total: int, desc: str, progress: bool) -> tqdm:
-    return tqdm(
-        total=total, desc=desc, unit="img", disable=not (progress and sys.stderr.isatty()), leave=False
-    )
+def progress_bar(total: int, desc: str, progress: bool):
+    """A bar on a terminal, plain lines in a log (``raysemi.console.progress``), nothing when not ``progress``."""
+    return console.progress(total, desc, unit="img", enabled=progress)
 
 
 def write_shards(

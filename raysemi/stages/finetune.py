@@ -26,6 +26,7 @@ from timm.utils import ModelEmaV3
 from raysemi import io as rio
 from raysemi import ray_utils
 from raysemi.config import Config, FinetuneConfig, from_dict
+from raysemi.console import StageClock
 from raysemi.data.loader import build_loader
 from raysemi.data.shards import read_manifest, split_batch
 from raysemi.data.trainset import TrainSet
@@ -214,6 +215,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     cw = class_weights(trainset.class_counts).to(device) if f.class_weighting else None
     plan = training_plan(f, len(loader))
     stream = loader.stream(step, plan.total_steps)  # one decoder start-up for the whole round
+    clock = StageClock(loop_config.get("label", "finetune"), "step", plan.total_steps, step)
     while step < plan.total_steps:
         n = min((step // plan.interval + 1) * plan.interval, plan.total_steps) - step
         metrics = train_one_epoch(ddp_model, itertools.islice(stream, n), optimizer, scaler, cfg,
@@ -223,7 +225,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         if val_loader is not None:
             _, y, p = predict_probs(ema.module if ema is not None else model, val_loader, device, f.precision)
             metrics["val_accuracy"] = float((p.argmax(1) == y).mean()) if len(y) else float("nan")
-            log.info("finetune %s", {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
+            log.info("%s", clock.line(step, metrics))
         history.append(metrics)
         due = (metrics["epoch"] + 1) % f.checkpoint_every == 0 or step >= plan.total_steps
         train_state.report(metrics, cfg, due, step=step, history=history)
@@ -233,10 +235,11 @@ def train_worker(loop_config: dict[str, Any]) -> None:
 
 
 def run(cfg: Config, trainset: TrainSet, init: str | None, out_dir: str, name: str,
-        classes: list[str]) -> FinetuneResult:
-    """Train a classifier on ``trainset`` with Ray Train and save it as ``<out_dir>/classifier.safetensors``."""
+        classes: list[str], label: str = "finetune") -> FinetuneResult:
+    """Train a classifier on ``trainset`` with Ray Train and save it as ``<out_dir>/classifier.safetensors``.
+    ``label`` names the stage in the progress lines (e.g. ``round 1``)."""
     t0 = time.time()
-    loop = {"cfg": cfg.to_dict(), "trainset": trainset.__dict__, "init": init}
+    loop = {"cfg": cfg.to_dict(), "trainset": trainset.__dict__, "init": init, "label": label}
     result = ray_utils.fit(train_worker, loop, cfg, name)
     if result.checkpoint is None:
         raise RaysemiError(f"fine-tuning run {name!r} finished without a checkpoint")

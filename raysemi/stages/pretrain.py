@@ -20,6 +20,7 @@ import torch
 from raysemi import io as rio
 from raysemi import ray_utils
 from raysemi.config import Config, config_from_yaml, config_to_yaml, from_dict
+from raysemi.console import StageClock
 from raysemi.data.loader import build_loader
 from raysemi.data.shards import DatasetError, Manifest, read_manifest, split_batch, steps_per_epoch
 from raysemi.errors import RaysemiError
@@ -228,6 +229,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         if bank_uris and query_uris:
             monitor = (build_loader(bank_uris, **eval_kw), build_loader(query_uris, **eval_kw))
 
+    clock = StageClock("pretrain", "epoch", p.epochs, start_epoch)
     for epoch in range(start_epoch, p.epochs):
         loader.set_epoch(epoch)
         metrics = train_one_epoch(
@@ -242,8 +244,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                 metrics["knn_accuracy"] = acc
         history.append(metrics)
         if rank == 0:
-            shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
-            log.info("pretrain %s", shown)
+            log.info("%s", clock.line(epoch + 1, metrics))
         train_state.report(metrics, cfg, (epoch + 1) % p.checkpoint_every == 0 or last, epoch=epoch, history=history)
 
 

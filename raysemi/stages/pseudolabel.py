@@ -27,8 +27,8 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
+from raysemi import console, ray_utils
 from raysemi import io as rio
-from raysemi import ray_utils
 from raysemi.config import Config
 from raysemi.errors import RaysemiError
 from raysemi.stages.commits import pending_shards, remove_stale, verify_exactly_once
@@ -114,12 +114,10 @@ class PredictorPool:
     def run(self, tasks: list[tuple[int, str, int]], out_uri: str, progress: bool = True) -> int:
         """Predict and commit ``(index, input uri, rows)`` tasks; returns the rows computed."""
         import ray
-        from tqdm import tqdm
-
         queue = deque(tasks)
         inflight: dict = {}  # ObjectRef -> (slot, task)
         done_rows = done_shards = 0
-        bar = tqdm(total=sum(t[2] for t in tasks), unit="img", desc=STAGE, disable=not progress, smoothing=0.2)
+        bar = console.progress(sum(t[2] for t in tasks), STAGE, unit="img", enabled=progress)
         bar.set_postfix_str(f"shards 0/{len(tasks)}")
 
         def submit(slot: int) -> None:
