@@ -1,4 +1,4 @@
-"""``raysemi`` command line: ingest | pretrain | finetune | pseudolabel | evaluate | run | tune | demo.
+"""``raysemi`` command line: ingest | pretrain | finetune | pseudolabel | predict | evaluate | run | tune | demo.
 
 Every training command takes ``--config FILE`` and any number of ``--set key=value`` overrides; the
 resolved config is validated once, before any work starts. A problem with what the user gave is reported
@@ -96,6 +96,19 @@ def cmd_pseudolabel(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    from raysemi.stages import classify
+    from raysemi.stages.classify_output import summary_text
+
+    cfg = _load(args)
+    summary = classify.run(
+        cfg, args.model, args.source, args.out, split=args.split, min_confidence=args.min_confidence,
+        actors=args.actors, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet,
+    )
+    print(summary_text(summary, args.out))
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from raysemi.stages import evaluate
 
@@ -188,9 +201,20 @@ def _add_stage(sub, name: str, help_: str, func: Callable[[argparse.Namespace], 
     return p
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("raysemi")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raysemi", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logging, with Ray's own start-up and per-rank report lines")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_ingest(sub)
     p = _add_stage(sub, "pretrain", "BYOL pretraining on Ray Train (DDP)", cmd_pretrain)
@@ -203,6 +227,19 @@ def build_parser() -> argparse.ArgumentParser:
                    cmd_pseudolabel)
     p.add_argument("--model", required=True, help="classifier.safetensors (local or s3://)")
     p.add_argument("--out", help="prediction folder (default <run.output_dir>/predictions/manual)")
+    p = _add_stage(sub, "predict", "classify new images with an exported classifier (Ray actor pool)", cmd_predict)
+    p.add_argument("model", help="classifier.safetensors (local or s3://)")
+    p.add_argument("source", help="image folder, s3:// prefix of images, CSV with a 'path' column, or a dataset")
+    p.add_argument("out", help="output folder (local or s3://): predictions.parquet/.csv, failed.csv, summary.json")
+    p.add_argument("--split", default="all", help="dataset SOURCE: train, val, test, unlabeled or all (default)")
+    p.add_argument("--min-confidence", type=float, default=0.5,
+                   help="predictions below this confidence are counted as low-confidence (default 0.5)")
+    p.add_argument("--actors", type=int,
+                   help="predictor actors (default: as many as the cluster's CPUs, or GPUs, hold)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--resume", action="store_true", help="continue an interrupted run in OUT (nothing is redone)")
+    g.add_argument("--overwrite", action="store_true", help="replace an earlier run in OUT")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p = _add_stage(sub, "evaluate", "metrics and report of a classifier on one split", cmd_evaluate)
     p.add_argument("--model", required=True, help="classifier.safetensors (local or s3://)")
     p.add_argument("--split", default="test", help="split to evaluate (default test)")
@@ -230,9 +267,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s: %(message)s"
-    )
+    from raysemi import console
+
+    console.set_verbose(args.verbose)
+    if args.verbose:
+        logging.basicConfig(level=logging.DEBUG, format="%(asctime)s %(name)s: %(message)s")
+    else:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     try:
         return args.func(args)
     except RaysemiError as err:
