@@ -28,6 +28,7 @@ from raysemi.config import Config, config_to_yaml
 from raysemi.data.labels import label_split
 from raysemi.data.shards import DatasetError, Manifest, read_manifest, table_bytes
 from raysemi.data.trainset import write_trainset
+from raysemi.event_log import EventLog, copy_events
 from raysemi.io import filesystem, guard_output, join, write_bytes_atomic
 from raysemi.losses import sharpen
 from raysemi.metrics import pseudo_label_precision
@@ -124,6 +125,7 @@ def run_pipeline(cfg: Config, *, resume: bool = False, overwrite: bool = False, 
 
             cached = pretrain_cached(cfg)
             byol, reused, cache_key = cached.weights, cached.reused, cached.key
+            copy_events(cached.weights.rsplit("/", 1)[0], join(cfg.run.output_dir, "pretrain"))
         else:
             byol = pretrain.run(cfg, resume=resume).weights
         stages["pretrain"] = time.time() - t0
@@ -173,6 +175,9 @@ def run_pipeline(cfg: Config, *, resume: bool = False, overwrite: bool = False, 
         log.info("round %d: val accuracy %.4f, balanced %.4f (%d pseudo-labels, precision %s, %d steps)", r,
                  val["accuracy"], val["balanced_accuracy"], n_pseudo,
                  None if precision is None else precision["precision"], result.steps)
+        with EventLog(cfg.run.output_dir, suffix=f".round{r}") as events:  # the per-round summary beside the stages' own curves
+            events.log(r, {**{f"val_{k}": v for k, v in val.items()}, "n_pseudo": n_pseudo,
+                           "pseudo_precision": history[-1]["pseudo_precision"], "steps": result.steps}, "rounds/")
         if on_round is not None:
             on_round({"round": r, "val_accuracy": val["accuracy"], "val_macro_f1": val.get("macro_f1"),
                       "val_balanced_accuracy": val.get("balanced_accuracy"),
@@ -187,6 +192,7 @@ def run_pipeline(cfg: Config, *, resume: bool = False, overwrite: bool = False, 
     report = {
         "run": {
             "name": cfg.run.name, "mode": cfg.run.mode, "head": cfg.model.head, "dataset": cfg.data.path,
+            "output_dir": cfg.run.output_dir,
             "config_path": config_path, "started": started, "backbone": cfg.model.backbone,
             "best_model": models[best], "label_fraction": cfg.data.label_fraction,
             "select_metric": cfg.run.select_metric, "finetune_steps": cfg.finetune.steps,

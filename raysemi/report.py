@@ -213,6 +213,12 @@ def render_markdown(report: Mapping[str, Any], images: Mapping[str, str] | None 
             lines += [f"![{title}]({path})", ""]
         lines.pop()
 
+    if rounds:
+        lines += ["", "## Curves", "",
+                  "Every stage wrote its metrics as TensorBoard events in its own folder (`pretrain/`, `round=N/`) "
+                  "and the round summary (`rounds/...`) in this one: `pip install tensorboard`, then "
+                  "`tensorboard --logdir " + str(run.get("output_dir") or "<this folder>") + "`."]
+
     stages = report.get("stages") or {}
     if stages:
         lines += ["", "## Wall time per stage", ""]

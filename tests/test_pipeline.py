@@ -12,6 +12,7 @@ import pytest
 from raysemi.config import load_config
 from raysemi.data.labels import label_split
 from raysemi.data.shards import read_split
+from raysemi.event_log import read_scalars
 from raysemi.pipeline import best_round, run_pipeline
 from raysemi.stages.selection import budget_count
 
@@ -62,6 +63,20 @@ def test_full_run_counts_steps_keeps_the_pool_and_picks_the_best_round(ray_sessi
     # The best round by the configured metric, which is what the report says it used.
     assert report["run"]["select_metric"] == "balanced_accuracy"
     assert report["best_round"] == best_round(rounds, "balanced_accuracy")
+
+    # TensorBoard: every stage's curves in its own folder, the round summary in the run folder, equal to the
+    # report's figures; report.md says where they are.
+    run = tmp_path / "run"
+    assert [step for step, _ in read_scalars(str(run / "pretrain"))["loss"]] == [0]
+    for r in (0, 1):
+        curves = read_scalars(str(run / f"round={r}"))
+        assert [step for step, _ in curves["val_accuracy"]] == [3, 6]
+        assert [step for step, _ in curves["loss"]] == [3, 6]
+    summary = read_scalars(str(run))
+    assert [s for s, _ in summary["rounds/val_accuracy"]] == [0, 1]
+    assert [v for _, v in summary["rounds/val_accuracy"]] == pytest.approx([r["val"]["accuracy"] for r in rounds])
+    assert [v for _, v in summary["rounds/n_pseudo"]] == [0, rounds[1]["n_pseudo"]]
+    assert f"tensorboard --logdir {run}" in (run / "report.md").read_text()
 
 
 def test_best_round_rule():

@@ -18,6 +18,7 @@ from ray.tune import Callback
 from raysemi.cli import main
 from raysemi.config import load_config
 from raysemi.errors import RaysemiError
+from raysemi.event_log import read_scalars
 from raysemi.tune import SETUP, SpaceError, load_space, parse_space, results, run_tune, search, validate_space
 from raysemi.tune import experiment as tune_experiment
 from raysemi.tune.space import TRIAL_METRICS, max_reports
@@ -410,6 +411,12 @@ def test_tiny_sweep_survives_a_trial_failure_and_an_interruption(ray_session, de
     for t in rows:
         report = json.loads((out / "tiny" / "trials" / t / "report.json").read_text())
         assert report["run"]["name"] == t and report["run"]["pretrain_cache_key"]
+        # TensorBoard over the experiment folder: every trial's pretraining (copied from the cache entry it
+        # used, computed or reused), fine-tuning and round curves.
+        trial = out / "tiny" / "trials" / t
+        assert read_scalars(str(trial / "pretrain"))["loss"]
+        assert read_scalars(str(trial / "round=0"))["val_accuracy"]
+        assert [s for s, _ in read_scalars(str(trial))["rounds/val_accuracy"]] == [0]
     assert len(list((out / "pretrain_cache").glob("*/COMPLETE.json"))) == 2
     md = (out / "tiny" / "tune_results.md").read_text()
     assert "2 computed, 2 reused" in md

@@ -31,6 +31,7 @@ from raysemi.data.loader import build_loader
 from raysemi.data.shards import read_manifest, split_batch
 from raysemi.data.trainset import TrainSet
 from raysemi.errors import RaysemiError
+from raysemi.event_log import EventLog
 from raysemi.io import join, write_json
 from raysemi.losses import cross_entropy
 from raysemi.models.backbone import unwrap
@@ -216,6 +217,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     plan = training_plan(f, len(loader))
     stream = loader.stream(step, plan.total_steps)  # one decoder start-up for the whole round
     clock = StageClock(loop_config.get("label", "finetune"), "step", plan.total_steps, step)
+    events = EventLog(loop_config["events"]) if rank == 0 and loop_config.get("events") else None
     while step < plan.total_steps:
         n = min((step // plan.interval + 1) * plan.interval, plan.total_steps) - step
         metrics = train_one_epoch(ddp_model, itertools.islice(stream, n), optimizer, scaler, cfg,
@@ -226,9 +228,13 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             _, y, p = predict_probs(ema.module if ema is not None else model, val_loader, device, f.precision)
             metrics["val_accuracy"] = float((p.argmax(1) == y).mean()) if len(y) else float("nan")
             log.info("%s", clock.line(step, metrics))
+        if events is not None:
+            events.log(step, metrics)
         history.append(metrics)
         due = (metrics["epoch"] + 1) % f.checkpoint_every == 0 or step >= plan.total_steps
         train_state.report(metrics, cfg, due, step=step, history=history)
+    if events is not None:
+        events.close()
 
 
 # ---------------------------------------------------------------- entry point
@@ -239,7 +245,8 @@ def run(cfg: Config, trainset: TrainSet, init: str | None, out_dir: str, name: s
     """Train a classifier on ``trainset`` with Ray Train and save it as ``<out_dir>/classifier.safetensors``.
     ``label`` names the stage in the progress lines (e.g. ``round 1``)."""
     t0 = time.time()
-    loop = {"cfg": cfg.to_dict(), "trainset": trainset.__dict__, "init": init, "label": label}
+    loop = {"cfg": cfg.to_dict(), "trainset": trainset.__dict__, "init": init, "label": label,
+            "events": out_dir}
     result = ray_utils.fit(train_worker, loop, cfg, name)
     if result.checkpoint is None:
         raise RaysemiError(f"fine-tuning run {name!r} finished without a checkpoint")

@@ -24,6 +24,7 @@ from raysemi.console import StageClock
 from raysemi.data.loader import build_loader
 from raysemi.data.shards import DatasetError, Manifest, read_manifest, split_batch, steps_per_epoch
 from raysemi.errors import RaysemiError
+from raysemi.event_log import EventLog, clear_events
 from raysemi.io import guard_output, join, read_json, write_bytes_atomic, write_json
 from raysemi.knn import knn_accuracy
 from raysemi.losses import symmetric_byol_loss
@@ -230,6 +231,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             monitor = (build_loader(bank_uris, **eval_kw), build_loader(query_uris, **eval_kw))
 
     clock = StageClock("pretrain", "epoch", p.epochs, start_epoch)
+    events = EventLog(loop_config["events"]) if rank == 0 and loop_config.get("events") else None
     for epoch in range(start_epoch, p.epochs):
         loader.set_epoch(epoch)
         metrics = train_one_epoch(
@@ -245,7 +247,11 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         history.append(metrics)
         if rank == 0:
             log.info("%s", clock.line(epoch + 1, metrics))
+        if events is not None:
+            events.log(epoch, metrics)
         train_state.report(metrics, cfg, (epoch + 1) % p.checkpoint_every == 0 or last, epoch=epoch, history=history)
+    if events is not None:
+        events.close()
 
 
 # ---------------------------------------------------------------- entry point
@@ -271,8 +277,10 @@ def run(cfg: Config, resume: bool = False, overwrite: bool = False) -> PretrainR
     guard_output(storage, f"an unfinished pretraining run {name!r}", join(storage, name), resume=resume,
                  overwrite=overwrite, remove=join(storage, name))
 
+    if not resume:
+        clear_events(out)
     t0 = time.time()
-    result = ray_utils.fit(train_worker, {"cfg": cfg.to_dict()}, cfg, name)
+    result = ray_utils.fit(train_worker, {"cfg": cfg.to_dict(), "events": out}, cfg, name)
     if result.checkpoint is None:
         raise RaysemiError(f"pretraining run {name!r} finished without a checkpoint")
     with result.checkpoint.as_directory() as d:

@@ -143,6 +143,8 @@ def results_markdown(rows: list[dict[str, Any]], space: Space, name: str, best: 
         lines.append("No trial completed: no best configuration yet.")
     if heatmap:
         lines += ["", f"![test accuracy over pretraining epochs x learning rate]({FILES['heatmap']})"]
+    lines += ["", "Curves of every trial (pretraining, each round's fine-tuning, the round summary): "
+              "`pip install tensorboard`, then `tensorboard --logdir` this folder."]
     return "\n".join(lines) + "\n"
 
 
