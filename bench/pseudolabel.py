@@ -50,6 +50,7 @@ from raysemi.io import join  # noqa: E402
 from raysemi.models.checkpoint import build_classifier, save_classifier  # noqa: E402
 from raysemi.stages import commits, predictor  # noqa: E402
 from raysemi.stages import pseudolabel as pl  # noqa: E402
+from raysemi.tables import markdown_table  # noqa: E402
 
 CLASSES = ["a", "b", "c"]
 
@@ -276,10 +277,13 @@ def main(argv: list[str] | None = None) -> int:
             "startup_s_median": float(np.median([t["startup_s"] for t in runs])),
             "end_to_end_s_median": float(np.median([t["end_to_end_s"] for t in runs])),
         })
-    print(f"\n{'method':<16}{'workers':>8}{'best img/s':>12}{'median img/s':>14}{'start-up s':>12}{'end-to-end s':>14}")
-    for r in results:
-        print(f"{r['method']:<16}{r['workers']:>8}{r['images_per_s_best']:>12.1f}{r['images_per_s_median']:>14.1f}"
-              f"{r['startup_s_median']:>12.1f}{r['end_to_end_s_median']:>14.1f}")
+    print()
+    print("\n".join(markdown_table(
+        ["method", "workers", "best img/s", "median img/s", "start-up s", "end-to-end s"],
+        ([r["method"], r["workers"], f"{r['images_per_s_best']:.1f}", f"{r['images_per_s_median']:.1f}",
+          f"{r['startup_s_median']:.1f}", f"{r['end_to_end_s_median']:.1f}"] for r in results),
+        align="lrrrrr",
+    )))
     report = {
         "benchmark": "pseudolabel inference",
         "images": sum(rows),

@@ -36,6 +36,8 @@ from typing import Any
 
 import yaml
 
+from raysemi.tables import markdown_table
+
 ROOT = Path(__file__).resolve().parents[1]
 RAYSEMI = str(Path(sys.executable).parent / "raysemi")
 ROWS = (
@@ -167,7 +169,7 @@ def _mean_std(values: list[float | None]) -> str:
 def format_table(results: dict[str, list[dict[str, Any]]]) -> str:
     head = ["data set", "method", "labels", "seeds", "accuracy", "balanced acc.", "macro-F1", "AUC (ovr)",
             "min. classes predicted", "full: rounds chosen"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    body = []
     for dataset, rows in results.items():
         for key, label in ROWS:
             mine = [r for r in rows if r["row"] == key]
@@ -177,8 +179,8 @@ def format_table(results: dict[str, list[dict[str, Any]]]) -> str:
                      *(_mean_std([r[m] for r in mine]) for m in METRICS),
                      str(min(r["predicted_classes"] for r in mine)),
                      " ".join(str(r["best_round"]) for r in mine) if key == "full" else "-"]
-            lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+            body.append(cells)
+    return "\n".join(markdown_table(head, body))
 
 
 def main(argv: list[str] | None = None) -> None:

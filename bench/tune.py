@@ -27,6 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from raysemi.config import load_config  # noqa: E402
+from raysemi.tables import markdown_table  # noqa: E402
 from raysemi.tune import pretrain_counts, run_tune  # noqa: E402
 
 TOY = [
@@ -113,10 +114,12 @@ def main() -> None:
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"{'':16}{'trials':>8}{'pretrain computed':>19}{'reused':>8}{'trial time s':>14}{'sweep s':>10}")
-    for r in results:
-        print(f"{'with cache' if r['cache'] else 'without cache':16}{r['trials']:>8}{r['pretrainings_computed']:>19}"
-              f"{r['pretrainings_reused']:>8}{r['trial_s_total']:>14.1f}{r['sweep_s']:>10.1f}")
+    print("\n".join(markdown_table(
+        ["", "trials", "pretrain computed", "reused", "trial time s", "sweep s"],
+        ([("with cache" if r["cache"] else "without cache"), r["trials"], r["pretrainings_computed"],
+          r["pretrainings_reused"], f"{r['trial_s_total']:.1f}", f"{r['sweep_s']:.1f}"] for r in results),
+        align="lrrrrr",
+    )))
     print(f"saved by the cache: {saved:.1f} s of trial time ({100 * report['trial_s_saved_fraction']:.0f}%), "
           f"{report['pretrain_s_saved']:.1f} s of pretraining ({with_c['pretrain_s_total']:.1f} s instead of "
           f"{without['pretrain_s_total']:.1f} s)")
