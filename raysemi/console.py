@@ -79,13 +79,15 @@ def is_terminal(stream=None) -> bool:
 
 class PlainProgress:
     """tqdm's ``update`` / ``set_postfix_str`` / ``close`` as plain log lines: one every ``step`` of the
-    total (a tenth by default) or every ``every_s`` seconds, whichever comes first, and one at the end."""
+    total (a tenth by default) but not within ``min_interval_s`` of the previous one, at least one every
+    ``every_s`` seconds, and one at the end (a loop of a few seconds prints only that one)."""
 
-    def __init__(self, total: int, desc: str, unit: str = "it", step: float = 0.1, every_s: float = 30.0) -> None:
+    def __init__(self, total: int, desc: str, unit: str = "it", step: float = 0.1, every_s: float = 30.0,
+                 min_interval_s: float = 5.0) -> None:
         self.total, self.desc, self.unit = total, desc, unit
         self.n, self.postfix = 0, ""
         self._next = max(1, math.ceil(total * step)) if total else 1
-        self._step, self._every_s = self._next, every_s
+        self._step, self._every_s, self._min_interval_s = self._next, every_s, min_interval_s
         self._t0 = self._last = time.monotonic()
         self._closed = False
 
@@ -100,7 +102,8 @@ class PlainProgress:
 
     def update(self, n: int = 1) -> None:
         self.n += n
-        if self.n >= self._next or time.monotonic() - self._last >= self._every_s:
+        since = time.monotonic() - self._last
+        if (self.n >= self._next and since >= self._min_interval_s) or since >= self._every_s:
             while self._next <= self.n:
                 self._next += self._step
             if self.n < self.total:

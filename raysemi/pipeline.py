@@ -172,10 +172,11 @@ def run_pipeline(cfg: Config, *, resume: bool = False, overwrite: bool = False, 
             "pseudo_detail": precision, "seconds": time.time() - t0, "model": result.weights,
         })
         stages["finetune" if r == 0 else f"round_{r}"] = time.time() - t0
-        log.info("round %d: val accuracy %.4f, balanced %.4f (%d pseudo-labels, precision %s, %d steps)", r,
+        log.info("round %d: val accuracy %.4f, balanced %.4f (%d pseudo-labels%s, %d steps)", r,
                  val["accuracy"], val["balanced_accuracy"], n_pseudo,
-                 None if precision is None else precision["precision"], result.steps)
-        with EventLog(cfg.run.output_dir, suffix=f".round{r}") as events:  # the per-round summary beside the stages' own curves
+                 "" if precision is None else f", precision {precision['precision']:.3f}", result.steps)
+        # The per-round summary, beside the stages' own curves.
+        with EventLog(cfg.run.output_dir, suffix=f".round{r}") as events:
             events.log(r, {**{f"val_{k}": v for k, v in val.items()}, "n_pseudo": n_pseudo,
                            "pseudo_precision": history[-1]["pseudo_precision"], "steps": result.steps}, "rounds/")
         if on_round is not None:

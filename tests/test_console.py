@@ -34,7 +34,7 @@ def test_stage_line_shows_the_metrics_it_has_and_extrapolates_the_eta_from_this_
 
 def test_plain_progress_logs_a_line_per_tenth_and_one_at_the_end(caplog):
     with caplog.at_level(logging.INFO, logger="raysemi"):
-        bar = console.PlainProgress(1000, "pseudolabel", unit="img", every_s=1e9)
+        bar = console.PlainProgress(1000, "pseudolabel", unit="img", every_s=1e9, min_interval_s=0)
         for _ in range(100):
             bar.update(10)
         bar.set_postfix_str("shards 8/8")
@@ -44,6 +44,13 @@ def test_plain_progress_logs_a_line_per_tenth_and_one_at_the_end(caplog):
     assert len(lines) == 10  # 100, 200, ..., 900 and the closing 1000/1000
     assert lines[0].startswith("pseudolabel: 100/1000 img (10%)")
     assert lines[-1].startswith("pseudolabel: 1000/1000 img (100%)") and lines[-1].endswith("shards 8/8")
+
+
+def test_plain_progress_of_a_short_loop_is_one_line(caplog):
+    with caplog.at_level(logging.INFO, logger="raysemi"), console.PlainProgress(100, "pseudolabel") as bar:
+        for _ in range(100):
+            bar.update(1)
+    assert [r.getMessage().split("  ")[0] for r in caplog.records] == ["pseudolabel: 100/100 it (100%)"]
 
 
 def test_progress_off_a_terminal_is_plain_lines(monkeypatch):
@@ -74,3 +81,11 @@ def test_cli_run_prints_one_line_per_epoch_and_no_traceback_beside_another_ray(r
     epochs = [ln for ln in lines if "pretrain  epoch" in ln]
     assert len(epochs) == 2 and "epoch 1/2" in epochs[0] and "ETA" in epochs[0] and "loss" in epochs[1]
     assert len(lines) <= 8, out
+
+
+def test_python_dash_m_and_version():
+    from importlib.metadata import version
+
+    done = subprocess.run([sys.executable, "-m", "raysemi", "--version"], cwd=REPO, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == f"raysemi {version('raysemi')}"
