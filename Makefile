@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint bench install constraints clean
+.PHONY: demo test lint bench gpu-check install constraints clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,11 @@ bench: $(STAMP)
 	$(BIN)/python bench/ingest.py
 	$(BIN)/python bench/pretrain.py
 	$(BIN)/python bench/pseudolabel.py
+
+# Every GPU path run and measured, one JSON (bench/results/gpu_check.json); without CUDA a CPU dry run
+# (bench/results/gpu_check-dry.json). Exits non-zero when a section fails.
+gpu-check: $(STAMP)
+	$(BIN)/python bench/gpu_check.py
 
 constraints: $(STAMP)
 	(echo "# Exact versions that 'make' and CI install (pip -c constraints.txt). Regenerate with 'make constraints'."; \

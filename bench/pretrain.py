@@ -103,11 +103,13 @@ def _cpu_seconds() -> float:
     return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def build_byol_loader(uris: list[str], rows: list[int], *, backend: str, size: int, batch_size: int, threads: int):
-    """A BYOL-mode loader, warmed up by one full epoch (pipeline build, first decode, page cache)."""
+def build_byol_loader(uris: list[str], rows: list[int], *, backend: str, size: int, batch_size: int, threads: int,
+                      device: torch.device | None = None):
+    """A BYOL-mode loader, warmed up by one full epoch (pipeline build, first decode, page cache). With a CUDA
+    ``device`` DALI decodes there ("mixed"; bench/gpu_check.py)."""
     ld = build_loader(
         uris, mode="byol", size=size, batch_size=batch_size, augment=AugmentConfig(), backend=backend,
-        num_threads=threads, shard_rows=rows, seed=0,
+        num_threads=threads, shard_rows=rows, seed=0, device=device,
     )
     ld.set_epoch(0)
     for _ in ld:
