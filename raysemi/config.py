@@ -144,6 +144,10 @@ class RayConfig:
     # Ray Train's checkpoints; None = <run.output_dir>/ray. Must be shared by all nodes (s3://) on a cluster.
     storage_path: str | None = None
     max_failures: int = 2
+    # How the Train workers (their placement group) and the pseudo-label actors are placed on the nodes:
+    # PACK fills a node first; SPREAD prefers distinct nodes (a lost node then takes fewer of them down);
+    # STRICT_SPREAD demands one Train worker per node (the actors are spread as with SPREAD).
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"
 
 
 @dataclass(frozen=True)

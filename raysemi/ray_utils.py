@@ -114,7 +114,17 @@ def scaling_config(rc: RayConfig):
     resources: dict[str, float] = {"CPU": rc.cpus_per_worker}
     if rc.use_gpu:
         resources["GPU"] = 1
-    return ScalingConfig(num_workers=rc.num_workers, use_gpu=rc.use_gpu, resources_per_worker=resources)
+    return ScalingConfig(num_workers=rc.num_workers, use_gpu=rc.use_gpu, resources_per_worker=resources,
+                         placement_strategy=rc.placement_strategy)
+
+
+def actor_scheduling(rc: RayConfig) -> dict[str, str]:
+    """Scheduling option of the stages' own actors: ``OUTSIDE_PLACEMENT_GROUP`` (Ray's default placement),
+    or Ray's "SPREAD" strategy (best effort over the nodes) when ``ray.placement_strategy`` spreads; like
+    "DEFAULT", an explicit "SPREAD" also keeps the actors out of a Tune trial's placement group."""
+    if rc.placement_strategy == "PACK":
+        return dict(OUTSIDE_PLACEMENT_GROUP)
+    return {"scheduling_strategy": "SPREAD"}
 
 
 def storage_for(uri: str) -> tuple[str, Any]:

@@ -134,3 +134,18 @@ def test_demo_refuses_to_run_without_its_config(tmp_path, monkeypatch):
     monkeypatch.setattr(demo, "DEMO_CONFIG", tmp_path / "missing.yaml")
     with pytest.raises(RaysemiError, match="demo config .* is missing"):
         demo.run_demo(str(tmp_path / "out"))
+
+
+def test_placement_strategy_reaches_train_and_the_actors():
+    from raysemi import ray_utils
+
+    default = load_config(None, [])
+    assert default.ray.placement_strategy == "PACK"
+    assert ray_utils.scaling_config(default.ray).placement_strategy == "PACK"
+    assert ray_utils.actor_scheduling(default.ray) == ray_utils.OUTSIDE_PLACEMENT_GROUP
+    for strategy in ("SPREAD", "STRICT_SPREAD"):
+        rc = load_config(None, [f"ray.placement_strategy={strategy}"]).ray
+        assert ray_utils.scaling_config(rc).placement_strategy == strategy
+        assert ray_utils.actor_scheduling(rc) == {"scheduling_strategy": "SPREAD"}
+    with pytest.raises(ConfigError, match="ray.placement_strategy"):
+        load_config(None, ["ray.placement_strategy=spread"])

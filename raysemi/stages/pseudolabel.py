@@ -75,7 +75,7 @@ class PredictorPool:
         pl = cfg.pseudolabel
         self._remote = ray.remote(predictor).options(
             num_cpus=pl.cpus_per_actor, num_gpus=pl.gpus_per_actor,
-            max_restarts=MAX_ATTEMPTS - 1, max_task_retries=MAX_ATTEMPTS - 1, **ray_utils.OUTSIDE_PLACEMENT_GROUP,
+            max_restarts=MAX_ATTEMPTS - 1, max_task_retries=MAX_ATTEMPTS - 1, **ray_utils.actor_scheduling(cfg.ray),
         )
         self.cfg = cfg
         args = (model_uri, cfg, model_sha256, max(1, round(pl.cpus_per_actor)))

@@ -1,0 +1,203 @@
+"""A three-node Ray cluster on this machine and a raysemi driver attached to it, in a process of its own.
+
+``tests/test_multinode.py`` starts this script as a subprocess, so that the pytest process keeps its own
+session Ray (one ``ray.init`` per process) and a Ray cluster started for these tests never becomes the
+"current cluster" that a plain ``ray.init()`` elsewhere on the machine would join: ``RAY_TMPDIR`` (set by
+the test) holds the address file and every node's own temp folder.
+
+The nodes (``ray.cluster_utils.Cluster``): a head and two workers, 2 logical CPUs each and
+a custom resource naming each (``node_head``, ``node_a``, ``node_b``) so that placement can be read back.
+The head runs the dashboard on a free loopback port (the state API reads actors' nodes through it; every
+node's processes get its address in ``RAY_API_SERVER_ADDRESS``). The S3 endpoint and credentials reach the
+workers as on a real cluster: through the standard AWS environment of the processes that start the nodes.
+
+Protocol: one JSON command a line on stdin, one ``@@ {json}`` line on stdout per command (everything else
+goes to stderr). Commands: ``nodes``, ``pretrain``, ``pseudolabel`` (optionally losing a worker node
+mid-run) and ``quit``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import threading
+import time
+import traceback
+
+NODES = ("head", "a", "b")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_cluster():
+    from ray.cluster_utils import Cluster
+
+    root = os.environ["RAY_TMPDIR"]
+    os.makedirs(os.path.join(root, "ray"), exist_ok=True)  # Ray writes the cluster's address file there
+    port = _free_port()
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    # The nodes keep Ray's default node IP (the machine's address): a driver given a loopback GCS address
+    # connects to the node IP anyway (Ray canonicalises 127.0.0.1 to it).
+    common = {"num_cpus": 2, "object_store_memory": 100 * 1024 * 1024}
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={
+            **common, "temp_dir": os.path.join(root, "head"), "resources": {"node_head": 1},
+            "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": port,
+            # a lost node is noticed in ~3 s instead of ~30 s (Ray's defaults: every 3 s, 5 misses... )
+            "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 3},
+        },
+    )
+    nodes = {"head": cluster.head_node}
+    for name in NODES[1:]:
+        nodes[name] = cluster.add_node(**common, temp_dir=os.path.join(root, name), resources={f"node_{name}": 1})
+    cluster.wait_for_nodes()
+    return cluster, nodes
+
+
+def node_names(nodes) -> dict[str, str]:
+    return {node.node_id: name for name, node in nodes.items()}
+
+
+def actor_nodes(class_name: str, names: dict[str, str]) -> list[str]:
+    """The node (by name) of every actor of ``class_name`` the state API knows, alive or dead."""
+    from ray.util.state import list_actors
+
+    actors = list_actors(filters=[("class_name", "=", class_name)], limit=1000, raise_on_missing_output=False)
+    return sorted(names.get(a.node_id, a.node_id or "?") for a in actors)
+
+
+def do_pretrain(args: dict, cluster, nodes) -> dict:
+    from raysemi.config import load_config
+    from raysemi.stages import pretrain
+
+    cfg = load_config(None, [*args["overrides"], f"ray.address={cluster.address}"])
+    t0 = time.monotonic()
+    result = pretrain.run(cfg)
+    return {
+        "seconds": time.monotonic() - t0, "epochs": len(result.metrics), "weights": result.weights,
+        "worker_nodes": actor_nodes("RayTrainWorker", node_names(nodes)),
+    }
+
+
+def traced_predictor(trace_uri: str, victim_node_id: str | None, gate_uri: str | None):
+    """A ``ShardPredictor`` that records its node and process under ``trace_uri`` as it starts, and that, on
+    the node ``victim_node_id``, waits in its first shard until another actor has committed one, then writes
+    ``gate_uri`` and holds until its node is removed (its restart elsewhere runs normally)."""
+    import ray
+
+    from raysemi.stages.predictor import ShardPredictor
+
+    class TracedPredictor(ShardPredictor):
+        def __init__(self, *args, **kwargs) -> None:
+            from raysemi import io as rio
+
+            super().__init__(*args, **kwargs)
+            node = ray.get_runtime_context().get_node_id()
+            rio.write_bytes_atomic(f"{trace_uri}/{node}.{os.getpid()}", b"")
+
+        def run(self, index, shard_uri, out_uri, rows):
+            if victim_node_id and ray.get_runtime_context().get_node_id() == victim_node_id:
+                from raysemi import io as rio
+
+                fs, path = rio.filesystem(out_uri)
+                deadline = time.monotonic() + 120
+                while not fs.glob(f"{path}/part-*.commit.json") and time.monotonic() < deadline:
+                    fs.invalidate_cache()  # the other actors commit theirs meanwhile
+                    time.sleep(0.2)
+                rio.write_bytes_atomic(gate_uri, b"held")
+                time.sleep(600)  # the node goes long before
+            return super().run(index, shard_uri, out_uri, rows)
+
+    return TracedPredictor
+
+
+def do_pseudolabel(args: dict, cluster, nodes) -> dict:
+    from raysemi import io as rio
+    from raysemi.config import load_config
+    from raysemi.stages.pseudolabel import predict_shards
+
+    cfg = load_config(None, [*args["overrides"], f"ray.address={cluster.address}"])
+    names = node_names(nodes)
+    victim = nodes.get(args.get("remove_node") or "")
+    gate = args.get("gate")
+    trace = args["trace"]
+    predictor = traced_predictor(trace, victim.node_id if victim else None, gate)
+
+    def actor_nodes() -> list[str]:
+        fs, path = rio.filesystem(trace)
+        fs.invalidate_cache()
+        return sorted(names.get(p.rsplit("/", 1)[1].split(".")[0], "?") for p in fs.ls(path, detail=False))
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = predict_shards(args["model"], args["shards"], args["out"], cfg, progress=False,
+                                               predictor=predictor)
+        except BaseException as err:  # reported to the test, which fails with it
+            outcome["error"] = f"{type(err).__name__}: {err}"
+
+    t0 = time.monotonic()
+    thread = threading.Thread(target=run)
+    thread.start()
+    removed_after = None
+    if victim is not None:
+        # Wait on observable state: a shard is committed and the victim's actor holds one of its own.
+        while thread.is_alive() and not rio.exists(gate):
+            time.sleep(0.2)
+        if rio.exists(gate):
+            removed_after = time.monotonic() - t0
+            actors_before = actor_nodes()
+            cluster.remove_node(victim)
+            nodes.pop(args["remove_node"])
+    thread.join()
+    out: dict = {"seconds": time.monotonic() - t0, "removed_after_s": removed_after}
+    if victim is not None:
+        out["actor_nodes_before_removal"] = actors_before if removed_after is not None else None
+    out["actor_nodes"] = actor_nodes()  # every actor process started, restarts included
+    if "error" in outcome:
+        out["error"] = outcome["error"]
+    else:
+        r = outcome["result"]
+        out.update(rows=r.rows, shards_computed=r.shards_computed, actor_restarts=r.actor_restarts)
+    return out
+
+
+def main() -> None:
+    import ray
+
+    sys.stdout.reconfigure(line_buffering=True)
+    stdout, sys.stdout = sys.stdout, sys.stderr  # Ray's and raysemi's own lines go to stderr
+    t0 = time.monotonic()
+    cluster, nodes = start_cluster()
+    started = time.monotonic() - t0
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        try:
+            if cmd["do"] == "quit":
+                break
+            if cmd["do"] == "nodes":
+                reply = {"nodes": {name: n.node_id for name, n in nodes.items()}, "start_s": started,
+                         "temp_dirs": {name: n.get_session_dir_path() for name, n in nodes.items()}}
+            elif cmd["do"] == "pretrain":
+                reply = do_pretrain(cmd["args"], cluster, nodes)
+            elif cmd["do"] == "pseudolabel":
+                reply = do_pseudolabel(cmd["args"], cluster, nodes)
+            else:
+                reply = {"error": f"unknown command {cmd['do']!r}"}
+        except Exception:
+            reply = {"error": traceback.format_exc()}
+        print("@@ " + json.dumps(reply), file=stdout, flush=True)
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster.shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,187 @@
+"""A real multi-node Ray cluster: a head and two worker nodes on this machine, all data and outputs on S3.
+
+The cluster and the raysemi driver on it live in a subprocess (``tests/multinode_cluster.py``), so that this
+pytest process keeps at most its one session Ray. One cluster serves the module; the tests run in file order
+(the node-loss test removes worker node ``b``; the last test checks the driver's working folder).
+
+- BYOL pretraining with ``ray.placement_strategy=SPREAD``: its two Train workers on two different nodes
+  (read back from the state API), checkpoints in ``ray.storage_path`` on S3.
+- The pseudo-label pool with 3 actors, one on every node, each input id predicted exactly once.
+- The same with worker node ``b`` removed (its processes killed, as a spot node disappears) while its actor
+  holds a shard, once other shards are committed: the run finishes, the lost shard is redone elsewhere,
+  0 ids missing or duplicated (predict_shards checks it; the test counts again from the files).
+- The driver's working folder (the subprocess's cwd, also the nodes' and their workers') stays empty.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import queue
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from raysemi import io as rio
+from raysemi.config import load_config
+from raysemi.data.shards import read_shard
+from tests.stages.test_pretrain import TINY as PRETRAIN_TINY
+from tests.stages.test_pseudolabel import TINY as PSEUDOLABEL_TINY
+from tests.stages.test_pseudolabel import make_dataset, save_model
+
+pytestmark = [pytest.mark.multinode, pytest.mark.slow]
+
+SCRIPT = Path(__file__).with_name("multinode_cluster.py")
+
+
+class ClusterProcess:
+    """The subprocess holding the cluster and its driver; ``call`` sends one command and waits for its reply."""
+
+    def __init__(self, cwd: Path, ray_tmp: str) -> None:
+        self.cwd, self.ray_tmp = cwd, ray_tmp
+        self.log_path = os.path.join(ray_tmp, "driver.log")
+        env = {**os.environ, "RAY_TMPDIR": ray_tmp}
+        env.pop("RAY_ADDRESS", None)
+        self._log = open(self.log_path, "w")  # noqa: SIM115 (closed in close())
+        self.proc = subprocess.Popen(
+            [sys.executable, str(SCRIPT)], cwd=cwd, env=env, text=True,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log,
+        )
+        self._replies: queue.Queue = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            if line.startswith("@@ "):
+                self._replies.put(json.loads(line[3:]))
+        self._replies.put(None)  # the process ended
+
+    def log_tail(self, n: int = 60) -> str:
+        self._log.flush()
+        return "".join(Path(self.log_path).read_text(errors="replace").splitlines(True)[-n:])
+
+    def call(self, do: str, timeout: float = 240.0, **args) -> dict:
+        self.proc.stdin.write(json.dumps({"do": do, "args": args}) + "\n")
+        self.proc.stdin.flush()
+        try:
+            reply = self._replies.get(timeout=timeout)
+        except queue.Empty:
+            pytest.fail(f"no reply to {do!r} within {timeout:.0f} s; driver log:\n{self.log_tail()}")
+        if reply is None:
+            pytest.fail(f"the cluster process ended (rc={self.proc.wait()}); driver log:\n{self.log_tail()}")
+        assert "error" not in reply, f"{do}: {reply['error']}\ndriver log:\n{self.log_tail()}"
+        return reply
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.write(json.dumps({"do": "quit"}) + "\n")
+                self.proc.stdin.close()
+                self.proc.wait(timeout=60)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()  # its nodes' reapers end the Ray processes with it
+                self.proc.wait()
+        self._log.close()
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    """The driver's working folder: empty, and it must stay so."""
+    return tmp_path_factory.mktemp("driver-cwd")
+
+
+@pytest.fixture(scope="module")
+def cluster(s3_server, workdir):
+    # Ray's unix sockets live under the temp folder: keep its path short.
+    ray_tmp = tempfile.mkdtemp(prefix="rmn", dir="/tmp")
+    proc = ClusterProcess(workdir, ray_tmp)
+    try:
+        proc.nodes = proc.call("nodes", timeout=180)
+        yield proc
+    finally:
+        proc.close()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def test_cluster_has_three_nodes_with_their_own_temp_folders(cluster):
+    nodes = cluster.nodes
+    assert set(nodes["nodes"]) == {"head", "a", "b"} and len(set(nodes["nodes"].values())) == 3
+    dirs = nodes["temp_dirs"]
+    assert len({os.path.dirname(d) for d in dirs.values()}) == 3, dirs
+
+
+def test_pretrain_workers_on_two_nodes_everything_on_s3(cluster, s3_bucket, demo_dataset_s3):
+    reply = cluster.call("pretrain", overrides=[
+        *PRETRAIN_TINY, f"data.path={demo_dataset_s3}", f"run.output_dir={s3_bucket}/run",
+        f"ray.storage_path={s3_bucket}/ray", "ray.placement_strategy=SPREAD", "ray.num_workers=2",
+        "data.loader=torch", "pretrain.epochs=1", "pretrain.batch_size=32", "pretrain.knn_every=0",
+        "run.name=multinode",
+    ])
+    assert len(reply["worker_nodes"]) == 2 and len(set(reply["worker_nodes"])) == 2, reply
+    assert reply["epochs"] == 1
+    assert reply["weights"] == f"{s3_bucket}/run/pretrain/byol.safetensors" and rio.exists(reply["weights"])
+    fs, path = rio.filesystem(f"{s3_bucket}/ray/multinode-pretrain")
+    assert fs.exists(path)  # Ray Train's run folder (checkpoints) on S3
+
+
+def pseudolabel_setup(bucket: str, shards: int, rows: int):
+    cfg = load_config(None, PSEUDOLABEL_TINY)
+    uris = make_dataset(f"{bucket}/dataset", shards=shards, rows=rows)
+    model = f"{bucket}/models/classifier.safetensors"
+    save_model(model, cfg, seed=0)
+    overrides = [*PSEUDOLABEL_TINY, "pseudolabel.num_actors=3", "ray.placement_strategy=SPREAD",
+                 f"run.output_dir={bucket}/run"]
+    return uris, model, overrides
+
+
+def assert_each_id_once(uris: list[str], out: str) -> int:
+    """Count again from the files: every input id in exactly one prediction row, no other rows."""
+    expected = collections.Counter(i for u in uris for i in read_shard(u, ["id"]).column("id").to_pylist())
+    fs, path = rio.filesystem(out)
+    fs.invalidate_cache()
+    got: collections.Counter = collections.Counter()
+    for part in fs.glob(f"{path}/part-*.parquet"):
+        got.update(pq.read_table(part, filesystem=fs, columns=["id"]).column("id").to_pylist())
+    missing, extra = expected - got, got - expected
+    assert not missing and not extra, f"{sum(missing.values())} ids missing, {sum(extra.values())} duplicated/extra"
+    return sum(got.values())
+
+
+def test_pseudolabel_actors_on_every_node_exactly_once(cluster, s3_bucket):
+    uris, model, overrides = pseudolabel_setup(s3_bucket, shards=9, rows=4)
+    out = f"{s3_bucket}/predictions/round=1"
+    reply = cluster.call("pseudolabel", model=model, shards=uris, out=out, overrides=overrides,
+                         trace=f"{s3_bucket}/actors")
+    assert reply["actor_nodes"] == ["a", "b", "head"], reply
+    assert reply["rows"] == 36 and reply["shards_computed"] == 9
+    assert assert_each_id_once(uris, out) == 36
+
+
+def test_pseudolabel_exactly_once_when_a_worker_node_is_lost(cluster, s3_bucket):
+    uris, model, overrides = pseudolabel_setup(s3_bucket, shards=12, rows=4)
+    out = f"{s3_bucket}/predictions/round=1"
+    t0 = time.monotonic()
+    reply = cluster.call("pseudolabel", timeout=300, model=model, shards=uris, out=out, overrides=overrides,
+                         remove_node="b", gate=f"{s3_bucket}/gates/held", trace=f"{s3_bucket}/actors")
+    assert reply["removed_after_s"] is not None, f"the actor on node b never held a shard: {reply}"
+    assert reply["actor_nodes_before_removal"] == ["a", "b", "head"], reply
+    assert len(reply["actor_nodes"]) == 4 and reply["actor_nodes"].count("b") == 1, reply  # + 1 restart
+    assert reply["rows"] == 48 and reply["shards_computed"] == 12
+    assert reply["actor_restarts"] >= 1, reply  # the actor of node b, restarted on a remaining node
+    assert assert_each_id_once(uris, out) == 48
+    print(f"node b removed {reply['removed_after_s']:.1f} s into the run; finished after "
+          f"{time.monotonic() - t0:.1f} s")
+
+
+def test_nothing_written_to_the_driver_working_folder(cluster, workdir):
+    """Last in the module: after pretraining and pseudo-labelling, the working folder the driver and every
+    node (and so every worker) started in is still empty; all went to S3 (Ray's own files: RAY_TMPDIR)."""
+    assert sorted(p.name for p in workdir.iterdir()) == []
