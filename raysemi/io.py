@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import struct
 import uuid
 from io import BytesIO
@@ -17,7 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import fsspec
+import s3fs
 import torch
+from fsspec.asyn import sync_wrapper
 from fsspec.implementations.local import LocalFileSystem
 
 from raysemi.config import Config, config_to_yaml, from_dict
@@ -35,10 +38,117 @@ class CheckpointError(RaysemiError):
 # ---------------------------------------------------------------- paths
 
 
+# S3 timeouts and retries: (environment variable, default, what it is). A stopped or frozen S3 endpoint
+# fails a request after at most attempts x (connect or read timeout) + the backoff between attempts, and any
+# one call (its retries included) after the call timeout.
+S3_SETTINGS = {
+    "connect_timeout": ("RAYSEMI_S3_CONNECT_TIMEOUT", 5.0, "seconds to open a connection"),
+    "read_timeout": ("RAYSEMI_S3_READ_TIMEOUT", 20.0, "seconds to wait for the next bytes of an answer"),
+    "max_attempts": ("RAYSEMI_S3_MAX_ATTEMPTS", 3, "tries per request, the first included"),
+    "call_timeout": ("RAYSEMI_S3_CALL_TIMEOUT", 300.0, "seconds one call may take, its retries included"),
+}
+
+
+class BoundedS3FileSystem(s3fs.S3FileSystem):
+    """s3fs whose every call ends in a bounded time (settings from ``s3_options``):
+
+    - the retries are botocore's ("standard" mode); s3fs's own loop (5 tries of every failed call, around
+      botocore's) is cut to one try (``retries``, a class attribute so that it holds wherever the filesystem
+      is unpickled, e.g. Ray Train's storage filesystem on the workers);
+    - no ``Expect: 100-continue`` on uploads: aiohttp waits for the ``100 Continue`` with no timeout at all, so
+      a frozen server held every PUT forever; without it, the read timeout applies once the body is sent;
+    - each S3 call, retries included, is cancelled after ``call_timeout`` seconds: aiohttp has no write timeout,
+      and a server that stops reading in the middle of a large upload would otherwise hold it forever.
+    """
+
+    retries = 1
+
+    def __init__(self, *args, call_timeout: float | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.call_timeout = call_timeout
+
+    async def set_session(self, refresh=False, kwargs={}):  # noqa: B006 (s3fs's signature)
+        from botocore.handlers import add_expect_header
+
+        client = await super().set_session(refresh, kwargs)
+        client.meta.events.unregister("before-call.s3", add_expect_header)
+        return client
+
+    async def _call_s3(self, method, *akwarglist, **kwargs):
+        import asyncio
+
+        from fsspec.exceptions import FSTimeoutError
+
+        try:
+            return await asyncio.wait_for(super()._call_s3(method, *akwarglist, **kwargs), self.call_timeout)
+        except asyncio.TimeoutError:
+            raise FSTimeoutError(f"S3 {method} did not finish within {self.call_timeout:g} s "
+                                 "(RAYSEMI_S3_CALL_TIMEOUT)") from None
+
+    call_s3 = sync_wrapper(_call_s3)  # s3fs's wraps its own _call_s3; its open files call this one
+
+
+# One instance cache with s3fs's own, so that ``s3fs.S3FileSystem.clear_instance_cache()`` (new credentials or
+# endpoint in the environment) also drops the clients made here.
+BoundedS3FileSystem._cache = s3fs.S3FileSystem._cache
+
+
+def s3_options() -> dict[str, Any]:
+    """The storage options that bound every S3 request: botocore's connect/read timeouts and its "standard"
+    retry mode (exponential backoff with jitter, ``max_attempts`` tries in all, the first included), each
+    overridable by its ``RAYSEMI_S3_*`` environment variable (``S3_SETTINGS``)."""
+    values: dict[str, Any] = {}
+    for key, (var, default, what) in S3_SETTINGS.items():
+        raw = os.environ.get(var, "").strip()
+        try:
+            value = type(default)(raw) if raw else default
+        except ValueError:
+            value = None
+        if value is None or not value > 0:
+            raise RaysemiError(f"{var}={raw!r} is not valid: it is the S3 {what}, a positive number")
+        values[key] = value
+    return {
+        "config_kwargs": {
+            "connect_timeout": values["connect_timeout"],
+            "read_timeout": values["read_timeout"],
+            "retries": {"max_attempts": values["max_attempts"], "mode": "standard"},
+        },
+        "call_timeout": values["call_timeout"],
+    }
+
+
 def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The fsspec filesystem and in-filesystem path for a local path or URI."""
-    fs, path = fsspec.core.url_to_fs(str(uri))
+    """The fsspec filesystem and in-filesystem path for a local path or URI (``s3://``: with the timeouts and
+    bounded retries of ``s3_options``)."""
+    uri = str(uri)
+    if uri.startswith(("s3://", "s3a://")):
+        return BoundedS3FileSystem(**s3_options()), BoundedS3FileSystem._strip_protocol(uri)
+    fs, path = fsspec.core.url_to_fs(uri)
     return fs, path
+
+
+def storage_problem(err: BaseException) -> str | None:
+    """One line for a failure of the storage itself (an S3 endpoint that is down, silent or refusing, no
+    credentials, a local disk error); None for any other exception, which is a bug to show in full."""
+    import aiohttp
+    import botocore.exceptions as boto
+
+    if isinstance(err, TimeoutError) and not str(err) and err.__cause__ is not None:
+        err = err.__cause__  # fsspec raises a bare FSTimeoutError from the timeout of an S3 call
+    text = " ".join(str(err).split())[:300] or "no detail"
+    if isinstance(err, (boto.ConnectTimeoutError, boto.ReadTimeoutError)):
+        cfg = s3_options()["config_kwargs"]
+        return (f"S3 did not answer within {cfg['connect_timeout']:g} s (connect) / {cfg['read_timeout']:g} s "
+                f"(read), {cfg['retries']['max_attempts']} tries (RAYSEMI_S3_* settings): {text}")
+    if isinstance(err, boto.EndpointConnectionError):
+        return f"cannot reach S3 ({text})"
+    if isinstance(err, (boto.NoCredentialsError, boto.PartialCredentialsError)):
+        return f"no usable AWS credentials ({text})"
+    if isinstance(err, TimeoutError) and text.startswith("S3 "):
+        return text  # the call timeout of BoundedS3FileSystem
+    if isinstance(err, (OSError, boto.BotoCoreError, boto.ClientError, aiohttp.ClientError)):
+        return f"{type(err).__name__}: {text}"
+    return None
 
 
 def join(uri: str, *parts: str) -> str:

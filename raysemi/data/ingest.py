@@ -291,15 +291,18 @@ def ingest(
                     },
                 )
                 shards.write_manifest(dest, manifest)  # last: only a complete dataset has one
-            except BaseException:
-                try:
-                    clear_parts(dest)
-                except Exception as cleanup_err:  # the original error is the one to report
-                    log.warning("could not remove partial shards at %s: %s", dest, cleanup_err)
+            except BaseException as err:
+                left = _undo_partial(dest)
+                problem = None if isinstance(err, DatasetError) or not isinstance(err, Exception) else \
+                    rio.storage_problem(err)
+                if problem is not None:  # the storage failed (S3 down, silent, refusing; a disk error)
+                    raise DatasetError(f"writing {dest} failed: {problem}; {left}") from err
+                if not left.startswith("no shard"):
+                    log.warning("%s", left)
                 raise
         except OSError as err:
             remove_if_empty(dest, created)
-            raise DatasetError(f"writing {dest} failed: {type(err).__name__}: {err}") from err
+            raise DatasetError(f"writing {dest} failed: {rio.storage_problem(err)}") from err
         except BaseException:
             remove_if_empty(dest, created)
             raise
@@ -312,6 +315,17 @@ def ingest(
             duplicates,
         )
         return manifest
+
+
+def _undo_partial(dest: str) -> str:
+    """Remove the shards of a failed ingest; says what is left behind."""
+    try:
+        clear_parts(dest)
+    except Exception as err:  # the storage may be what failed: the original error is the one to report
+        return (f"partial shards may be left under {dest}/<split>/ (removing them failed too: {type(err).__name__}); "
+                "without a manifest.json no command takes them for a dataset, and the next ingest to this "
+                "destination removes them")
+    return "no shard was left behind"
 
 
 def summarize(manifest: Manifest) -> str:

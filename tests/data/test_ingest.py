@@ -5,7 +5,14 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -276,6 +283,103 @@ def test_bucket_that_refuses_access(s3_bucket, tmp_path, monkeypatch):
     with pytest.raises(DatasetError, match="cannot write to .*: access denied"):
         ingest(str(tmp_path / "src"), f"{s3_bucket}/ds", progress=False)
     assert no_dataset(f"{s3_bucket}/ds")
+
+
+@pytest.fixture
+def own_s3(monkeypatch):
+    """A private moto server that the test may stop or kill (the session's is shared), with S3 timeouts of 1 s
+    and 2 tries per request; yields (its process, a bucket on it)."""
+    pytest.importorskip("moto")
+    import s3fs
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+        "RAYSEMI_S3_CONNECT_TIMEOUT": "1", "RAYSEMI_S3_READ_TIMEOUT": "1", "RAYSEMI_S3_MAX_ATTEMPTS": "2",
+    }
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "moto server did not start"
+                time.sleep(0.2)
+        s3fs.S3FileSystem.clear_instance_cache()  # no client of the session's endpoint
+        s3fs.S3FileSystem().mkdir("raysemi-own")
+        yield proc, "s3://raysemi-own"
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGCONT)
+            proc.kill()
+        proc.wait(timeout=10)
+        s3fs.S3FileSystem.clear_instance_cache()
+
+
+def signal_after_first_shard(monkeypatch, proc, sig: int) -> None:
+    """Send ``sig`` to the S3 server once the first shard is stored: the server dies (or freezes) mid-ingest."""
+    real = shards.write_shard
+    sent = threading.Lock()
+
+    def first_then_signal(*args, **kwargs):
+        info = real(*args, **kwargs)
+        if sent.acquire(blocking=False):
+            os.kill(proc.pid, sig)
+        return info
+
+    monkeypatch.setattr(shards, "write_shard", first_then_signal)
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("raysemi ingest: error: ")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def test_s3_server_dying_mid_ingest_is_one_line_saying_what_is_left(own_s3, tmp_path, monkeypatch, capsys):
+    from raysemi.cli import main
+
+    proc, bucket = own_s3
+    make_folder(tmp_path / "src", {"a": 10, "b": 10})
+    signal_after_first_shard(monkeypatch, proc, signal.SIGKILL)
+    assert main(["ingest", str(tmp_path / "src"), f"{bucket}/ds", "--quiet"]) == 2
+    line = one_error_line(capsys)
+    assert f"writing {bucket}/ds failed: cannot reach S3 (Could not connect to the endpoint URL" in line
+    assert f"partial shards may be left under {bucket}/ds/<split>/ (removing them failed too" in line
+    assert "the next ingest to this destination removes them" in line
+
+
+@pytest.mark.timeout(90, method="thread")  # unbounded, it waited forever: end the run loudly instead
+def test_s3_server_frozen_mid_ingest_fails_in_a_bounded_time(own_s3, tmp_path, monkeypatch, capsys):
+    from raysemi.cli import main
+
+    proc, bucket = own_s3
+    make_folder(tmp_path / "src", {"a": 10, "b": 10})
+    signal_after_first_shard(monkeypatch, proc, signal.SIGSTOP)
+    start = time.monotonic()
+    assert main(["ingest", str(tmp_path / "src"), f"{bucket}/ds", "--quiet"]) == 2
+    assert time.monotonic() - start < 45  # a few rounds of 2 tries x 1 s, 4 writers at once
+    line = one_error_line(capsys)
+    assert f"writing {bucket}/ds failed: S3 did not answer within 1 s (connect) / 1 s (read), 2 tries" in line
+    assert "partial shards may be left under" in line
+    # What the message says holds once the server is back: no dataset, and the next ingest removes the rest.
+    proc.send_signal(signal.SIGCONT)
+    assert no_dataset(f"{bucket}/ds")
+    m = ingest(str(tmp_path / "src"), f"{bucket}/ds", progress=False)
+    fs, root = rio.filesystem(f"{bucket}/ds")
+    fs.invalidate_cache()
+    assert sorted(p[len(root) + 1:] for p in fs.find(root) if p.endswith(".parquet")) == \
+        sorted(sh.path for sp in m.splits.values() for sh in sp.shards)
 
 
 def test_failure_midway_leaves_nothing(tmp_path, monkeypatch):
