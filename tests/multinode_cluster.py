@@ -154,7 +154,9 @@ def do_pseudolabel(args: dict, cluster, nodes) -> dict:
         if rio.exists(gate):
             removed_after = time.monotonic() - t0
             actors_before = actor_nodes()
-            cluster.remove_node(victim)
+            # SIGKILL, no graceful shutdown: the node vanishes as a preempted spot instance does; Ray notices
+            # through its missed health checks.
+            cluster.remove_node(victim, allow_graceful=False)
             nodes.pop(args["remove_node"])
     thread.join()
     out: dict = {"seconds": time.monotonic() - t0, "removed_after_s": removed_after}

@@ -36,7 +36,7 @@ from raysemi.stages.predictor import STAGE, ShardPredictor, model_classes
 
 log = logging.getLogger("raysemi.pseudolabel")
 
-MAX_ATTEMPTS = 3  # actor deaths tolerated per shard before giving up
+MAX_ATTEMPTS = 3  # lives of an actor (its first process + 2 restarts) before the pool gives up on it
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,11 @@ class PredictorPool:
 
     Ray restarts an actor whose process dies (``max_restarts``) and re-runs its in-flight task on the new
     process (``max_task_retries``); that is safe because ``commit`` is idempotent. The driver only sees an
-    actor error once Ray has given up on it. Restarts are counted from the process ids the tasks report."""
+    actor error once Ray has given up on it. The task retries are unbounded (-1: until the actor has used
+    up its ``max_restarts``): when a whole node vanishes, every call to its actor fails at once ("actor
+    temporarily unavailable") for the seconds until Ray declares the node dead, and a bounded count (it was
+    2) was spent there, failing the run with the actor restarted only once (seen on the multi-node test
+    cluster). Restarts are counted from the process ids the tasks report."""
 
     def __init__(
         self, model_uri: str, model_sha256: str, cfg: Config, num_actors: int, predictor: type = ShardPredictor
@@ -75,7 +79,7 @@ class PredictorPool:
         pl = cfg.pseudolabel
         self._remote = ray.remote(predictor).options(
             num_cpus=pl.cpus_per_actor, num_gpus=pl.gpus_per_actor,
-            max_restarts=MAX_ATTEMPTS - 1, max_task_retries=MAX_ATTEMPTS - 1, **ray_utils.actor_scheduling(cfg.ray),
+            max_restarts=MAX_ATTEMPTS - 1, max_task_retries=-1, **ray_utils.actor_scheduling(cfg.ray),
         )
         self.cfg = cfg
         args = (model_uri, cfg, model_sha256, max(1, round(pl.cpus_per_actor)))
