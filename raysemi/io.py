@@ -275,8 +275,7 @@ def _header_metadata(head: bytes, uri: str) -> dict[str, str]:
     return dict(meta) if isinstance(meta, dict) else {}
 
 
-def weights_metadata(uri: str) -> dict[str, str]:
-    """The metadata strings of a safetensors file, from its header alone (no tensors read)."""
+def _read_header(uri: str) -> bytes:
     fs, path = filesystem(uri)
     try:
         with fs.open(path, "rb") as fh:
@@ -284,9 +283,25 @@ def weights_metadata(uri: str) -> dict[str, str]:
             size = struct.unpack("<Q", first)[0] if len(first) == 8 else -1
             if not 0 < size < _MAX_HEADER:
                 raise CheckpointError(f"{uri} is not a safetensors checkpoint (bad header size)")
-            return _header_metadata(fh.read(size), uri)
+            return fh.read(size)
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {uri} does not exist") from None
+
+
+def weights_metadata(uri: str) -> dict[str, str]:
+    """The metadata strings of a safetensors file, from its header alone (no tensors read)."""
+    return _header_metadata(_read_header(uri), uri)
+
+
+def weights_header(uri: str) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    """The tensor shapes (by name) and metadata strings of a safetensors file, from its header alone: enough
+    to tell, in the driver, whether it fits a model before any worker loads it."""
+    head = _read_header(uri)
+    meta = _header_metadata(head, uri)
+    header = json.loads(head)
+    shapes = {k: tuple(int(d) for d in v.get("shape", ())) for k, v in header.items()
+              if k != "__metadata__" and isinstance(v, dict)}
+    return shapes, meta
 
 
 def load_weights(uri: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -218,6 +218,7 @@ def finetune_only(cfg: Config, init: str | None, overwrite: bool = False) -> str
     """``raysemi finetune``: round 0 alone (the labelled rows), from ``init`` or random weights."""
     manifest = check_dataset(cfg)
     labels = label_split(cfg.data.path, cfg.data)
+    finetune.check_init(cfg, manifest.num_classes, init)
     out = join(cfg.run.output_dir, "finetune")
     guard_output(out, "a classifier", join(out, finetune.WEIGHTS), overwrite=overwrite)
     if overwrite:

@@ -13,7 +13,7 @@ import logging
 import torch
 
 from raysemi.config import Config, config_from_yaml, config_to_yaml
-from raysemi.io import CheckpointError, load_weights, save_weights
+from raysemi.io import CheckpointError, load_weights, save_weights, weights_header
 from raysemi.models.backbone import create_backbone, feature_dim
 from raysemi.models.byol import Classifier, split_online_state
 from raysemi.models.heads import ProjectionHead
@@ -45,15 +45,63 @@ def build_classifier(cfg: Config, num_classes: int) -> Classifier:
     return Classifier(backbone, num_classes, head=m.head, projector=projector, dropout=cfg.finetune.dropout)
 
 
-def load_byol(cfg: Config, byol_uri: str) -> dict[str, torch.Tensor]:
-    """The tensors of a ``byol.safetensors``; refused when it was pretrained with another backbone."""
-    tensors, meta = load_weights(byol_uri)
+def _check_same_backbone(cfg: Config, meta: dict[str, str], uri: str) -> None:
     saved = config_from_yaml(meta.get("config", "{}"))
     if (saved.model.backbone, saved.model.small_image) != (cfg.model.backbone, cfg.model.small_image):
         raise CheckpointError(
-            f"{byol_uri} holds a {saved.model.backbone} (small_image={saved.model.small_image}) backbone, "
+            f"{uri} holds a {saved.model.backbone} (small_image={saved.model.small_image}) backbone, "
             f"not the configured {cfg.model.backbone} (small_image={cfg.model.small_image})"
         )
+
+
+def _check_shapes(want: dict[str, torch.Tensor], have: dict[str, tuple[int, ...]], uri: str, what: str) -> None:
+    """Refuse ``have`` (tensor shapes from a file's header) unless it holds exactly ``want``'s tensors."""
+    missing = sorted(set(want) - set(have))
+    extra = sorted(set(have) - set(want))
+    wrong = sorted(k for k in set(want) & set(have) if tuple(want[k].shape) != tuple(have[k]))
+    if missing or extra or wrong:
+        if wrong:
+            k = wrong[0]
+            detail = f"{k} is {list(have[k])}, the model's is {list(want[k].shape)}"
+        else:
+            detail = f"missing {missing[0]}" if missing else f"unexpected {extra[0]}"
+        count = len(missing) + len(extra) + len(wrong)
+        raise CheckpointError(f"{uri} does not fit the configured {what}: {detail} ({count} tensors differ)")
+
+
+def check_init(cfg: Config, num_classes: int, init_uri: str, classifier: bool) -> None:
+    """In the driver, from the file's header alone (no tensors read, nothing built but on the meta device):
+    refuse an initialisation that would fail in the workers. ``classifier``: a ``classifier.safetensors``
+    (class count and every tensor shape of ``cfg``'s classifier), else a ``byol.safetensors`` (backbone and
+    its tensor shapes; a projector for ``model.head=projector``)."""
+    shapes, meta = weights_header(init_uri)
+    with torch.device("meta"):
+        if classifier:
+            if "classes" not in meta or "config" not in meta:
+                raise CheckpointError(f"{init_uri} is not a raysemi classifier (no classes/config metadata)")
+            classes = json.loads(meta["classes"])
+            if len(classes) != num_classes:
+                raise CheckpointError(f"{init_uri} predicts {len(classes)} classes, the dataset has {num_classes}")
+            _check_same_backbone(cfg, meta, init_uri)
+            _check_shapes(build_classifier(cfg, num_classes).state_dict(), shapes, init_uri, "classifier")
+            return
+        if "config" not in meta:
+            raise CheckpointError(f"{init_uri} is not a raysemi BYOL checkpoint (no config metadata)")
+        _check_same_backbone(cfg, meta, init_uri)
+        try:
+            bb, proj = split_online_state(shapes)
+        except ValueError as err:
+            raise CheckpointError(f"{init_uri} is not a BYOL checkpoint: {err}") from None
+        _check_shapes(create_backbone(cfg.model.backbone, small_image=cfg.model.small_image).state_dict(), bb,
+                      init_uri, f"{cfg.model.backbone} backbone")
+        if cfg.model.head == "projector" and not ({"net.0.weight", "net.3.weight"} <= set(proj)):
+            raise CheckpointError(f"{init_uri} has no BYOL projector, which model.head=projector needs")
+
+
+def load_byol(cfg: Config, byol_uri: str) -> dict[str, torch.Tensor]:
+    """The tensors of a ``byol.safetensors``; refused when it was pretrained with another backbone."""
+    tensors, meta = load_weights(byol_uri)
+    _check_same_backbone(cfg, meta, byol_uri)
     return tensors
 
 

@@ -37,6 +37,7 @@ from raysemi.losses import cross_entropy
 from raysemi.models.backbone import unwrap
 from raysemi.models.byol import Classifier
 from raysemi.models.checkpoint import build_classifier, classifier_from_byol, load_classifier, save_classifier
+from raysemi.models.checkpoint import check_init as check_classifier_init
 from raysemi.optim import build_optimizer, set_lr
 from raysemi.schedules import warmup_cosine_lr
 from raysemi.stages.common import StepTimer, all_reduce_sum, autocast, grad_scaler, wrap_ddp
@@ -75,6 +76,13 @@ def build_model(cfg: Config, num_classes: int, init: str | None) -> Classifier:
     if cfg.finetune.freeze_backbone:
         model.freeze_backbone(include_projector=True)
     return model
+
+
+def check_init(cfg: Config, num_classes: int, init: str | None) -> None:
+    """In the driver, before anything is written or any worker starts: refuse an ``init`` that
+    ``build_model`` would refuse in every worker (another backbone, shapes or class count; not there)."""
+    if init is not None:
+        check_classifier_init(cfg, num_classes, init, classifier=init.endswith(WEIGHTS))
 
 
 def class_weights(counts: list[int]) -> torch.Tensor:
@@ -245,6 +253,7 @@ def run(cfg: Config, trainset: TrainSet, init: str | None, out_dir: str, name: s
     """Train a classifier on ``trainset`` with Ray Train and save it as ``<out_dir>/classifier.safetensors``.
     ``label`` names the stage in the progress lines (e.g. ``round 1``)."""
     t0 = time.time()
+    check_init(cfg, len(classes), init)
     loop = {"cfg": cfg.to_dict(), "trainset": trainset.__dict__, "init": init, "label": label,
             "events": out_dir}
     result = ray_utils.fit(train_worker, loop, cfg, name)

@@ -120,3 +120,65 @@ def test_student_noise_switches():
     assert not [m for m in plain.backbone.modules() if type(m).__name__ == "DropPath"]
     # Same tensors either way: a noisy student's file loads into a plain model (eval needs no noise).
     assert plain.state_dict().keys() == noisy.state_dict().keys()
+
+
+# ---------------------------------------------------------------- --init checked in the driver
+
+
+def save_byol(uri: str, cfg: Config, meta_cfg: Config | None = None) -> str:
+    """A byol.safetensors of ``cfg``'s architecture, its metadata claiming ``meta_cfg`` (default: the same)."""
+    from raysemi.config import config_to_yaml
+    from raysemi.io import save_weights
+    from raysemi.stages.pretrain import build_model as build_byol
+
+    save_weights(uri, build_byol(cfg).state_dict(), {"config": config_to_yaml(meta_cfg or cfg)})
+    return uri
+
+
+@pytest.fixture
+def no_workers(monkeypatch):
+    """Fail the test if a Ray Train run (or Ray itself) is started."""
+    from raysemi import ray_utils
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a Ray worker was started")
+
+    monkeypatch.setattr(ray_utils, "fit", refuse)
+    monkeypatch.setattr(ray_utils, "init_ray", refuse)
+
+
+def test_finetune_refuses_an_init_of_another_backbone_before_writing_anything(demo_dataset, tmp_path, no_workers):
+    from raysemi.io import CheckpointError
+    from raysemi.pipeline import finetune_only
+
+    cfg = tiny_cfg().replace(**{"data.path": demo_dataset, "run.output_dir": str(tmp_path / "run")})
+    other = tiny_cfg().replace(**{"model.backbone": "test_efficientnet"})
+    byol = save_byol(str(tmp_path / "other.safetensors"), other)
+    with pytest.raises(CheckpointError, match="holds a test_efficientnet .*not the configured test_resnet") as err:
+        finetune_only(cfg, byol)
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "run").exists()  # no trainset/, no ray/
+
+    # Metadata that lies about the backbone: the tensor shapes from the header still refuse it.
+    liar = save_byol(str(tmp_path / "liar.safetensors"), other, meta_cfg=cfg)
+    with pytest.raises(CheckpointError, match="does not fit the configured test_resnet backbone"):
+        finetune_only(cfg, liar)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        finetune_only(cfg, str(tmp_path / "missing.safetensors"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_init_check_accepts_a_fitting_byol_and_checks_a_classifier_init(tmp_path):
+    from raysemi.io import CheckpointError
+    from raysemi.models.checkpoint import save_classifier
+    from raysemi.stages.finetune import WEIGHTS, check_init
+
+    cfg = tiny_cfg()
+    check_init(cfg, 3, save_byol(str(tmp_path / "byol.safetensors"), cfg))  # fits: no error
+    clf = str(tmp_path / WEIGHTS)
+    save_classifier(clf, build_classifier(cfg, 3), cfg, ["a", "b", "c"])
+    check_init(cfg, 3, clf)
+    with pytest.raises(CheckpointError, match="predicts 3 classes, the dataset has 4"):
+        check_init(cfg, 4, clf)
+    with pytest.raises(CheckpointError, match="does not fit the configured classifier"):
+        check_init(cfg.replace(**{"model.proj_dim": 4}), 3, clf)
