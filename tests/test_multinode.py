@@ -123,7 +123,7 @@ def test_pretrain_workers_on_two_nodes_everything_on_s3(cluster, s3_bucket, demo
         *PRETRAIN_TINY, f"data.path={demo_dataset_s3}", f"run.output_dir={s3_bucket}/run",
         f"ray.storage_path={s3_bucket}/ray", "ray.placement_strategy=SPREAD", "ray.num_workers=2",
         "data.loader=torch", "pretrain.epochs=1", "pretrain.batch_size=32", "pretrain.knn_every=0",
-        "run.name=multinode",
+        "ray.max_failures=0", "run.name=multinode",  # a failure shows itself, not as extra workers
     ])
     assert len(reply["worker_nodes"]) == 2 and len(set(reply["worker_nodes"])) == 2, reply
     assert reply["epochs"] == 1
