@@ -282,6 +282,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"raysemi {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # the storage failing where no stage said so itself: still one line
+        from raysemi.io import storage_problem
+
+        problem = storage_problem(err)
+        if problem is None:
+            raise
+        log.debug("storage error", exc_info=True)
+        print(f"raysemi {args.command}: error: {problem}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

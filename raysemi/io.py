@@ -13,6 +13,8 @@ import json
 import os
 import struct
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -151,6 +153,21 @@ def storage_problem(err: BaseException) -> str | None:
     return None
 
 
+@contextmanager
+def storage_errors(what: str, error: type[RaysemiError] = RaysemiError) -> Iterator[None]:
+    """Inside the block, a failure of the storage (``storage_problem``: S3 down or refusing, no credentials,
+    a disk error) becomes one line, ``error(f"{what}: {problem}")``; anything else passes through."""
+    try:
+        yield
+    except RaysemiError:
+        raise
+    except Exception as err:
+        problem = storage_problem(err)
+        if problem is None:
+            raise
+        raise error(f"{what}: {problem}") from err
+
+
 def join(uri: str, *parts: str) -> str:
     """``uri/part/part``: a URI join that works for local paths and object-store prefixes alike."""
     base = str(uri).rstrip("/")
@@ -174,7 +191,11 @@ def guard_output(where: str, what: str, found: str | bool, *, resume: bool | Non
     there, or the answer itself) says whether ``where`` already holds ``what``. Refused unless ``overwrite``
     (which removes ``remove`` first, when given) or ``resume`` (None: this command cannot resume, so only
     --overwrite is offered). Returns True when the earlier output is there and is to be continued."""
-    earlier = found if isinstance(found, bool) else exists(found)
+    if isinstance(found, bool):
+        earlier = found
+    else:
+        with storage_errors(f"cannot check {where}", error):  # often the output's first access: S3 refusing
+            earlier = exists(found)
     if not earlier:
         return False
     if overwrite:

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raysemi.errors import RaysemiError
-from raysemi.io import filesystem, join, write_bytes_atomic
+from raysemi.io import filesystem, join, storage_errors, write_bytes_atomic
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -113,13 +113,14 @@ def read_manifest(root: str) -> Manifest:
     """The manifest of the dataset at ``root``; a clear error when there is none."""
     fs, path = filesystem(root)
     mpath = f"{path.rstrip('/')}/{MANIFEST}"
-    try:
-        with fs.open(mpath, "rb") as fh:
-            text = fh.read().decode()
-    except FileNotFoundError:
-        raise DatasetError(f"no {MANIFEST} at {root}: not a raysemi dataset (or an unfinished ingest)") from None
-    except PermissionError as err:
-        raise DatasetError(f"cannot read {root}: access denied ({err})") from None
+    with storage_errors(f"cannot read {root}", DatasetError):  # the first access: S3 refusing, no credentials
+        try:
+            with fs.open(mpath, "rb") as fh:
+                text = fh.read().decode()
+        except FileNotFoundError:
+            raise DatasetError(f"no {MANIFEST} at {root}: not a raysemi dataset (or an unfinished ingest)") from None
+        except PermissionError as err:
+            raise DatasetError(f"cannot read {root}: access denied ({err})") from None
     try:
         return Manifest.from_json(text)
     except (KeyError, TypeError, json.JSONDecodeError) as err:

@@ -1,0 +1,55 @@
+"""The command line: a problem with what the user gave (storage included) is one line on stderr, exit 2."""
+
+from __future__ import annotations
+
+import pytest
+
+from raysemi import ray_utils
+from raysemi.cli import main
+
+
+@pytest.fixture
+def no_aws_credentials(s3_server, monkeypatch):
+    """The loopback S3 endpoint, but no credentials anywhere (env, files, instance metadata)."""
+    import s3fs
+
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/credentials")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent/config")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    s3fs.S3FileSystem.clear_instance_cache()  # s3fs keeps clients made with the old credentials
+    yield
+    s3fs.S3FileSystem.clear_instance_cache()  # and the ones made without them (the env is restored next)
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(ray_utils, "init_ray", refuse)
+    monkeypatch.setattr(ray_utils, "fit", refuse)
+
+
+@pytest.mark.parametrize("command", [
+    ["run"], ["pretrain"], ["finetune"], ["pseudolabel", "--model", "s3://raysemi-demo/model.safetensors"],
+    ["evaluate", "--model", "s3://raysemi-demo/model.safetensors"],
+])
+def test_s3_without_credentials_is_one_line_and_exit_2(command, demo_dataset_s3, no_aws_credentials, no_ray,
+                                                       tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main([*command, "--set", f"data.path={demo_dataset_s3}", "--set", f"run.output_dir={out}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert "\n" not in err and err.startswith(f"raysemi {command[0]}: error:")
+    assert "no usable AWS credentials" in err
+    assert not out.exists()
+
+
+def test_s3_output_without_credentials_is_one_line(demo_dataset, no_aws_credentials, no_ray, capsys):
+    code = main(["run", "--set", f"data.path={demo_dataset}", "--set", "run.output_dir=s3://raysemi-demo/runs/x",
+                 "--set", "pretrain.batch_size=16"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err
+    assert "cannot check s3://raysemi-demo/runs/x: no usable AWS credentials" in err
