@@ -37,6 +37,7 @@ from raysemi.stages.predictor import STAGE, ShardPredictor, model_classes
 log = logging.getLogger("raysemi.pseudolabel")
 
 MAX_ATTEMPTS = 3  # lives of an actor (its first process + 2 restarts) before the pool gives up on it
+TASK_ATTEMPTS = 3  # tries of a shard whose task raised (a passing S3 error) before the run fails
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,11 @@ class PredictorPool:
     up its ``max_restarts``): when a whole node vanishes, every call to its actor fails at once ("actor
     temporarily unavailable") for the seconds until Ray declares the node dead, and a bounded count (it was
     2) was spent there, failing the run with the actor restarted only once (seen on the multi-node test
-    cluster). Restarts are counted from the process ids the tasks report."""
+    cluster). Restarts are counted from the process ids the tasks report.
+
+    A task that raises (its actor alive: a passing S3 error, a node's disk hiccup) is resubmitted by the
+    driver, at the back of the queue, up to ``TASK_ATTEMPTS`` tries per shard; only then does the run fail,
+    in one line. (Ray's own ``retry_exceptions`` would follow the unbounded ``max_task_retries`` above.)"""
 
     def __init__(
         self, model_uri: str, model_sha256: str, cfg: Config, num_actors: int, predictor: type = ShardPredictor
@@ -85,6 +90,7 @@ class PredictorPool:
         args = (model_uri, cfg, model_sha256, max(1, round(pl.cpus_per_actor)))
         self.actors = [self._remote.remote(*args) for _ in range(num_actors)]
         self._pids: list[set[int]] = [set() for _ in range(num_actors)]
+        self.task_retries = 0  # tasks resubmitted after they raised
 
     @property
     def restarts(self) -> int:
@@ -121,6 +127,7 @@ class PredictorPool:
         queue = deque(tasks)
         inflight: dict = {}  # ObjectRef -> (slot, task)
         done_rows = done_shards = 0
+        failures: dict[int, int] = {}  # shard index -> tasks of it that raised
         bar = console.progress(sum(t[2] for t in tasks), STAGE, unit="img", enabled=progress)
         bar.set_postfix_str(f"shards 0/{len(tasks)}")
 
@@ -142,7 +149,17 @@ class PredictorPool:
                         f"giving up on {task[1]}: its actor died {MAX_ATTEMPTS} times ({_last_line(err)})"
                     ) from None
                 except ray.exceptions.RayTaskError as err:
-                    raise RaysemiError(f"predicting {task[1]} failed: {_last_line(err)}") from None
+                    failures[task[0]] = failures.get(task[0], 0) + 1
+                    if failures[task[0]] >= TASK_ATTEMPTS:
+                        raise RaysemiError(
+                            f"predicting {task[1]} failed {TASK_ATTEMPTS} times: {_last_line(err)}"
+                        ) from None
+                    log.warning("predicting %s failed (try %d of %d), retrying it: %s", task[1], failures[task[0]],
+                                TASK_ATTEMPTS, _last_line(err))
+                    self.task_retries += 1
+                    queue.append(task)  # commit is idempotent: a retry rewrites the same two files
+                    submit(slot)
+                    continue
                 self._pids[slot].add(pid)
                 done_rows += rows
                 done_shards += 1

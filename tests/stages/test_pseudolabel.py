@@ -169,6 +169,42 @@ def test_exactly_once_with_a_killed_actor_and_after_an_interrupted_run(
     assert commits.read_predictions(out).num_rows == 24
 
 
+def failing_predictor(flags, times: int):
+    """A ``ShardPredictor`` whose first ``times`` tasks of every shard raise (a passing S3 error)."""
+
+    class FailingPredictor(predictor.ShardPredictor):
+        def run(self, i, shard_uri, out_uri, rows):
+            tries = len(list(flags.glob(f"{i}-*")))
+            if tries < times:
+                (flags / f"{i}-{tries}").write_text("failed")
+                raise OSError(f"S3 hiccup on shard {i}")
+            return super().run(i, shard_uri, out_uri, rows)
+
+    return FailingPredictor
+
+
+@pytest.mark.ray
+def test_a_failed_task_is_retried_a_bounded_number_of_times(ray_session, cfg, tmp_path):
+    uris = make_dataset(str(tmp_path / "ds"), shards=2, rows=3)
+    model = str(tmp_path / "model.safetensors")
+    save_model(model, cfg, seed=0)
+    one_actor = cfg.replace(**{"pseudolabel.num_actors": 1})
+    flags = tmp_path / "once"
+    flags.mkdir()
+    result = pl.predict_shards(model, uris, str(tmp_path / "pred"), one_actor, progress=False,
+                               predictor=failing_predictor(flags, 1))
+    assert (result.shards_computed, result.rows, result.actor_restarts) == (2, 6, 0)
+    assert sorted(p.name for p in flags.iterdir()) == ["0-0", "1-0"]  # each shard failed once, then passed
+
+    flags = tmp_path / "always"
+    flags.mkdir()
+    with pytest.raises(RaysemiError, match=f"failed {pl.TASK_ATTEMPTS} times: .*S3 hiccup on shard 0") as err:
+        pl.predict_shards(model, uris[:1], str(tmp_path / "pred2"), one_actor, progress=False,
+                          predictor=failing_predictor(flags, 99))
+    assert "\n" not in str(err.value)
+    assert len(list(flags.iterdir())) == pl.TASK_ATTEMPTS
+
+
 def test_model_is_checked_before_any_actor_starts(tmp_path, cfg):
     uris = make_dataset(str(tmp_path / "ds"), shards=1, rows=2)
     bad = tmp_path / "bad.safetensors"
