@@ -136,6 +136,7 @@ def run_pipeline(cfg: Config, *, resume: bool = False, overwrite: bool = False, 
     models: list[str] = []
     pool_uris = [u for s in ("train", "unlabeled") if s in manifest.splits
                  for u in manifest.shard_uris(cfg.data.path, s)]
+    pool_hashes = [h for s in ("train", "unlabeled") for h in manifest.shard_hashes(s)]
     pool = set(labels.pool_ids)
     prior = selection_prior(pl.selection, labels.labeled_targets, len(classes))
 
@@ -144,7 +145,7 @@ def run_pipeline(cfg: Config, *, resume: bool = False, overwrite: bool = False, 
         rows, n_pseudo, precision, targets = dict(labeled), 0, None, None
         if r > 0:
             pred_uri = join(cfg.run.output_dir, f"predictions/round={r}")
-            predict_shards(models[-1], pool_uris, pred_uri, cfg)
+            predict_shards(models[-1], pool_uris, pred_uri, cfg, input_sha256=pool_hashes)
             predictions = read_predictions(pred_uri)
             chosen = select_pseudo_labels(predictions, pool, min(per_round * r, len(pool)), len(classes),
                                           prior=prior, min_confidence=pl.min_confidence)
@@ -237,7 +238,8 @@ def pseudolabel_only(cfg: Config, model: str, out: str | None = None) -> str:
     check_budget(budget, len(labels.pool_ids))
     out = out or join(cfg.run.output_dir, "predictions/manual")
     uris = [u for s in ("train", "unlabeled") if s in manifest.splits for u in manifest.shard_uris(cfg.data.path, s)]
-    result = predict_shards(model, uris, out, cfg)
+    hashes = [h for s in ("train", "unlabeled") for h in manifest.shard_hashes(s)]
+    result = predict_shards(model, uris, out, cfg, input_sha256=hashes)
     pl = cfg.pseudolabel
     chosen = select_pseudo_labels(read_predictions(out), set(labels.pool_ids), budget, manifest.num_classes,
                                   prior=selection_prior(pl.selection, labels.labeled_targets, manifest.num_classes),

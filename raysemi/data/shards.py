@@ -83,6 +83,10 @@ class Manifest:
             raise DatasetError(f"dataset {root} has no split {split!r} (it has: {', '.join(self.splits)})")
         return [join(root, s.path) for s in self.splits[split].shards]
 
+    def shard_hashes(self, split: str) -> list[str]:
+        """The sha256 of each shard file of ``split``, in the order of ``shard_uris``."""
+        return [s.sha256 for s in self.splits[split].shards] if split in self.splits else []
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
 

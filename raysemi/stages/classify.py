@@ -147,8 +147,10 @@ def run(
             raise RaysemiError(f"cannot write to {out}: {type(err).__name__}: {err}") from None
 
     reused_chunks = 0
+    hashes = None  # staged inputs: hashed by predict_shards
     if listing.kind == "dataset":
         uris = [u for _, u, _ in listing.shards]
+        hashes = [h for _, _, h in listing.shards]
         index = _dataset_index(listing)
     else:
         staged = stage_images(listing.images, rio.join(out, INPUTS), progress=progress)
@@ -156,10 +158,10 @@ def run(
     pred_out = rio.join(out, PREDICTIONS_DIR)
     stats = {"shards": {"total": len(uris), "computed": 0, "reused": 0}, "actor_restarts": 0, "images_per_s": 0.0}
     if uris:
-        todo = pending_shards(pred_out, uris, [rio.parquet_rows(u) for u in uris], record["model_sha256"])
+        todo = pending_shards(pred_out, uris, [rio.parquet_rows(u) for u in uris], record["model_sha256"], hashes)
         n = actors or (cluster_actors(cfg) if todo else 1)
         result = predict_shards(model, uris, pred_out, cfg.replace(**{"pseudolabel.num_actors": n}),
-                                progress=progress, predictor=predictor)
+                                progress=progress, predictor=predictor, input_sha256=hashes)
         stats = {
             "shards": {"total": result.shards_total, "computed": result.shards_computed,
                        "reused": result.shards_skipped},

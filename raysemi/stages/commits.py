@@ -1,11 +1,12 @@
 """The prediction-shard commit protocol: one Parquet file per input shard, committed by a marker written last.
 
     <out_uri>/part-NNNNN.parquet       id, pred (int16), confidence (float32), probs (list<float32>)
-    <out_uri>/part-NNNNN.commit.json   {"model_sha256", "rows", "input", "written"}, written last
+    <out_uri>/part-NNNNN.commit.json   {"model_sha256", "rows", "input", "input_sha256", "written"}, written last
 
 ``NNNNN`` is the input shard's index in the list given, so names are stable across runs. A shard counts as
-done only when its marker names the same model file (sha256) and input and its Parquet file holds that
-many rows. ``commit`` is idempotent: redoing a shard rewrites the same two files, never a second copy, so
+done only when its marker names the same model file (sha256), the same input (its URI and the sha256 of its
+content: an input swapped or re-ingested under the same name is recomputed, never trusted) and its Parquet
+file holds that many rows. ``commit`` is idempotent: redoing a shard rewrites the same two files, never a second copy, so
 a task retried after its actor died (even after its commit) is harmless. ``verify_exactly_once`` checks
 the end state: every input row's id in exactly one prediction row.
 """
@@ -56,12 +57,16 @@ def read_marker(out_uri: str, index: int) -> dict | None:
         return None
 
 
-def is_committed(out_uri: str, index: int, input_uri: str, rows: int, model_sha256: str) -> bool:
-    """Whether shard ``index`` is already predicted by this model: marker and Parquet agree."""
+def is_committed(out_uri: str, index: int, input_uri: str, rows: int, model_sha256: str,
+                 input_sha256: str | None = None) -> bool:
+    """Whether shard ``index`` is already predicted by this model from this input: marker and Parquet agree
+    (and, when ``input_sha256`` is given, the marker names that content; a marker without it does not)."""
     marker = read_marker(out_uri, index)
     if not marker or marker.get("model_sha256") != model_sha256:
         return False
     if marker.get("input") != input_uri or marker.get("rows") != rows:
+        return False
+    if input_sha256 is not None and marker.get("input_sha256") != input_sha256:
         return False
     try:
         return rio.parquet_rows(part_uri(out_uri, index)) == rows
@@ -69,25 +74,30 @@ def is_committed(out_uri: str, index: int, input_uri: str, rows: int, model_sha2
         return False
 
 
-def commit(out_uri: str, index: int, input_uri: str, table: pa.Table, model_sha256: str) -> None:
+def commit(out_uri: str, index: int, input_uri: str, table: pa.Table, model_sha256: str,
+           input_sha256: str | None = None) -> None:
     """Write the prediction shard atomically, then its marker (the commit) last."""
     write_bytes_atomic(part_uri(out_uri, index), table_bytes(table.cast(PRED_SCHEMA)))
     marker = {
         "model_sha256": model_sha256,
         "rows": table.num_rows,
         "input": input_uri,
+        "input_sha256": input_sha256,
         "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     write_bytes_atomic(marker_uri(out_uri, index), json.dumps(marker, indent=2).encode())
 
 
 def pending_shards(
-    out_uri: str, shard_uris: list[str], rows: list[int], model_sha256: str
+    out_uri: str, shard_uris: list[str], rows: list[int], model_sha256: str, input_sha256: list[str] | None = None
 ) -> list[tuple[int, str, int]]:
-    """``(index, input uri, rows)`` of the shards not yet committed for this model."""
+    """``(index, input uri, rows)`` of the shards not yet committed for this model (and, when
+    ``input_sha256`` is given, for the inputs' current content)."""
     forget_listing(out_uri)
+    hashes = input_sha256 if input_sha256 is not None else [None] * len(shard_uris)
     return [
-        (i, u, r) for i, (u, r) in enumerate(zip(shard_uris, rows)) if not is_committed(out_uri, i, u, r, model_sha256)
+        (i, u, r) for i, (u, r, h) in enumerate(zip(shard_uris, rows, hashes))
+        if not is_committed(out_uri, i, u, r, model_sha256, h)
     ]
 
 

@@ -91,11 +91,12 @@ class ShardPredictor:
 
     def run(self, index: int, shard_uri: str, out_uri: str, rows: int) -> tuple[int, int]:
         """Predict input shard ``index`` and commit it under ``out_uri``; returns the row count and this
-        process's id."""
+        process's id. The marker records the sha256 of the input's content (hashed here, on the actor)."""
+        input_sha256 = rio.file_sha256(shard_uri)
         table = self.predict_table(shard_uri)
         if table.num_rows != rows:
             raise RuntimeError(f"the loader gave {table.num_rows} rows of {shard_uri}, which holds {rows}")
-        commit(out_uri, index, shard_uri, table, self.model_sha256)
+        commit(out_uri, index, shard_uri, table, self.model_sha256, input_sha256)
         return table.num_rows, os.getpid()
 
 

@@ -6,11 +6,11 @@ the model's own config (its image size and normalisation). The actor writes the 
 (the bytes never pass through the driver)::
 
     <out_uri>/part-NNNNN.parquet       id, pred (int16), confidence (float32), probs (list<float32>)
-    <out_uri>/part-NNNNN.commit.json   {"model_sha256", "rows", "input", "written"}, written last
+    <out_uri>/part-NNNNN.commit.json   {"model_sha256", "rows", "input", "input_sha256", "written"}, written last
 
 ``NNNNN`` is the input shard's index in the list given, so names are stable across runs. A shard counts as
-done only when its marker names the same model file (sha256) and input and its Parquet file holds that
-many rows; a re-run computes only the others (the protocol: ``stages.commits``). The driver keeps one task
+done only when its marker names the same model file (sha256) and input (URI and content sha256) and its
+Parquet file holds that many rows; a re-run computes only the others (the protocol: ``stages.commits``). The driver keeps one task
 in flight per actor; when an actor dies (a node lost, an OOM kill) Ray restarts it and re-runs its shard
 (an actor that died after its commit has its shard redone: the same file, rewritten, never a second one).
 At the end every input row's id must appear in exactly one prediction row, or ``RaysemiError`` says why.
@@ -183,12 +183,14 @@ class PredictorPool:
 
 def predict_shards(
     model_uri: str, shard_uris: list[str], out_uri: str, cfg: Config, *, progress: bool = True,
-    predictor: type = ShardPredictor,
+    predictor: type = ShardPredictor, input_sha256: list[str] | None = None,
 ) -> PredictionResult:
     """Predict every row of ``shard_uris`` with the classifier at ``model_uri`` into ``out_uri``.
 
     Shards already committed for the same model file are skipped; the rest go to a pool of
     ``pseudolabel.num_actors`` actors of class ``predictor`` (a ``ShardPredictor``). Ends with the exactly-once check (``RaysemiError`` if violated).
+    ``input_sha256``: the inputs' content hashes when the caller knows them (a dataset manifest's); else each
+    input is hashed here. A shard committed from other content (swapped, re-ingested) is recomputed.
     """
     t0 = time.perf_counter()
     if not shard_uris:
@@ -199,8 +201,10 @@ def predict_shards(
         rows = [rio.parquet_rows(u) for u in shard_uris]
     except FileNotFoundError as err:
         raise RaysemiError(f"pseudolabel: input shard missing ({err})") from None
+    if input_sha256 is None:
+        input_sha256 = [rio.file_sha256(u) for u in shard_uris]
     remove_stale(out_uri, len(shard_uris))
-    todo = pending_shards(out_uri, list(shard_uris), rows, model_sha)
+    todo = pending_shards(out_uri, list(shard_uris), rows, model_sha, list(input_sha256))
     skipped = len(shard_uris) - len(todo)
     if skipped:
         log.info("%d of %d shards already predicted by this model: skipped", skipped, len(shard_uris))

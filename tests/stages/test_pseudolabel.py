@@ -8,6 +8,7 @@ import os
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -15,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+from raysemi import io as rio
 from raysemi.config import load_config
 from raysemi.data.shards import SCHEMA, Manifest, SplitInfo, image_id, read_shard, write_manifest, write_shard
 from raysemi.errors import RaysemiError
@@ -203,6 +205,32 @@ def test_a_failed_task_is_retried_a_bounded_number_of_times(ray_session, cfg, tm
                           predictor=failing_predictor(flags, 99))
     assert "\n" not in str(err.value)
     assert len(list(flags.iterdir())) == pl.TASK_ATTEMPTS
+
+
+@pytest.mark.ray
+def test_inputs_swapped_under_the_same_names_are_recomputed(ray_session, cfg, tmp_path):
+    uris = make_dataset(str(tmp_path / "ds"), shards=3, rows=3)
+    model = str(tmp_path / "model.safetensors")
+    sha = save_model(model, cfg, seed=0)
+    out = str(tmp_path / "pred")
+    one_actor = cfg.replace(**{"pseudolabel.num_actors": 1})
+    assert pl.predict_shards(model, uris, out, one_actor, progress=False).shards_computed == 3
+    marker = json.loads(Path(commits.marker_uri(out, 1)).read_text())
+    assert marker["input_sha256"] == rio.file_sha256(uris[1])
+
+    a, b = uris[1], uris[2]  # the two files trade places; same names, same row counts
+    os.rename(a, a + ".tmp")
+    os.rename(b, a)
+    os.rename(a + ".tmp", b)
+    again = pl.predict_shards(model, uris, out, one_actor, progress=False)
+    assert (again.shards_computed, again.shards_skipped, again.rows) == (2, 1, 9)
+    for i in (1, 2):  # each part now predicts the content under its input's name
+        assert read_shard(commits.part_uri(out, i), ["id"]).column("id").to_pylist() == \
+            read_shard(uris[i], ["id"]).column("id").to_pylist()
+    # A manifest's hashes, when given, decide without reading the inputs; other content: pending, not fatal.
+    hashes = [rio.file_sha256(u) for u in uris]
+    assert commits.pending_shards(out, uris, [3, 3, 3], sha, hashes) == []
+    assert [t[0] for t in commits.pending_shards(out, uris, [3, 3, 3], sha, [hashes[0], "other", hashes[2]])] == [1]
 
 
 def test_model_is_checked_before_any_actor_starts(tmp_path, cfg):
