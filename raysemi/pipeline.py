@@ -45,6 +45,11 @@ CONFIG = "config.yaml"
 
 def check_dataset(cfg: Config) -> Manifest:
     manifest = read_manifest(cfg.data.path)
+    if not any(s.labeled for s in manifest.splits.values()):
+        raise DatasetError(
+            f"dataset {cfg.data.path} has no labelled rows: the method needs some. Ingest labels with the images, "
+            "as class subfolders (<source>/<class>/*.png) or a CSV with a 'label' column (--labels for DICOM)"
+        )
     for split in ("train", "val", "test"):
         if split not in manifest.splits or manifest.splits[split].rows == 0:
             raise DatasetError(f"dataset {cfg.data.path} has no {split!r} split (re-ingest with val/test fractions)")

@@ -53,3 +53,16 @@ def test_s3_output_without_credentials_is_one_line(demo_dataset, no_aws_credenti
     err = capsys.readouterr().err.strip()
     assert code == 2 and "\n" not in err
     assert "cannot check s3://raysemi-demo/runs/x: no usable AWS credentials" in err
+
+
+def test_dataset_without_labels_says_so(tmp_path, no_ray, capsys):
+    from raysemi.data.shards import Manifest, ShardInfo, SplitInfo, write_manifest
+
+    root = str(tmp_path / "ds")
+    unlabeled = SplitInfo(rows=4, shards=[ShardInfo("unlabeled/part-00000.parquet", 4, 0, "0" * 64)])
+    write_manifest(root, Manifest(classes=[], splits={"unlabeled": unlabeled}))
+    code = main(["run", "--set", f"data.path={root}", "--set", f"run.output_dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err
+    assert "has no labelled rows" in err and "class subfolders" in err and "'label' column" in err
+    assert "val/test fractions" not in err
