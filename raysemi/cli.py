@@ -56,7 +56,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         args.source, args.dest, fmt=args.format, shard_mb=args.shard_mb, min_shards=args.min_shards,
         val_fraction=args.val_fraction, test_fraction=args.test_fraction, group_regex=args.group_regex,
         unlabeled=args.unlabeled, seed=args.seed, overwrite=args.overwrite, progress=not args.quiet,
-        dicom_options=_dicom_options(args), labels=args.labels,
+        dicom_options=_dicom_options(args), labels=args.labels, follow_symlinks=args.follow_symlinks,
     )
     print(summarize(manifest))
     print(f"dataset written to {args.dest}")
@@ -173,6 +173,9 @@ def _add_ingest(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace a dataset already at DEST")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--follow-symlinks", action="store_true",
+                   help="read files that symbolic links point to outside the source folder (default: quarantined, "
+                        "listed in the manifest with the reason)")
     d = p.add_argument_group("DICOM sources (see README: From your PACS export)")
     d.add_argument("--labels", metavar="CSV",
                    help="label CSV for a DICOM tree: 'label' + one key column (path, SOPInstanceUID or "

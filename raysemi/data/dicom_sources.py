@@ -13,7 +13,7 @@ from pathlib import Path
 
 from raysemi.data import dicom, dicom_header, dicom_render
 from raysemi.data.shards import DatasetError
-from raysemi.data.sources import Item, list_files, scan_folder, scan_unlabeled
+from raysemi.data.sources import OUTSIDE_LINK, Item, escapes, list_files, scan_folder, scan_unlabeled
 from raysemi.data.validate import Checked
 
 _KEY_COLUMNS = {
@@ -86,6 +86,12 @@ def _expand_dicom(
     (not DICOM, DICOMDIR) are only counted."""
     key_name = dicom.GROUP_BY[opts.group_by]
     out: list[Item] = []
+    for it in (it for it in base if it.path is not None and escapes(it.path)):  # never read
+        pool = "unlabeled:" if it.source.startswith("unlabeled:") else ""
+        src = it.source if opts.keep_paths else pool + hasher.source(it.source)
+        out.append(Item(src, it.label, None, it.split, check=Checked(reason=OUTSIDE_LINK),
+                        sort_key=dicom.Hasher.order(it.source)))
+    base = [it for it in base if it.path is None or not escapes(it.path)]
     for it, h in zip(base, _dicom_headers(base, opts, max_pixels, workers)):
         if h.skip:
             stats["skipped"][h.skip] = stats["skipped"].get(h.skip, 0) + 1

@@ -38,10 +38,12 @@ from raysemi.data.sources import (
     FORMATS,
     Item,
     detect_format,
+    quarantine_escaping,
     scan_csv,
     scan_folder,
     scan_npz,
     scan_unlabeled,
+    source_trees,
 )
 from raysemi.data.validate import DEFAULT_MAX_PIXELS, Checked, check_image, encode_array
 
@@ -187,6 +189,7 @@ def ingest(
     workers: int | None = None,
     dicom_options: DicomOptions | None = None,
     labels: str | None = None,
+    follow_symlinks: bool = False,
 ) -> Manifest:
     """Ingest ``source`` (folder / .npz / .csv / DICOM tree, local) into the dataset at ``dest`` (local path
     or s3://).
@@ -195,6 +198,8 @@ def ingest(
     ``synthetic`` marks the manifest as synthetic data; ``workers`` sets the decode threads.
     ``dicom_options`` (frames, window, group key, salt, kept tags...; defaults when None) and ``labels`` (a
     CSV keyed on path, SOPInstanceUID or StudyInstanceUID) apply to DICOM sources only.
+    A symbolic link out of the source folder (or the unlabeled one) is quarantined unread, with its reason,
+    unless ``follow_symlinks``; links within them are followed.
     """
     if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
         raise DatasetError(f"val/test fractions {val_fraction}, {test_fraction} must be >= 0 and sum below 1")
@@ -208,10 +213,14 @@ def ingest(
     hasher = dicom.Hasher(opts.salt if opts else None)
     # The stack holds, for DICOM only, pydicom silenced and the folder of rendered frames, until the end.
     with contextlib.ExitStack() as stack:
+        trees = [Path(p).expanduser().resolve() for p in (source, unlabeled) if p]
+        trees = [t if t.is_dir() else t.parent for t in trees]  # a CSV's paths are relative to its folder
+        stack.enter_context(source_trees(None if follow_symlinks else trees))
         kind, items, classes, provided, sources, stats, opts = _collect(
             source, fmt, regex, unlabeled, opts=opts, labels=labels, hasher=hasher,
             max_pixels=max_pixels, workers=workers, stack=stack,
         )
+        quarantine_escaping(items)  # links out of the source folder: listed with the reason, never read
         dicom_run = None
         # An export's own folder can be named after its patient: for DICOM, paths are stored only on request.
         shown = [str(p) for p in sources]

@@ -21,6 +21,9 @@ from __future__ import annotations
 import csv
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +54,44 @@ class Item:
     group_sort: str | None = None  # the same for the group
 
 
+# The source trees a symbolic link may point into (ingest sets them unless --follow-symlinks); None: any.
+_TREES: ContextVar[tuple[Path, ...] | None] = ContextVar("raysemi_source_trees", default=None)
+OUTSIDE_LINK = "symbolic link out of the source folder (not read; --follow-symlinks reads it)"
+
+
+@contextmanager
+def source_trees(roots: list[Path] | None) -> Iterator[None]:
+    """Within the block, files and folders reached through a symbolic link that leaves ``roots`` (real
+    paths) are not read nor entered: ``escapes`` says so, and ingest quarantines them with ``OUTSIDE_LINK``.
+    ``None``: links are followed anywhere."""
+    token = _TREES.set(tuple(Path(os.path.realpath(r)) for r in roots) if roots is not None else None)
+    try:
+        yield
+    finally:
+        _TREES.reset(token)
+
+
+def escapes(path: Path) -> bool:
+    """Whether ``path``, inside the source trees (``source_trees``) as written, leads out of them through a
+    symbolic link. (A path written outside them, e.g. ``../x.png`` in a CSV, is the user's own choice.)"""
+    trees = _TREES.get()
+    if trees is None:
+        return False
+
+    def inside(p: Path) -> bool:
+        return any(p == t or t in p.parents for t in trees)
+
+    return inside(Path(os.path.abspath(path))) and not inside(Path(os.path.realpath(path)))
+
+
+def quarantine_escaping(items: list[Item]) -> list[Item]:
+    """``items``, those whose file escapes the source trees quarantined (``OUTSIDE_LINK``) before any read."""
+    for it in items:
+        if it.path is not None and it.check is None and it.dicom is None and escapes(it.path):
+            it.check = Checked(reason=OUTSIDE_LINK)
+    return items
+
+
 def _visible(name: str) -> bool:
     return not name.startswith((".", "_"))
 
@@ -60,9 +101,22 @@ def _subdirs(root: Path) -> list[Path]:
 
 
 def list_files(root: Path) -> list[Path]:
+    """Every visible file under ``root``, through symbolic links to folders too (each real folder once). Under
+    ``source_trees``, a link that leaves them is listed itself, not entered, for the caller to quarantine."""
+    if escapes(root):  # a class or unlabeled folder that is itself such a link
+        return [root]
     out = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if _visible(d))
+    seen = {os.path.realpath(root)}
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        keep = []
+        for d in sorted(d for d in dirnames if _visible(d)):
+            full = Path(dirpath) / d
+            if escapes(full):
+                out.append(full)
+            elif os.path.realpath(full) not in seen:  # a link back up the tree: entered once
+                seen.add(os.path.realpath(full))
+                keep.append(d)
+        dirnames[:] = keep
         out += [Path(dirpath) / f for f in sorted(filenames) if not f.startswith(".")]
     return out
 

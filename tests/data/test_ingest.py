@@ -214,6 +214,36 @@ def test_group_regex_keeps_patients_on_one_side(tmp_path):
         ingest(str(src), str(tmp_path / "ds3"), group_regex=r"^(Q\d+)_", progress=False)
 
 
+def test_symlinks_out_of_the_source_are_listed_not_read(tmp_path):
+    from raysemi.data.sources import OUTSIDE_LINK
+
+    src = tmp_path / "src"
+    make_folder(src, {"a": 10, "b": 10})
+    outside = tmp_path / "outside"
+    (outside / "dir").mkdir(parents=True)
+    secret = image_bytes(900)
+    (outside / "secret.png").write_bytes(secret)
+    (outside / "dir" / "more.png").write_bytes(image_bytes(901))
+    (src / ".hidden").mkdir()
+    inside = image_bytes(902)
+    (src / ".hidden" / "x.png").write_bytes(inside)
+    (src / "a" / "escape.png").symlink_to(outside / "secret.png")
+    (src / "b" / "linkdir").symlink_to(outside / "dir", target_is_directory=True)
+    (src / "a" / "inside.png").symlink_to(src / ".hidden" / "x.png")  # within the tree: fine
+
+    m = ingest(str(src), str(tmp_path / "ds"), progress=False, min_shards=1)
+    stored = {r["id"] for s in ("train", "val", "test") for r in rows(str(tmp_path / "ds"), s)}
+    assert hashlib.sha256(inside).hexdigest() in stored
+    assert hashlib.sha256(secret).hexdigest() not in stored and len(stored) == 21
+    assert sorted((q["source"], q["reason"]) for q in m.quarantine) == [
+        ("a/escape.png", OUTSIDE_LINK), ("b/linkdir", OUTSIDE_LINK)]
+    assert "symbolic link out of the source folder" in summarize(m)
+
+    m = ingest(str(src), str(tmp_path / "ds2"), progress=False, min_shards=1, follow_symlinks=True)
+    stored = {r["id"] for s in ("train", "val", "test") for r in rows(str(tmp_path / "ds2"), s)}
+    assert hashlib.sha256(secret).hexdigest() in stored and len(stored) == 23 and m.quarantine == []
+
+
 def test_duplicates_are_stored_once(tmp_path):
     src = tmp_path / "src"
     make_folder(src, {"a": 5, "b": 5})
