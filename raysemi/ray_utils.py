@@ -9,6 +9,7 @@ device is CUDA when available, else CPU.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -20,6 +21,7 @@ import torch
 
 from raysemi import console
 from raysemi.config import Config, RayConfig
+from raysemi.errors import RaysemiError
 from raysemi.io import filesystem, is_remote, join, load_state, save_state
 
 log = logging.getLogger("raysemi")
@@ -35,26 +37,74 @@ OUTSIDE_PLACEMENT_GROUP = {"scheduling_strategy": "DEFAULT"}
 
 def init_ray(address: str | None = None) -> None:
     """Attach to the cluster of ``address`` / RAY_ADDRESS (``ray job submit`` sets it) or to one started by
-    ``ray start`` on this machine; otherwise start a private local Ray whose dashboard listens on loopback
-    only. Token authentication stays as Ray configures it (on by default)."""
+    ``ray start`` on this machine; otherwise start a private local Ray that listens on loopback only
+    (dashboard, GCS, raylet, workers, agents). Token authentication stays as Ray configures it (on by default)."""
     import ray
 
     if ray.is_initialized():
         return
     if not console.verbose():
         _quiet_ray_notices()
-    address = address or os.environ.get("RAY_ADDRESS")
+    from ray._private import services
+
+    # RAY_ADDRESS (a Ray job sets it), else the cluster `ray start` recorded on this machine, else none.
+    address = address or services.canonicalize_bootstrap_address(None)
     if address:
-        ray.init(address=address, log_to_driver=True)
+        _start_ray(address=address, log_to_driver=True)
     else:
         # Ray's state API, which Train's placement-group cleaner calls from its own actor, finds "the" cluster
         # by scanning this machine's processes and fails ("Found multiple active Ray instances") when another
         # Ray runs here too. Giving every process of this Ray its dashboard's address settles it.
         port = _free_loopback_port()
-        ray.init(dashboard_host="127.0.0.1", dashboard_port=port, log_to_driver=True,
-                 runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}})
+        with _loopback_node():
+            _start_ray(dashboard_host="127.0.0.1", dashboard_port=port, log_to_driver=True,
+                       runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}})
     if not console.verbose():
         _drop_worker_log_lines(_RAY_NOISE)
+
+
+@contextlib.contextmanager
+def _loopback_node():
+    """While Ray starts, make its node address 127.0.0.1, so that GCS, raylet, workers and agents listen on
+    loopback only. Ray turns an explicit ``_node_ip_address="127.0.0.1"`` into the routable address; its
+    macOS/Windows rule (no clusters there: the node is localhost) does what is wanted. It is switched on for
+    this process (Ray reads it at each call) and, through the environment, for the processes Ray starts, and
+    switched back afterwards so that nothing else this process starts (a ``ray start``, a cluster) inherits it."""
+    from ray._private import ray_constants
+
+    name = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
+    saved_env, saved_flag = os.environ.get(name), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[name] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        if saved_env is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = saved_env
+
+
+def _start_ray(**kwargs: Any) -> None:
+    """``ray.init(**kwargs)``; a Ray that cannot start or be reached is one line (``RaysemiError``), not
+    Ray's traceback. Ray raises a bare ``Exception`` for "node timed out during startup" (a loaded machine),
+    ``ConnectionError`` for an address nobody answers at, ``RuntimeError`` for a GCS that did not come up."""
+    import ray
+
+    try:
+        ray.init(**kwargs)
+    except Exception as err:
+        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+        why = lines[0] if lines else type(err).__name__
+        log.debug("ray.init failed", exc_info=True)
+        with contextlib.suppress(Exception):  # processes a half-started local Ray left behind
+            ray.shutdown()
+        address = kwargs.get("address")
+        if address:
+            raise RaysemiError(f"cannot attach to the Ray cluster at {address}: {why}") from err
+        raise RaysemiError(f"Ray could not start on this machine: {why} (a loaded machine: try again, or start "
+                           "one with `ray start --head` and set RAY_ADDRESS)") from err
 
 
 def _free_loopback_port() -> int:

@@ -48,3 +48,60 @@ def wait_for(probe, running, timeout: float = 240.0, what: str = "the awaited st
             return found
         time.sleep(0.2)
     raise AssertionError(f"{what} never showed up")
+
+
+def descendants(pid: int) -> list[int]:
+    """Every living process below ``pid`` (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def listening_sockets(pids: list[int]) -> set[tuple[str, int, str]]:
+    """``(address, port, command)`` of every TCP socket in LISTEN state held by one of ``pids``, read from
+    /proc/net/tcp{,6} and the processes' file descriptors (no psutil, no ss)."""
+    import ipaddress
+
+    owner: dict[str, int] = {}
+    for pid in pids:
+        try:
+            fds = list(Path(f"/proc/{pid}/fd").iterdir())
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                owner[target[8:-1]] = pid
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            local, state, inode = fields[1], fields[3], fields[9]
+            if state != "0A" or inode not in owner:  # 0A = LISTEN
+                continue
+            hex_ip, hex_port = local.split(":")
+            raw = bytes.fromhex(hex_ip)
+            # The kernel prints each 32-bit word in host (little-endian) order.
+            raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+            addr = ipaddress.ip_address(raw)
+            if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+                addr = addr.ipv4_mapped
+            try:
+                cmd = Path(f"/proc/{owner[inode]}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+            except OSError:
+                cmd = "?"
+            found.add((str(addr), int(hex_port, 16), cmd))
+    return found

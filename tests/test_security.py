@@ -159,6 +159,9 @@ _PROBE = textwrap.dedent(
     from ray._raylet import AuthenticationMode, get_authentication_mode
 
     init_ray()
+    import os, time
+    from tests.procs import descendants, listening_sockets
+    time.sleep(3)  # the agents open their ports a moment after ray.init returns
     node = ray._private.worker._global_node
     host, port = node.address_info["webui_url"].rsplit(":", 1)
     out = {"webui_host": host, "node_ip": node.node_ip_address,
@@ -171,6 +174,7 @@ _PROBE = textwrap.dedent(
     with socket.socket() as s:
         s.settimeout(3)
         out["reachable_on_node_ip"] = s.connect_ex((node.node_ip_address, int(port))) == 0
+    out["listening"] = sorted(listening_sockets([os.getpid(), *descendants(os.getpid())]))
     ray.shutdown()
     print("PROBE " + json.dumps(out))
     """
@@ -193,10 +197,14 @@ def test_local_ray_started_by_init_ray_is_private(tmp_path):
     assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = json.loads(lines[-1][len("PROBE "):])
     assert out["webui_host"] == "127.0.0.1"
+    # Every port of the private Ray (GCS, raylet, workers, dashboard and runtime-env agents, metrics) is on
+    # loopback: nothing is reachable from another machine.
+    assert out["node_ip"] == "127.0.0.1"
+    listening = out["listening"]
+    assert len(listening) >= 5, listening  # GCS, raylet, dashboard, its agent, the runtime-env agent
+    assert [s for s in listening if not s[0].startswith("127.")] == [], listening
     assert out["token_auth"] is True
     assert out["unauthenticated"] == 401
-    if not out["node_ip"].startswith("127."):
-        assert out["reachable_on_node_ip"] is False
     # Ray generated the local cluster's token in this (temporary) HOME, nowhere else.
     assert (tmp_path / ".ray" / "auth_token").is_file()
 
