@@ -27,6 +27,7 @@ import time
 import traceback
 
 NODES = ("head", "a", "b")
+NODE_ARGS = {"num_cpus": 2, "object_store_memory": 100 * 1024 * 1024}  # every node's
 
 
 def _free_port() -> int:
@@ -44,11 +45,10 @@ def start_cluster():
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
     # The nodes keep Ray's default node IP (the machine's address): a driver given a loopback GCS address
     # connects to the node IP anyway (Ray canonicalises 127.0.0.1 to it).
-    common = {"num_cpus": 2, "object_store_memory": 100 * 1024 * 1024}
     cluster = Cluster(
         initialize_head=True,
         head_node_args={
-            **common, "temp_dir": os.path.join(root, "head"), "resources": {"node_head": 1},
+            **NODE_ARGS, "temp_dir": os.path.join(root, "head"), "resources": {"node_head": 1},
             "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": port,
             # a lost node is noticed in ~3 s instead of ~30 s (Ray's defaults: every 3 s, 5 misses... )
             "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 3},
@@ -56,9 +56,18 @@ def start_cluster():
     )
     nodes = {"head": cluster.head_node}
     for name in NODES[1:]:
-        nodes[name] = cluster.add_node(**common, temp_dir=os.path.join(root, name), resources={f"node_{name}": 1})
+        add_node(cluster, nodes, name)
     cluster.wait_for_nodes()
     return cluster, nodes
+
+
+def add_node(cluster, nodes: dict, name: str, temp_name: str | None = None):
+    """Start worker node ``name`` (custom resource ``node_<name>``) with its temp folder ``temp_name`` (default:
+    ``name``; a replacement of a removed node needs a new one) under ``RAY_TMPDIR``; ``nodes[name]`` is set."""
+    root = os.environ["RAY_TMPDIR"]
+    nodes[name] = cluster.add_node(**NODE_ARGS, temp_dir=os.path.join(root, temp_name or name),
+                                   resources={f"node_{name}": 1})
+    return nodes[name]
 
 
 def node_names(nodes) -> dict[str, str]:

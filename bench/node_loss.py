@@ -1,0 +1,260 @@
+"""Losing a worker node mid-run on a real multi-node Ray cluster (3 nodes on this machine), data on S3.
+
+    python bench/node_loss.py [--tries 3] [--out bench/results/node_loss.json]
+
+Starts a moto S3 server on a free loopback port and the 3-node cluster of ``tests/multinode_cluster.py``
+(head + nodes ``a``, ``b``; 2 logical CPUs each), ingests the generated demo set to S3, then for every try:
+
+(a) pretraining: 2 Train workers with ``ray.placement_strategy=SPREAD``, 4 epochs, a checkpoint every epoch,
+    ``ray.max_failures=2``. Once the controller has *registered* a checkpoint (``checkpoint_manager_snapshot.json``
+    has a ``latest_checkpoint_result``), the node of a non-head worker is removed (SIGKILL, no graceful shutdown).
+    Recorded: finished, the epoch of the checkpoint registered at the kill, the epochs the first worker group had
+    completed (registered + uploaded-not-yet-registered checkpoints), the restored group's ``start_epoch``,
+    epochs lost = completed epochs run twice, wall time.
+(b) pseudo-labelling: the actor pool (3 actors, SPREAD) over every shard of the S3 data set; the actor on a worker
+    node holds its first shard until another shard is committed on S3, then its node is removed (the scenario
+    of ``tests/test_multinode.py``). Recorded: finished, actor restarts, ids expected / predicted / missing /
+    duplicated (counted here from the prediction Parquet files), wall time.
+
+The removed node is replaced (a fresh node with the same name and resource) after the run has ended, so the run
+itself recovers on the 2 remaining nodes and the next try starts on 3 again. Prints a Markdown table and writes
+every try with machine information to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+import multinode_cluster as mc  # noqa: E402
+
+from raysemi import io as rio  # noqa: E402
+from raysemi.tables import markdown_table  # noqa: E402
+
+MODEL = ["model.backbone=test_resnet", "model.small_image=false"]
+PRETRAIN = [*MODEL, "model.proj_hidden_dim=64", "model.proj_dim=32", "model.pred_hidden_dim=64",
+            "pretrain.warmup_epochs=0", "ray.placement_strategy=SPREAD", "ray.num_workers=2", "data.loader=torch",
+            "pretrain.epochs=4", "pretrain.batch_size=32", "pretrain.knn_every=0", "pretrain.checkpoint_every=1",
+            "ray.max_failures=2"]
+PSEUDOLABEL = [*MODEL, "model.proj_hidden_dim=32", "model.proj_dim=16", "data.image_size=32", "data.loader=torch",
+               "pseudolabel.num_actors=3", "pseudolabel.batch_size=4", "ray.placement_strategy=SPREAD"]
+
+
+def start_moto() -> tuple[subprocess.Popen, str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+                      AWS_DEFAULT_REGION="us-east-1")
+    for _ in range(120):
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return proc, endpoint
+        except OSError:
+            time.sleep(0.25)
+    proc.terminate()
+    raise SystemExit("bench/node_loss.py: error: the moto server did not start")
+
+
+def snapshot(run_dir: str) -> dict | None:
+    """Ray Train's checkpoint manager snapshot of a run (``None`` before the first registration)."""
+    fs, path = rio.filesystem(run_dir)
+    try:
+        fs.invalidate_cache(path)  # Ray Train reads through this same cached s3fs instance
+        with fs.open(f"{path}/checkpoint_manager_snapshot.json", "rb") as f:
+            return json.loads(f.read())
+    except (FileNotFoundError, ValueError):
+        return None
+    finally:
+        fs.invalidate_cache(path)
+
+
+def checkpoint_dirs(run_dir: str) -> set[str]:
+    fs, path = rio.filesystem(run_dir)
+    fs.invalidate_cache(path)
+    return {p.rsplit("/", 1)[1] for p in fs.ls(path, detail=False) if p.rsplit("/", 1)[1].startswith("checkpoint_")}
+
+
+def worker_nodes(names: dict[str, str]) -> list[str]:
+    from ray.util.state import list_actors
+
+    alive = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")], limit=100,
+                        raise_on_missing_output=False)
+    return sorted(names.get(a.node_id, "?") for a in alive)
+
+
+def pretrain_try(k: int, bucket: str, data: str, cluster, nodes: dict) -> dict[str, Any]:
+    from raysemi import ray_utils
+    from raysemi.config import load_config
+    from raysemi.stages import pretrain
+
+    cfg = load_config(None, [*PRETRAIN, f"data.path={data}", f"run.output_dir={bucket}/pretrain-{k}",
+                             f"ray.storage_path={bucket}/ray", f"run.name=try{k}", f"ray.address={cluster.address}"])
+    run_dir = rio.join(ray_utils.storage_root(cfg), pretrain.run_name(cfg))
+    out: dict[str, Any] = {}
+    rec: dict[str, Any] = {"kind": "pretrain", "try": k, "finished": False, "replacement": "after the run"}
+
+    def run() -> None:
+        try:
+            out["result"] = pretrain.run(cfg)
+        except BaseException as err:  # recorded: a failed run is a figure, not a crash of the bench
+            out["error"] = f"{type(err).__name__}: {err}"
+
+    t0 = time.monotonic()
+    thread = threading.Thread(target=run)
+    thread.start()
+    snap, workers, names = None, [], mc.node_names(nodes)
+    while thread.is_alive() and not (snap and snap.get("latest_checkpoint_result")):
+        time.sleep(0.3)
+        if len(workers) < 2:  # read before the kill, so that nothing delays it
+            workers = worker_nodes(names)
+        snap = snapshot(run_dir)
+    victim = next((n for n in workers if n != "head"), None)
+    rec.update(worker_nodes=workers, victim=victim)
+    if thread.is_alive() and victim is not None:
+        cluster.remove_node(nodes.pop(victim), allow_graceful=False)
+        rec["removed_after_s"] = round(time.monotonic() - t0, 1)
+        # The surviving worker cannot finish an epoch without its DDP peer: these are the first group's figures.
+        done = checkpoint_dirs(run_dir)  # uploaded checkpoints: one per epoch the first group completed
+        snap = snapshot(run_dir) or snap
+        registered = {c["checkpoint_dir_name"] for c in snap["checkpoint_results"]}
+        reg_epoch = int(snap["latest_checkpoint_result"]["metrics"]["epoch"])
+        rec.update(registered_epoch=reg_epoch, epochs_done_at_kill=reg_epoch + 1 + len(done - registered))
+    thread.join()
+    rec["seconds"] = round(time.monotonic() - t0, 1)
+    if "removed_after_s" in rec:
+        mc.add_node(cluster, nodes, rec["victim"], f"{rec['victim']}p{k}")
+    if "error" in out:
+        rec["error"] = out["error"]
+    else:
+        hist = out["result"].metrics
+        rec.update(finished=True, epochs=[h["epoch"] for h in hist], start_epoch=hist[-1]["start_epoch"])
+        if "epochs_done_at_kill" in rec:
+            rec["epochs_lost"] = max(0, rec["epochs_done_at_kill"] - rec["start_epoch"])
+    return rec
+
+
+def pseudolabel_try(k: int, bucket: str, data: str, model: str, cluster, nodes: dict) -> dict[str, Any]:
+    import pyarrow.parquet as pq
+
+    from raysemi.data.shards import read_manifest, read_shard
+
+    manifest = read_manifest(data)
+    shards = [rio.join(data, s.path) for split in manifest.splits.values() for s in split.shards]
+    victim = "b" if k % 2 else "a"
+    out = f"{bucket}/predictions/try={k}"
+    t0 = time.monotonic()
+    reply = mc.do_pseudolabel({"overrides": PSEUDOLABEL, "remove_node": victim, "gate": f"{bucket}/gates/{k}",
+                               "trace": f"{bucket}/actors/{k}", "model": model, "shards": shards, "out": out},
+                              cluster, nodes)
+    rec: dict[str, Any] = {"kind": "pseudolabel", "try": k, "victim": victim, "shards": len(shards),
+                           "finished": "error" not in reply, "seconds": round(time.monotonic() - t0, 1),
+                           "removed_after_s": reply["removed_after_s"], "replacement": "after the run",
+                           **{key: reply.get(key) for key in ("error", "actor_restarts", "actor_nodes") if key in reply}}
+    if victim not in nodes:
+        mc.add_node(cluster, nodes, victim, f"{victim}q{k}")
+    expected = collections.Counter(i for u in shards for i in read_shard(u, ["id"]).column("id").to_pylist())
+    fs, path = rio.filesystem(out)
+    fs.invalidate_cache()
+    got: collections.Counter = collections.Counter()
+    for part in fs.glob(f"{path}/part-*.parquet"):
+        got.update(pq.read_table(part, filesystem=fs, columns=["id"]).column("id").to_pylist())
+    rec.update(ids_expected=sum(expected.values()), ids_predicted=sum(got.values()),
+               ids_missing=sum((expected - got).values()), ids_duplicated=sum((got - expected).values()))
+    return rec
+
+
+def summary(tries: list[dict]) -> list[list[Any]]:
+    rows = []
+    for kind in ("pretrain", "pseudolabel"):
+        t = [r for r in tries if r["kind"] == kind]
+        lost = [r["epochs_lost"] for r in t if "epochs_lost" in r]
+        rows.append([kind, f"{sum(r['finished'] for r in t)}/{len(t)}",
+                     f"{sum(lost) / len(lost):.2f}" if lost else "-", max(lost) if lost else "-",
+                     sum(r.get("ids_missing", 0) for r in t) if kind == "pseudolabel" else "-",
+                     sum(r.get("ids_duplicated", 0) for r in t) if kind == "pseudolabel" else "-",
+                     f"{sum(r['seconds'] for r in t) / len(t):.1f}"])
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tries", type=int, default=3)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "node_loss.json"))
+    args = ap.parse_args()
+    import ray
+    import s3fs
+
+    load_before, t_start = os.getloadavg(), time.monotonic()
+    os.environ.pop("RAY_ADDRESS", None)
+    os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="rnl", dir="/tmp")  # short: Ray's unix sockets live there
+    work = tempfile.mkdtemp(prefix="node-loss-")
+    moto, cluster, tries = None, None, []
+    try:
+        moto, endpoint = start_moto()
+        s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}).mkdir("node-loss")
+        bucket, data = "s3://node-loss", "s3://node-loss/dataset"
+        from raysemi.config import load_config
+        from raysemi.data.ingest import ingest
+        from raysemi.data.synthetic import GROUP_REGEX, make_demo_dataset
+        from raysemi.models.checkpoint import build_classifier, save_classifier
+
+        make_demo_dataset(work, per_class=60, unlabeled=60, size=32, seed=0)
+        ingest(str(Path(work) / "images" / "SYNTHETIC-demo"), data, group_regex=GROUP_REGEX, seed=0, progress=False)
+        from raysemi.data.shards import read_manifest
+
+        classes = read_manifest(data).classes
+        plcfg = load_config(None, PSEUDOLABEL)
+        model = f"{bucket}/models/classifier.safetensors"
+        save_classifier(model, build_classifier(plcfg, len(classes)), plcfg, classes)
+        cluster, nodes = mc.start_cluster()
+        for k in range(args.tries):
+            tries.append(pretrain_try(k, bucket, data, cluster, nodes))
+            print(json.dumps(tries[-1]), flush=True)
+        for k in range(args.tries):
+            tries.append(pseudolabel_try(k, bucket, data, model, cluster, nodes))
+            print(json.dumps(tries[-1]), flush=True)
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        if cluster is not None:
+            cluster.shutdown()
+        if moto is not None:
+            moto.terminate()
+            moto.wait()
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(os.environ["RAY_TMPDIR"], ignore_errors=True)
+    rows = summary(tries)
+    print("\n".join(markdown_table(["kind", "runs finished", "mean epochs lost", "max epochs lost", "ids missing",
+                          "ids duplicated", "mean wall s"], rows)))
+    result = {"command": "python bench/node_loss.py --tries " + str(args.tries), "summary": rows, "tries": tries,
+              "seconds": round(time.monotonic() - t_start, 1),
+              "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                          "ray": ray.__version__, "load_average_before": load_before,
+                          "load_average_after": os.getloadavg()}}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
