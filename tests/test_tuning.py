@@ -416,7 +416,11 @@ def test_tiny_sweep_survives_a_trial_failure_and_an_interruption(ray_session, de
         trial = out / "tiny" / "trials" / t
         assert read_scalars(str(trial / "pretrain"))["loss"]
         assert read_scalars(str(trial / "round=0"))["val_accuracy"]
-        assert [s for s, _ in read_scalars(str(trial))["rounds/val_accuracy"]] == [0]
+        # Round 0 only (rounds are off); a trial that ran again after a kill or an interruption logs its
+        # (reused) round 0 again, with the same value.
+        logged = read_scalars(str(trial))["rounds/val_accuracy"]
+        assert {s for s, _ in logged} == {0}
+        assert all(v == pytest.approx(report["rounds"][0]["val"]["accuracy"]) for _, v in logged)
     assert len(list((out / "pretrain_cache").glob("*/COMPLETE.json"))) == 2
     md = (out / "tiny" / "tune_results.md").read_text()
     assert "2 computed, 2 reused" in md
