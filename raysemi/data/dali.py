@@ -23,6 +23,7 @@ DALI is imported only here (``dali_available`` / ``require_dali``), with an inst
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from collections import deque
 from collections.abc import Iterable, Iterator
 from typing import Any, Literal
@@ -224,12 +225,23 @@ def build_pipeline(
     require_dali()
     from nvidia.dali import pipeline_def
 
-    pipe = pipeline_def(_graph, enable_conditionals=True)(
-        source, mode, size, augment, device_id is not None,
-        batch_size=batch_size, num_threads=max(1, num_threads), device_id=device_id,
-        seed=int(seed) % (2**31 - 1), prefetch_queue_depth=prefetch_queue_depth,
-    )
-    pipe.build()
+    with warnings.catch_warnings():
+        # DALI's own auto_aug policies call operators under their deprecated fn.experimental aliases: a
+        # warning per worker and pipeline that no user can act on. DALI forces its filter to "default" around
+        # the warning, so a filter cannot drop it; the display hook can (restored when the block ends).
+        show = warnings.showwarning
+
+        def _show(message, category, *args, **kwargs):
+            if not (issubclass(category, DeprecationWarning) and "nvidia.dali.fn.experimental." in str(message)):
+                show(message, category, *args, **kwargs)
+
+        warnings.showwarning = _show
+        pipe = pipeline_def(_graph, enable_conditionals=True)(
+            source, mode, size, augment, device_id is not None,
+            batch_size=batch_size, num_threads=max(1, num_threads), device_id=device_id,
+            seed=int(seed) % (2**31 - 1), prefetch_queue_depth=prefetch_queue_depth,
+        )
+        pipe.build()
     return pipe
 
 
