@@ -27,6 +27,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def point_s3_at(monkeypatch, endpoint: str) -> None:
+    """Send this test's S3 calls to ``endpoint`` with test credentials and quick failures (1 s timeouts, 2 tries
+    per request), and drop the s3fs clients cached for another endpoint."""
+    import s3fs
+
+    env = {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+        "RAYSEMI_S3_CONNECT_TIMEOUT": "1", "RAYSEMI_S3_READ_TIMEOUT": "1", "RAYSEMI_S3_MAX_ATTEMPTS": "2",
+    }
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """A moto S3 server on a free loopback port; yields its endpoint URL and sets the AWS environment."""

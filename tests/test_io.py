@@ -11,6 +11,7 @@ import pytest
 
 from raysemi import io as rio
 from raysemi.errors import RaysemiError
+from tests.conftest import point_s3_at
 
 
 @pytest.fixture
@@ -30,14 +31,7 @@ def silent_s3(monkeypatch):
                 return
 
     threading.Thread(target=accept, daemon=True).start()
-    env = {
-        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{server.getsockname()[1]}",
-        "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-        "RAYSEMI_S3_CONNECT_TIMEOUT": "1", "RAYSEMI_S3_READ_TIMEOUT": "1", "RAYSEMI_S3_MAX_ATTEMPTS": "2",
-    }
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    s3fs.S3FileSystem.clear_instance_cache()  # no client of another test's endpoint
+    point_s3_at(monkeypatch, f"http://127.0.0.1:{server.getsockname()[1]}")
     yield
     s3fs.S3FileSystem.clear_instance_cache()
     server.close()

@@ -24,6 +24,7 @@ from raysemi import io as rio
 from raysemi.data import shards
 from raysemi.data.ingest import ingest, summarize
 from raysemi.data.shards import DatasetError
+from tests.conftest import point_s3_at
 
 
 def encode(arr: np.ndarray, fmt: str = "PNG") -> bytes:
@@ -327,13 +328,7 @@ def own_s3(monkeypatch):
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    env = {
-        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-        "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-        "RAYSEMI_S3_CONNECT_TIMEOUT": "1", "RAYSEMI_S3_READ_TIMEOUT": "1", "RAYSEMI_S3_MAX_ATTEMPTS": "2",
-    }
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
+    point_s3_at(monkeypatch, f"http://127.0.0.1:{port}")
     try:
         deadline = time.monotonic() + 30
         while True:
