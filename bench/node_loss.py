@@ -1,6 +1,6 @@
 """Losing a worker node mid-run on a real multi-node Ray cluster (3 nodes on this machine), data on S3.
 
-    python bench/node_loss.py [--tries 3] [--out bench/results/node_loss.json]
+    python bench/node_loss.py [--tries 3] [--kinds pretrain,finetune,pseudolabel] [--out bench/results/node_loss.json]
 
 Starts a moto S3 server on a free loopback port and the 3-node cluster of ``tests/multinode_cluster.py``
 (head + nodes ``a``, ``b``; 2 logical CPUs each), ingests the generated demo set to S3, then for every try:
@@ -11,7 +11,11 @@ Starts a moto S3 server on a free loopback port and the 3-node cluster of ``test
     Recorded: finished, the epoch of the checkpoint registered at the kill, the epochs the first worker group had
     completed (registered + uploaded-not-yet-registered checkpoints), the restored group's ``start_epoch``,
     epochs lost = completed epochs run twice, wall time.
-(b) pseudo-labelling: the actor pool (3 actors, SPREAD) over every shard of the S3 data set; the actor on a worker
+(b) fine-tuning: round 0 (labelled rows, random init), 2 Train workers, SPREAD, 40 steps validated every 5, a
+    checkpoint every 2 intervals, ``ray.max_failures=2``, a node removed as in (a). Recorded as in (a), in steps:
+    the first group's last step and the restored group's first (less one interval) come from the rank-0 event
+    files (one per worker group).
+(c) pseudo-labelling: the actor pool (3 actors, SPREAD) over every shard of the S3 data set; the actor on a worker
     node holds its first shard until another shard is committed on S3, then its node is removed (the scenario
     of ``tests/test_multinode.py``). Recorded: finished, actor restarts, ids expected / predicted / missing /
     duplicated (counted here from the prediction Parquet files), wall time.
@@ -30,6 +34,7 @@ import os
 import platform
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -45,6 +50,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 import multinode_cluster as mc  # noqa: E402
 
 from raysemi import io as rio  # noqa: E402
+from raysemi.config import load_config  # noqa: E402
+from raysemi.data.shards import read_manifest, read_shard  # noqa: E402
+from raysemi.event_log import event_files  # noqa: E402
 from raysemi.tables import markdown_table  # noqa: E402
 
 MODEL = ["model.backbone=test_resnet", "model.small_image=false"]
@@ -52,6 +60,10 @@ PRETRAIN = [*MODEL, "model.proj_hidden_dim=64", "model.proj_dim=32", "model.pred
             "pretrain.warmup_epochs=0", "ray.placement_strategy=SPREAD", "ray.num_workers=2", "data.loader=torch",
             "pretrain.epochs=4", "pretrain.batch_size=32", "pretrain.knn_every=0", "pretrain.checkpoint_every=1",
             "ray.max_failures=2"]
+FINETUNE = [*MODEL, "model.proj_hidden_dim=64", "model.proj_dim=32", "ray.placement_strategy=SPREAD",
+            "ray.num_workers=2", "data.loader=torch", "finetune.steps=40", "finetune.eval_every=5",
+            "finetune.checkpoint_every=2", "finetune.warmup_steps=5", "finetune.batch_size=32", "ray.max_failures=2"]
+KINDS = ("pretrain", "finetune", "pseudolabel")
 PSEUDOLABEL = [*MODEL, "model.proj_hidden_dim=32", "model.proj_dim=16", "data.image_size=32", "data.loader=torch",
                "pseudolabel.num_actors=3", "pseudolabel.batch_size=4", "ray.placement_strategy=SPREAD"]
 
@@ -102,20 +114,14 @@ def worker_nodes(names: dict[str, str]) -> list[str]:
     return sorted(names.get(a.node_id, "?") for a in alive)
 
 
-def pretrain_try(k: int, bucket: str, data: str, cluster, nodes: dict) -> dict[str, Any]:
-    from raysemi import ray_utils
-    from raysemi.config import load_config
-    from raysemi.stages import pretrain
-
-    cfg = load_config(None, [*PRETRAIN, f"data.path={data}", f"run.output_dir={bucket}/pretrain-{k}",
-                             f"ray.storage_path={bucket}/ray", f"run.name=try{k}", f"ray.address={cluster.address}"])
-    run_dir = rio.join(ray_utils.storage_root(cfg), pretrain.run_name(cfg))
+def run_with_kill(fn, run_dir: str, cluster, nodes: dict, rec: dict, tag: str, at_kill) -> dict[str, Any]:
+    """Run ``fn`` in a thread; once the controller has registered a checkpoint, remove the node of a non-head Train
+    worker and call ``at_kill(snapshot)``; after the run, add a replacement node. Returns ``result`` or ``error``."""
     out: dict[str, Any] = {}
-    rec: dict[str, Any] = {"kind": "pretrain", "try": k, "finished": False, "replacement": "after the run"}
 
     def run() -> None:
         try:
-            out["result"] = pretrain.run(cfg)
+            out["result"] = fn()
         except BaseException as err:  # recorded: a failed run is a figure, not a crash of the bench
             out["error"] = f"{type(err).__name__}: {err}"
 
@@ -133,19 +139,35 @@ def pretrain_try(k: int, bucket: str, data: str, cluster, nodes: dict) -> dict[s
     if thread.is_alive() and victim is not None:
         cluster.remove_node(nodes.pop(victim), allow_graceful=False)
         rec["removed_after_s"] = round(time.monotonic() - t0, 1)
+        at_kill(snap)
+    thread.join()
+    rec["seconds"] = round(time.monotonic() - t0, 1)
+    if "removed_after_s" in rec:
+        mc.add_node(cluster, nodes, rec["victim"], f"{rec['victim']}{tag}")
+    if "error" in out:
+        rec["error"] = out["error"]
+    return out
+
+
+def pretrain_try(k: int, bucket: str, data: str, cluster, nodes: dict) -> dict[str, Any]:
+    from raysemi import ray_utils
+    from raysemi.stages import pretrain
+
+    cfg = load_config(None, [*PRETRAIN, f"data.path={data}", f"run.output_dir={bucket}/pretrain-{k}",
+                             f"ray.storage_path={bucket}/ray", f"run.name=try{k}", f"ray.address={cluster.address}"])
+    run_dir = rio.join(ray_utils.storage_root(cfg), pretrain.run_name(cfg))
+    rec: dict[str, Any] = {"kind": "pretrain", "try": k, "finished": False, "replacement": "after the run"}
+
+    def at_kill(snap: dict) -> None:
         # The surviving worker cannot finish an epoch without its DDP peer: these are the first group's figures.
         done = checkpoint_dirs(run_dir)  # uploaded checkpoints: one per epoch the first group completed
         snap = snapshot(run_dir) or snap
         registered = {c["checkpoint_dir_name"] for c in snap["checkpoint_results"]}
         reg_epoch = int(snap["latest_checkpoint_result"]["metrics"]["epoch"])
         rec.update(registered_epoch=reg_epoch, epochs_done_at_kill=reg_epoch + 1 + len(done - registered))
-    thread.join()
-    rec["seconds"] = round(time.monotonic() - t0, 1)
-    if "removed_after_s" in rec:
-        mc.add_node(cluster, nodes, rec["victim"], f"{rec['victim']}p{k}")
-    if "error" in out:
-        rec["error"] = out["error"]
-    else:
+
+    out = run_with_kill(lambda: pretrain.run(cfg), run_dir, cluster, nodes, rec, f"p{k}", at_kill)
+    if "error" not in out:
         hist = out["result"].metrics
         rec.update(finished=True, epochs=[h["epoch"] for h in hist], start_epoch=hist[-1]["start_epoch"])
         if "epochs_done_at_kill" in rec:
@@ -153,10 +175,56 @@ def pretrain_try(k: int, bucket: str, data: str, cluster, nodes: dict) -> dict[s
     return rec
 
 
+def event_steps(uri: str) -> list[list[int]]:
+    """The steps logged in each event file under ``uri`` (one file per rank-0 process, oldest first)."""
+    from tensorboardX.proto import event_pb2
+
+    fs, path = rio.filesystem(uri)
+    fs.invalidate_cache(path)
+    files = []
+    for name in event_files(uri):
+        data, pos, steps = fs.cat_file(name), 0, []
+        while pos + 12 <= len(data):
+            (length,) = struct.unpack("<Q", data[pos:pos + 8])
+            event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+            pos += 16 + length
+            if event.summary.value:
+                steps.append(int(event.step))
+        files.append(steps)
+    return files
+
+
+def finetune_try(k: int, bucket: str, data: str, cluster, nodes: dict) -> dict[str, Any]:
+    from raysemi import ray_utils
+    from raysemi.data.labels import label_split
+    from raysemi.data.trainset import write_trainset
+    from raysemi.stages import finetune
+
+    cfg = load_config(None, [*FINETUNE, f"data.path={data}", f"run.output_dir={bucket}/finetune-{k}",
+                             f"ray.storage_path={bucket}/ray", f"run.name=ft{k}", f"ray.address={cluster.address}"])
+    manifest, labels = read_manifest(data), label_split(data, cfg.data)
+    rows = {i: (int(y), 1.0) for i, y in zip(labels.labeled_ids, labels.labeled_targets)}  # as finetune_only
+    out_dir, name = rio.join(cfg.run.output_dir, "finetune"), f"{cfg.run.name}-finetune"
+    trainset = write_trainset(data, manifest, rows, rio.join(out_dir, "trainset"), num_shards=4)
+    run_dir = rio.join(ray_utils.storage_root(cfg), name)
+    rec: dict[str, Any] = {"kind": "finetune", "try": k, "finished": False, "replacement": "after the run",
+                           "init": "random", "trainset_rows": trainset.total}
+    out = run_with_kill(lambda: finetune.run(cfg, trainset, None, out_dir, name, manifest.classes), run_dir, cluster,
+                        nodes, rec, f"f{k}",
+                        lambda snap: rec.update(registered_step=int(snap["latest_checkpoint_result"]["metrics"]["step"])))
+    if "error" not in out:
+        res, groups = out["result"], event_steps(out_dir)
+        rec.update(finished=True, steps=res.steps, history_steps=[h["step"] for h in res.history],
+                   steps_per_group=groups)
+        if "registered_step" in rec and len(groups) > 1 and groups[0] and groups[1]:
+            start = groups[1][0] - cfg.finetune.eval_every  # every interval is eval_every steps (40 = 8 x 5)
+            rec.update(steps_done_at_kill=groups[0][-1], start_step=start,
+                       steps_lost=max(0, groups[0][-1] - start))
+    return rec
+
+
 def pseudolabel_try(k: int, bucket: str, data: str, model: str, cluster, nodes: dict) -> dict[str, Any]:
     import pyarrow.parquet as pq
-
-    from raysemi.data.shards import read_manifest, read_shard
 
     manifest = read_manifest(data)
     shards = [rio.join(data, s.path) for split in manifest.splits.values() for s in split.shards]
@@ -185,9 +253,11 @@ def pseudolabel_try(k: int, bucket: str, data: str, model: str, cluster, nodes: 
 
 def summary(tries: list[dict]) -> list[list[Any]]:
     rows = []
-    for kind in ("pretrain", "pseudolabel"):
+    for kind in KINDS:
         t = [r for r in tries if r["kind"] == kind]
-        lost = [r["epochs_lost"] for r in t if "epochs_lost" in r]
+        if not t:
+            continue
+        lost = [r[key] for r in t for key in ("epochs_lost", "steps_lost") if key in r]
         rows.append([kind, f"{sum(r['finished'] for r in t)}/{len(t)}",
                      f"{sum(lost) / len(lost):.2f}" if lost else "-", max(lost) if lost else "-",
                      sum(r.get("ids_missing", 0) for r in t) if kind == "pseudolabel" else "-",
@@ -199,8 +269,12 @@ def summary(tries: list[dict]) -> list[list[Any]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tries", type=int, default=3)
+    ap.add_argument("--kinds", default=",".join(KINDS), help="comma-separated, from " + ",".join(KINDS))
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "node_loss.json"))
     args = ap.parse_args()
+    kinds = args.kinds.split(",")
+    if not kinds or set(kinds) - set(KINDS):
+        ap.error(f"--kinds: choose among {','.join(KINDS)}")
     import ray
     import s3fs
 
@@ -213,26 +287,24 @@ def main() -> None:
         moto, endpoint = start_moto()
         s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}).mkdir("node-loss")
         bucket, data = "s3://node-loss", "s3://node-loss/dataset"
-        from raysemi.config import load_config
         from raysemi.data.ingest import ingest
         from raysemi.data.synthetic import GROUP_REGEX, make_demo_dataset
         from raysemi.models.checkpoint import build_classifier, save_classifier
 
         make_demo_dataset(work, per_class=60, unlabeled=60, size=32, seed=0)
         ingest(str(Path(work) / "images" / "SYNTHETIC-demo"), data, group_regex=GROUP_REGEX, seed=0, progress=False)
-        from raysemi.data.shards import read_manifest
-
         classes = read_manifest(data).classes
         plcfg = load_config(None, PSEUDOLABEL)
         model = f"{bucket}/models/classifier.safetensors"
         save_classifier(model, build_classifier(plcfg, len(classes)), plcfg, classes)
         cluster, nodes = mc.start_cluster()
-        for k in range(args.tries):
-            tries.append(pretrain_try(k, bucket, data, cluster, nodes))
-            print(json.dumps(tries[-1]), flush=True)
-        for k in range(args.tries):
-            tries.append(pseudolabel_try(k, bucket, data, model, cluster, nodes))
-            print(json.dumps(tries[-1]), flush=True)
+        runs = {"pretrain": lambda k: pretrain_try(k, bucket, data, cluster, nodes),
+                "finetune": lambda k: finetune_try(k, bucket, data, cluster, nodes),
+                "pseudolabel": lambda k: pseudolabel_try(k, bucket, data, model, cluster, nodes)}
+        for kind in (kind for kind in KINDS if kind in kinds):
+            for k in range(args.tries):
+                tries.append(runs[kind](k))
+                print(json.dumps(tries[-1]), flush=True)
     finally:
         if ray.is_initialized():
             ray.shutdown()
@@ -244,9 +316,10 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(os.environ["RAY_TMPDIR"], ignore_errors=True)
     rows = summary(tries)
-    print("\n".join(markdown_table(["kind", "runs finished", "mean epochs lost", "max epochs lost", "ids missing",
-                          "ids duplicated", "mean wall s"], rows)))
-    result = {"command": "python bench/node_loss.py --tries " + str(args.tries), "summary": rows, "tries": tries,
+    print("\n".join(markdown_table(["kind", "runs finished", "mean epochs (steps) lost", "max epochs (steps) lost",
+                                    "ids missing", "ids duplicated", "mean wall s"], rows)))
+    command = f"python bench/node_loss.py --tries {args.tries}" + ("" if kinds == list(KINDS) else f" --kinds {args.kinds}")
+    result = {"command": command, "summary": rows, "tries": tries,
               "seconds": round(time.monotonic() - t_start, 1),
               "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                           "ray": ray.__version__, "load_average_before": load_before,
