@@ -38,7 +38,8 @@ OUTSIDE_PLACEMENT_GROUP = {"scheduling_strategy": "DEFAULT"}
 def init_ray(address: str | None = None) -> None:
     """Attach to the cluster of ``address`` / RAY_ADDRESS (``ray job submit`` sets it) or to one started by
     ``ray start`` on this machine; otherwise start a private local Ray that listens on loopback only
-    (dashboard, GCS, raylet, workers, agents). Token authentication stays as Ray configures it (on by default)."""
+    (dashboard, GCS, raylet, workers, agents) and whose processes end with this one (``ray_watchdog``).
+    Token authentication stays as Ray configures it (on by default)."""
     import ray
 
     if ray.is_initialized():
@@ -59,6 +60,7 @@ def init_ray(address: str | None = None) -> None:
         with _loopback_node():
             _start_ray(dashboard_host="127.0.0.1", dashboard_port=port, log_to_driver=True,
                        runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}})
+        _watch_driver()
     if not console.verbose():
         _drop_worker_log_lines(_RAY_NOISE)
 
@@ -84,6 +86,25 @@ def _loopback_node():
             os.environ.pop(name, None)
         else:
             os.environ[name] = saved_env
+
+
+def _watch_driver() -> None:
+    """Start ``ray_watchdog.py`` for the private Ray just started: when this process ends, even by SIGKILL,
+    it ends that Ray session's processes (Ray's agents would otherwise live on for a minute or more with their
+    ports open). In a session of its own, so that a Ctrl-C or a hang-up of this process's group misses it."""
+    import subprocess
+    import sys
+
+    import ray
+    from ray._private import worker
+
+    if worker._global_node is None:  # ray.init replaced (tests that record its calls): nothing started
+        return
+    session = worker._global_node.get_session_dir_path()
+    subprocess.Popen([sys.executable, str(Path(__file__).with_name("ray_watchdog.py")), str(os.getpid()), session,
+                      os.path.dirname(ray.__file__)],
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                     start_new_session=True)
 
 
 def _start_ray(**kwargs: Any) -> None:
