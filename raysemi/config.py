@@ -101,6 +101,9 @@ class FinetuneConfig:
     warmup_steps: int = 50  # when counting in steps (at most the steps: a shorter run warms up throughout)
     warmup_epochs: int = 0  # when counting in epochs
     freeze_backbone: bool = False  # True = linear probe
+    # lr of the pretrained parts (backbone, projector) relative to the head's: < 1 keeps more of what
+    # pretraining learnt (discriminative fine-tuning, Howard & Ruder 2018). 1 = one lr for all (the paper's).
+    backbone_lr_scale: float = 1.0
     class_weighting: bool = True  # inverse-frequency class weights in the loss (labelled + pseudo rows)
     pseudo_weight: float = 1.0  # loss weight of a pseudo-labeled row relative to a true label
     label_smoothing: float = 0.1

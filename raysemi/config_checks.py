@@ -74,6 +74,7 @@ def validate(cfg: Config) -> None:
     _check(0.0 <= f.ema_decay < 1.0, f"finetune.ema_decay: {f.ema_decay} is outside [0, 1)")
     _check(0.0 <= f.dropout < 1.0, "finetune.dropout: must be in [0, 1)")
     _check(0.0 <= f.drop_path_rate < 1.0, "finetune.drop_path_rate: must be in [0, 1)")
+    _check(0.0 < f.backbone_lr_scale <= 1.0, "finetune.backbone_lr_scale: must be in (0, 1]")
     _check(pl.temperature > 0, "pseudolabel.temperature: must be > 0")
     _check(0.0 <= pl.labeled_share < 1.0, "pseudolabel.labeled_share: must be in [0, 1)")
     _check(f.pseudo_weight > 0, "finetune.pseudo_weight: must be > 0")

@@ -7,7 +7,9 @@ none), ``id`` when asked for, and the extra columns asked for.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import queue
+import threading
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -105,6 +107,58 @@ def read_ahead(uris: Sequence[str], read) -> Iterator[Any]:
             yield current
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
+
+
+def in_background(items: Iterable[Any], depth: int = 2) -> Iterator[Any]:
+    """``items`` produced by a thread of their own, up to ``depth`` ahead of the consumer.
+
+    The thread starts at once, not at the first ``next()``: a training stage calls this before it builds
+    its model, so the decoders' start-up (a DALI pipeline, the first shard read) overlaps that instead of
+    showing up as data wait in the first steps. Every call into ``items`` happens on that one thread. An
+    exception there is raised here, in order; closing the returned generator stops the thread."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def put(entry: tuple[Any, BaseException | None]) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put((item, None)):
+                    return
+            put((done, None))
+        except BaseException as err:  # handed to the consumer, raised there
+            put((done, err))
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
+
+    thread = threading.Thread(target=produce, name="raysemi-prefetch", daemon=True)
+    thread.start()
+
+    def consume() -> Iterator[Any]:
+        try:
+            while True:
+                item, err = q.get()
+                if item is done:
+                    if err is not None:
+                        raise err
+                    return
+                yield item
+        finally:
+            stop.set()
+            thread.join(timeout=30)
+
+    return consume()
 
 
 def batch_seed(*parts: int) -> int:

@@ -27,6 +27,7 @@ from raysemi import io as rio
 from raysemi import ray_utils
 from raysemi.config import Config, FinetuneConfig, from_dict
 from raysemi.console import StageClock
+from raysemi.data.batches import in_background
 from raysemi.data.loader import build_loader
 from raysemi.data.shards import read_manifest, split_batch
 from raysemi.data.trainset import TrainSet
@@ -38,7 +39,7 @@ from raysemi.models.backbone import unwrap
 from raysemi.models.byol import Classifier
 from raysemi.models.checkpoint import build_classifier, classifier_from_byol, load_classifier, save_classifier
 from raysemi.models.checkpoint import check_init as check_classifier_init
-from raysemi.optim import build_optimizer, set_lr
+from raysemi.optim import build_optimizer, param_groups, set_lr
 from raysemi.schedules import warmup_cosine_lr
 from raysemi.stages.common import StepTimer, all_reduce_sum, autocast, grad_scaler, wrap_ddp
 from raysemi.stages.predict import predict_probs
@@ -76,6 +77,18 @@ def build_model(cfg: Config, num_classes: int, init: str | None) -> Classifier:
     if cfg.finetune.freeze_backbone:
         model.freeze_backbone(include_projector=True)
     return model
+
+
+def optimizer_groups(model: Classifier, weight_decay: float, backbone_lr_scale: float) -> list[dict[str, Any]]:
+    """The trainable parameters in optimizer groups: the head's at the full lr, the pretrained parts'
+    (backbone, projector) at ``backbone_lr_scale`` times it (``optim.set_lr`` applies ``lr_scale``)."""
+    head = [p for p in model.head.parameters() if p.requires_grad]
+    head_ids = {id(p) for p in head}
+    body = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
+    groups = [dict(g, lr_scale=1.0) for g in param_groups(head, weight_decay)]
+    if body:
+        groups += [dict(g, lr_scale=backbone_lr_scale) for g in param_groups(body, weight_decay)]
+    return groups
 
 
 def check_init(cfg: Config, num_classes: int, init: str | None) -> None:
@@ -191,18 +204,6 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     trainset = TrainSet(**loop_config["trainset"])
     num_classes = len(trainset.class_counts)
 
-    model = build_replica(lambda: build_model(cfg, num_classes, loop_config["init"]), f.seed,
-                          cfg.model.sync_batchnorm, device)
-    ddp_model = wrap_ddp(model, device)
-    optimizer = build_optimizer(f.optimizer, [p for p in model.parameters() if p.requires_grad], f.lr,
-                                f.weight_decay)
-    train_state = TrainState(model, optimizer, grad_scaler(device, f.precision), build_ema(model, f.ema_decay))
-    scaler, ema = train_state.scaler, train_state.ema
-    step, history = 0, []
-    state = train_state.restore(device)
-    if state is not None:
-        step, history = int(state["step"]), list(state["history"])
-
     batch = min(split_batch(f.batch_size, world), min(sum(trainset.rows[r::world]) for r in range(world)))
     if batch < split_batch(f.batch_size, world) and rank == 0:
         log.warning("finetune.batch_size lowered to %d per worker: the training set has %d rows",
@@ -213,6 +214,24 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         num_threads=cfg.data.num_threads, shard_rows=trainset.rows,
         columns_extra=("target",) if trainset.soft else (),
     )
+    # The checkpoint of a restarted group is read before the model is built, for its step: the decoders
+    # then start at once, in the background, and their start-up overlaps the model's build.
+    state = ray_utils.restored_state(device)
+    step = int(state["step"]) if state is not None else 0
+    plan = training_plan(f, len(loader))
+    stream = in_background(loader.stream(step, plan.total_steps))  # one decoder start-up for the round
+
+    model = build_replica(lambda: build_model(cfg, num_classes, loop_config["init"]), f.seed,
+                          cfg.model.sync_batchnorm, device)
+    ddp_model = wrap_ddp(model, device)
+    optimizer = build_optimizer(f.optimizer, optimizer_groups(model, f.weight_decay, f.backbone_lr_scale),
+                                f.lr, f.weight_decay)
+    train_state = TrainState(model, optimizer, grad_scaler(device, f.precision), build_ema(model, f.ema_decay))
+    scaler, ema = train_state.scaler, train_state.ema
+    history: list[dict[str, Any]] = []
+    if state is not None:
+        train_state.load_state_dict(state)
+        history = list(state["history"])
     val_loader = None
     if rank == 0:
         manifest = read_manifest(cfg.data.path)
@@ -222,8 +241,6 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             num_threads=cfg.data.num_threads,
         )
     cw = class_weights(trainset.class_counts).to(device) if f.class_weighting else None
-    plan = training_plan(f, len(loader))
-    stream = loader.stream(step, plan.total_steps)  # one decoder start-up for the whole round
     clock = StageClock(loop_config.get("label", "finetune"), "step", plan.total_steps, step)
     events = EventLog(loop_config["events"]) if rank == 0 and loop_config.get("events") else None
     while step < plan.total_steps:
@@ -241,6 +258,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         history.append(metrics)
         due = (metrics["epoch"] + 1) % f.checkpoint_every == 0 or step >= plan.total_steps
         train_state.report(metrics, cfg, due, step=step, history=history)
+    stream.close()
     if events is not None:
         events.close()
 

@@ -16,6 +16,7 @@ from raysemi.stages.finetune import (
     build_ema,
     build_model,
     class_weights,
+    optimizer_groups,
     train_one_epoch,
     training_plan,
 )
@@ -108,6 +109,30 @@ def test_frozen_backbone_stays_frozen():
                     start_step=0, plan=TrainingPlan(3, 0, 3), device=CPU, weights_per_class=None)
     after = model.backbone.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # weights and BN statistics alike
+
+
+def test_backbone_lr_scale_moves_the_pretrained_parts_that_much_slower():
+    """One SGD step from the same weights on the same batch: the head moves as far at either scale, the
+    backbone and projector exactly ``backbone_lr_scale`` as far."""
+    moves = {}
+    for scale in (1.0, 0.1):
+        torch.manual_seed(0)
+        cfg = tiny_cfg(backbone_lr_scale=scale, ema_decay=0.0, warmup_steps=0, drop_path_rate=0.0, lr=0.1)
+        model = build_model(cfg, 3, None)
+        groups = optimizer_groups(model, 0.0, scale)
+        assert sorted({g["lr_scale"] for g in groups}) == sorted({1.0, scale})
+        assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+        before = {k: v.clone() for k, v in model.named_parameters()}
+        opt = build_optimizer("sgd", groups, cfg.finetune.lr, 0.0)
+        train_one_epoch(model, itertools.islice(fixed_batches(), 1), opt, grad_scaler(CPU, "fp32"), cfg,
+                        start_step=0, plan=TrainingPlan(1, 0, 1), device=CPU, weights_per_class=None)
+        moves[scale] = {k: (v - before[k]).norm().item() for k, v in model.named_parameters()}
+    body = [k for k in moves[1.0] if not k.startswith("head.") and moves[1.0][k] > 0]
+    assert any(k.startswith("backbone.") for k in body) and any(k.startswith("projector.") for k in body)
+    for k in body:
+        assert moves[0.1][k] == pytest.approx(0.1 * moves[1.0][k], rel=1e-4)
+    for k in ("head.fc.weight", "head.fc.bias"):
+        assert moves[0.1][k] == pytest.approx(moves[1.0][k], rel=1e-4) and moves[1.0][k] > 0
 
 
 def test_student_noise_switches():
