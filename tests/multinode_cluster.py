@@ -12,8 +12,8 @@ node's processes get its address in ``RAY_API_SERVER_ADDRESS``). The S3 endpoint
 workers as on a real cluster: through the standard AWS environment of the processes that start the nodes.
 
 Protocol: one JSON command a line on stdin, one ``@@ {json}`` line on stdout per command (everything else
-goes to stderr). Commands: ``nodes``, ``pretrain``, ``pseudolabel`` (optionally losing a worker node
-mid-run) and ``quit``.
+goes to stderr). Commands: ``nodes``, ``pretrain``, ``pseudolabel``, ``tune`` (each of the last two
+optionally losing a worker node mid-run) and ``quit``.
 """
 
 from __future__ import annotations
@@ -58,6 +58,11 @@ def start_cluster():
     for name in NODES[1:]:
         add_node(cluster, nodes, name)
     cluster.wait_for_nodes()
+    # Where `ray start --head` leaves it: a Ray job's supervisor finds its cluster's address ("auto") in the head's
+    # own temp folder, else it looks for any GCS process on the machine (another Ray's, here).
+    from ray._private.utils import write_ray_address
+
+    write_ray_address(cluster.head_node.gcs_address, os.path.join(root, "head"))
     return cluster, nodes
 
 
@@ -180,6 +185,156 @@ def do_pseudolabel(args: dict, cluster, nodes) -> dict:
     return out
 
 
+def traced_trial(trace_uri: str):
+    """raysemi's Tune trial function, recording each start of a trial as ``<trace_uri>/<trial id>.<node id>.<pid>``
+    before running the real trial: trial starts (first runs and reruns) are counted from S3, not from Tune."""
+    from raysemi.tune import trial as tune_trial
+
+    real = tune_trial.run_trial
+
+    def run_trial(config, setup):
+        import ray
+        from ray import tune
+
+        from raysemi import io as rio
+
+        node = ray.get_runtime_context().get_node_id()
+        rio.write_bytes_atomic(f"{trace_uri}/{tune.get_context().get_trial_id()}.{node}.{os.getpid()}", b"")
+        return real(config, setup)
+
+    return run_trial
+
+
+def train_workers() -> dict[str, tuple[str, str]]:
+    """actor id -> (node id, state) of every Ray Train worker the state API knows."""
+    from ray.util.state import list_actors
+
+    actors = list_actors(filters=[("class_name", "=", "RayTrainWorker")], limit=1000, raise_on_missing_output=False)
+    return {a.actor_id: (a.node_id, a.state) for a in actors}
+
+
+def do_tune(args: dict, cluster, nodes) -> dict:
+    """A Tune sweep of ``args["space"]`` (a space dict; trials of different lengths) with everything on S3. The
+    head takes no trial work (its CPUs are held, as on a cluster whose head has ``--num-cpus=0``), missing worker
+    nodes are added first, so that two trials whose Train worker needs most of a node run on the two worker
+    nodes. With ``remove_node``: once a trial has completed and the other has registered a checkpoint, the node
+    of that other trial's Train worker is removed (SIGKILL, no replacement)."""
+    import ray
+    import yaml
+    from ray.tune import Callback
+
+    from raysemi import io as rio
+    from raysemi import ray_utils
+    from raysemi.config import load_config
+    from raysemi.tune import experiment
+
+    for name in NODES[1:]:  # a node an earlier command removed: a replacement with a fresh temp folder
+        if name not in nodes:
+            add_node(cluster, nodes, name, f"{name}-t")
+    cluster.wait_for_nodes()
+    names = node_names(nodes)
+    cfg = load_config(None, [*args["overrides"], f"ray.address={cluster.address}"])
+    ray_utils.init_ray(cfg.ray.address)
+    space_path = os.path.join(os.environ["RAY_TMPDIR"], f"{args['name']}.yaml")
+    with open(space_path, "w") as fh:
+        yaml.safe_dump(args["space"], fh)
+
+    class Events(Callback):
+        def __init__(self) -> None:
+            self.events: list[tuple[str, str, dict]] = []
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            self.events.append(("start", trial.trial_id, dict(trial.config)))
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self.events.append(("complete", trial.trial_id, dict(trial.config)))
+
+        def on_trial_recover(self, iteration, trials, trial, **info):
+            self.events.append(("recover", trial.trial_id, dict(trial.config)))
+
+    holder = ray.remote(num_cpus=NODE_ARGS["num_cpus"], resources={"node_head": 1})(_Idle).remote()
+    ray.get(holder.ready.remote())
+    before = set(train_workers())
+    events, outcome = Events(), {}
+    real_trial = experiment.run_trial
+    experiment.run_trial = traced_trial(args["trace"])
+
+    def run() -> None:
+        try:
+            outcome["result"] = experiment.run_tune(cfg, space_path, out=args["out"], callbacks=[events])
+        except BaseException as err:  # reported to the test, which fails with it
+            outcome["error"] = f"{type(err).__name__}: {err}"
+
+    t0 = time.monotonic()
+    thread = threading.Thread(target=run)
+    thread.start()
+    out: dict = {"removed_after_s": None, "victim": None}
+    try:
+        both: list[str] = []
+        while thread.is_alive() and len(both) < 2:  # both trials in their Train run at once
+            both = sorted(names.get(n, "?") for a, (n, st) in train_workers().items()
+                          if a not in before and st == "ALIVE")
+            time.sleep(0.3)
+        out["workers_of_both_trials"] = both
+        if args.get("remove_node"):
+            done = lambda: {t for k, t, _ in events.events if k == "complete"}  # noqa: E731
+            while thread.is_alive() and not done():
+                time.sleep(0.3)
+            running = {t for k, t, _ in events.events if k == "start"} - done()
+            long_trial = next(iter(running), None)
+            snap = None
+            while thread.is_alive() and long_trial and not (snap and snap.get("latest_checkpoint_result")):
+                time.sleep(0.3)
+                snap = _snapshot(rio.join(ray_utils.storage_root(cfg), f"{long_trial}-round0"))
+            alive = [names.get(n, "?") for a, (n, st) in train_workers().items() if a not in before and st == "ALIVE"]
+            if thread.is_alive() and alive and alive[0] != "head":
+                out.update(victim=alive[0], victim_trial=long_trial, finished_before=sorted(done()),
+                           registered_step=int(snap["latest_checkpoint_result"]["metrics"]["step"]))
+                cluster.remove_node(nodes.pop(alive[0]), allow_graceful=False)
+                out["removed_after_s"] = time.monotonic() - t0
+        thread.join()
+    finally:
+        experiment.run_trial = real_trial
+        ray.kill(holder)
+    out["seconds"] = time.monotonic() - t0
+    out["worker_nodes"] = sorted(names.get(n, "?") for a, (n, _) in train_workers().items() if a not in before)
+    out["events"] = [(k, t) for k, t, _ in events.events]
+    if "error" in outcome:
+        out["error"] = outcome["error"]
+        return out
+    summary = outcome["result"]
+    out["rows"] = [{k: r.get(k) for k in ("trial_id", "status", "failures", *args["space"]["params"])}
+                   for r in summary.rows]
+    fs, path = rio.filesystem(args["trace"])
+    fs.invalidate_cache()
+    starts: dict[str, list[str]] = {}
+    for p in fs.ls(path, detail=False):
+        trial, node, _ = p.rsplit("/", 1)[1].split(".")
+        starts.setdefault(trial, []).append(names.get(node, "?"))
+    out["trial_starts"] = starts  # trial id -> the node of each start of its trial process
+    return out
+
+
+class _Idle:
+    """An actor that only holds its resources (the head's CPUs during a sweep)."""
+
+    def ready(self) -> bool:
+        return True
+
+
+def _snapshot(run_dir: str) -> dict | None:
+    """Ray Train's checkpoint manager snapshot of a run (None before its first registered checkpoint)."""
+    from raysemi import io as rio
+
+    fs, path = rio.filesystem(run_dir)
+    try:
+        fs.invalidate_cache(path)
+        with fs.open(f"{path}/checkpoint_manager_snapshot.json", "rb") as f:
+            return json.loads(f.read())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
 def main() -> None:
     import ray
 
@@ -195,11 +350,14 @@ def main() -> None:
                 break
             if cmd["do"] == "nodes":
                 reply = {"nodes": {name: n.node_id for name, n in nodes.items()}, "start_s": started,
-                         "temp_dirs": {name: n.get_session_dir_path() for name, n in nodes.items()}}
+                         "temp_dirs": {name: n.get_session_dir_path() for name, n in nodes.items()},
+                         "dashboard": os.environ["RAY_API_SERVER_ADDRESS"]}
             elif cmd["do"] == "pretrain":
                 reply = do_pretrain(cmd["args"], cluster, nodes)
             elif cmd["do"] == "pseudolabel":
                 reply = do_pseudolabel(cmd["args"], cluster, nodes)
+            elif cmd["do"] == "tune":
+                reply = do_tune(cmd["args"], cluster, nodes)
             else:
                 reply = {"error": f"unknown command {cmd['do']!r}"}
         except Exception:

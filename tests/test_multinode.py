@@ -10,7 +10,14 @@ pytest process keeps at most its one session Ray. One cluster serves the module;
 - The same with worker node ``b`` removed (its processes killed, as a spot node disappears) while its actor
   holds a shard, once other shards are committed: the run finishes, the lost shard is redone elsewhere,
   0 ids missing or duplicated (predict_shards checks it; the test counts again from the files).
+- A Tune sweep of two trials whose Train workers run on the two worker nodes at once (the head's CPUs held); once
+  one trial has completed and the other has registered a checkpoint, the other's node is removed: the sweep
+  finishes, the completed trial is not started again (trial starts recorded on S3), the lost one recovers.
+- ``ray job submit --working-dir . -- raysemi run ...`` to the head's job API (token required): SUCCEEDED, the
+  job attached to the cluster, its report and checkpoints on S3.
 - The driver's working folder (the subprocess's cwd, also the nodes' and their workers') stays empty.
+
+The cluster runs with token authentication and a token of its own (``RAY_AUTH_TOKEN_PATH`` in its temp folder).
 """
 
 from __future__ import annotations
@@ -19,12 +26,16 @@ import collections
 import json
 import os
 import queue
+import secrets
 import shutil
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import urllib.error
+import urllib.request
+import uuid
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -40,6 +51,8 @@ from tests.stages.test_pseudolabel import make_dataset, save_model
 pytestmark = [pytest.mark.multinode, pytest.mark.slow]
 
 SCRIPT = Path(__file__).with_name("multinode_cluster.py")
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
 
 
 class ClusterProcess:
@@ -48,8 +61,14 @@ class ClusterProcess:
     def __init__(self, cwd: Path, ray_tmp: str) -> None:
         self.cwd, self.ray_tmp = cwd, ray_tmp
         self.log_path = os.path.join(ray_tmp, "driver.log")
-        env = {**os.environ, "RAY_TMPDIR": ray_tmp}
-        env.pop("RAY_ADDRESS", None)
+        # Token authentication on, with a token of this cluster's own (never ~/.ray/auth_token), as on a real
+        # cluster; .venv/bin on PATH, so that a job's entrypoint is the command users type (`raysemi run`).
+        self.token_path = os.path.join(ray_tmp, "auth_token")
+        Path(self.token_path).write_text(secrets.token_hex(32))
+        os.chmod(self.token_path, 0o600)
+        self.auth_env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": self.token_path}
+        env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN")}
+        env.update(RAY_TMPDIR=ray_tmp, PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", **self.auth_env)
         self._log = open(self.log_path, "w")  # noqa: SIM115 (closed in close())
         self.proc = subprocess.Popen(
             [sys.executable, str(SCRIPT)], cwd=cwd, env=env, text=True,
@@ -179,6 +198,97 @@ def test_pseudolabel_exactly_once_when_a_worker_node_is_lost(cluster, s3_bucket)
     assert assert_each_id_once(uris, out) == 48
     print(f"node b removed {reply['removed_after_s']:.1f} s into the run; finished after "
           f"{time.monotonic() - t0:.1f} s")
+
+
+# Every trial is one supervised run (fine-tuning on the labelled rows, then evaluation): the Tune plumbing, not
+# the method, is under test. A Train worker needs 1.9 of a node's 2 CPUs: two at once are on two nodes. DALI
+# decodes (threads in the Train worker): with the torch loader, the restarted trial's DataLoader worker process
+# hung on a futex, twice (not solved yet, see docs/cluster.md).
+TUNE_TINY = [
+    "run.mode=supervised", "model.backbone=test_resnet", "model.small_image=false", "data.image_size=32",
+    "data.loader=dali", "data.num_threads=1", "finetune.batch_size=16", "finetune.eval_every=4",
+    "finetune.warmup_steps=0", "finetune.checkpoint_every=1", "ray.num_workers=1", "ray.cpus_per_worker=1.9",
+    "pseudolabel.num_actors=1", "pseudolabel.cpus_per_actor=1", "ray.max_failures=2",
+]
+
+
+def test_tune_sweep_on_two_nodes_survives_a_lost_node_without_rerunning_finished_trials(cluster, s3_bucket,
+                                                                                      demo_dataset_s3):
+    """Two trials (4 and 64 fine-tuning steps) at once, their Train workers on the two worker nodes (the head's CPUs
+    held); once the short trial has completed and the long one has registered a checkpoint, the long one's node
+    is removed. The sweep finishes with both trials completed; the finished trial started once (counted from the
+    start records on S3), the lost one recovered (its Train worker replaced, or the trial rerun by Tune)."""
+    space = {"metric": "val_accuracy", "mode": "max", "params": {"finetune.steps": {"grid": [4, 64]}}}
+    out, trace = f"{s3_bucket}/tune", f"{s3_bucket}/trial-starts"
+    reply = cluster.call("tune", timeout=600, name="sweep", space=space, out=out, trace=trace, remove_node=True,
+                         overrides=[*TUNE_TINY, f"data.path={demo_dataset_s3}", f"ray.storage_path={s3_bucket}/ray"])
+    assert reply["workers_of_both_trials"] == ["a", "b"], reply  # the two trials on two different nodes
+    assert reply["removed_after_s"] is not None, f"the long trial ended before its node could be removed: {reply}"
+    rows = {r["trial_id"]: r for r in reply["rows"]}
+    assert len(rows) == 2 and all(r["status"] == "completed" for r in rows.values()), reply
+    short, lost = reply["finished_before"], reply["victim_trial"]
+    assert len(short) == 1 and rows[short[0]]["finetune.steps"] == 4 and rows[lost]["finetune.steps"] == 64, reply
+    # The finished trial was not run again: one start, no failure.
+    assert len(reply["trial_starts"][short[0]]) == 1 and rows[short[0]]["failures"] == 0, reply
+    # The lost one went on: a new Train worker (in the trial, from its checkpoint) or a rerun of the trial by Tune.
+    reran = len(reply["trial_starts"][lost]) - 1
+    assert len(reply["worker_nodes"]) >= 3 or reran >= 1, reply
+    fs, path = rio.filesystem(out)
+    fs.invalidate_cache()
+    for trial in rows:  # every trial's report, and the experiment's results, on S3
+        assert fs.exists(f"{path}/sweep/trials/{trial}/report.json")
+    assert fs.exists(f"{path}/sweep/tune_results.md")
+    print(f"node {reply['victim']} removed {reply['removed_after_s']:.1f} s into the sweep (the long trial's "
+          f"checkpoint at step {reply['registered_step']}); trial starts {reply['trial_starts']}; Train workers on "
+          f"{reply['worker_nodes']}; {reply['seconds']:.1f} s")
+
+
+def _job_api(cluster, path: str, token: str | None) -> tuple[int, dict]:
+    req = urllib.request.Request(cluster.nodes["dashboard"] + path)
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, {}
+
+
+def test_ray_job_submit_raysemi_run_on_the_cluster_everything_on_s3(cluster, s3_bucket, demo_dataset_s3):
+    """``ray job submit --working-dir . -- raysemi run ...`` to the head's job API (token required), as
+    docs/cluster.md shows: the job attaches to the cluster, SUCCEEDED, data, checkpoints and report on S3."""
+    token = Path(cluster.token_path).read_text().strip()
+    assert _job_api(cluster, "/api/jobs/", None)[0] == 401  # the job API wants the cluster's token
+    job_id = f"raysemi-multinode-{uuid.uuid4().hex[:8]}"
+    out = f"{s3_bucket}/job-run"
+    sets = [f"data.path={demo_dataset_s3}", f"run.output_dir={out}", f"ray.storage_path={s3_bucket}/ray",
+            "run.name=jobtest", *TUNE_TINY, "finetune.steps=4", "ray.cpus_per_worker=1"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(cluster.auth_env)
+    sub = subprocess.run(
+        [str(BIN / "ray"), "job", "submit", "--address", cluster.nodes["dashboard"], "--working-dir", str(REPO),
+         "--submission-id", job_id, "--no-wait", "--", "raysemi", "run", "--config", "configs/demo.yaml",
+         *(x for o in sets for x in ("--set", o))],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    assert sub.returncode == 0, sub.stdout + sub.stderr
+    t0 = time.monotonic()
+    deadline, info = t0 + 300, {}
+    while time.monotonic() < deadline:
+        code, info = _job_api(cluster, f"/api/jobs/{job_id}", token)
+        assert code == 200, code
+        if info["status"] in ("SUCCEEDED", "FAILED", "STOPPED"):
+            break
+        time.sleep(2)
+    logs = _job_api(cluster, f"/api/jobs/{job_id}/logs", token)[1].get("logs", "")
+    assert info.get("status") == "SUCCEEDED", f"{info}\n{logs[-5000:]}"
+    assert "Started a local Ray instance" not in logs  # it attached to the cluster
+    report = json.loads(rio.read_bytes(f"{out}/report.json"))
+    assert report["run"]["name"] == "jobtest" and report["run"]["dataset"] == demo_dataset_s3
+    assert report["test"]["n"] == report["data"]["n_test"] > 0
+    assert rio.exists(f"{out}/round=0/classifier.safetensors")
+    fs, path = rio.filesystem(f"{s3_bucket}/ray/jobtest-round0")
+    assert fs.exists(path)  # Ray Train's run folder (checkpoints) on S3
+    print(f"job {info['status']} {time.monotonic() - t0:.1f} s after its submission")
 
 
 def test_nothing_written_to_the_driver_working_folder(cluster, workdir):
