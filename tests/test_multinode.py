@@ -137,6 +137,18 @@ def test_cluster_has_three_nodes_with_their_own_temp_folders(cluster):
     assert len({os.path.dirname(d) for d in dirs.values()}) == 3, dirs
 
 
+# Every trial is one supervised run (fine-tuning on the labelled rows, then evaluation): the Tune plumbing, not
+# the method, is under test. A Train worker needs 1.9 of a node's 2 CPUs: two at once are on two nodes. DALI
+# decodes (threads in the Train worker): with the torch loader, the restarted trial's DataLoader worker process
+# hung on a futex, twice (not solved yet, see docs/cluster.md).
+TUNE_TINY = [
+    "run.mode=supervised", "model.backbone=test_resnet", "model.small_image=false", "data.image_size=32",
+    "data.loader=dali", "data.num_threads=1", "finetune.batch_size=16", "finetune.eval_every=4",
+    "finetune.warmup_steps=0", "finetune.checkpoint_every=1", "ray.num_workers=1", "ray.cpus_per_worker=1.9",
+    "pseudolabel.num_actors=1", "pseudolabel.cpus_per_actor=1", "ray.max_failures=2",
+]
+
+
 def test_pretrain_workers_on_two_nodes_everything_on_s3(cluster, s3_bucket, demo_dataset_s3):
     reply = cluster.call("pretrain", overrides=[
         *PRETRAIN_TINY, f"data.path={demo_dataset_s3}", f"run.output_dir={s3_bucket}/run",
@@ -149,6 +161,60 @@ def test_pretrain_workers_on_two_nodes_everything_on_s3(cluster, s3_bucket, demo
     assert reply["weights"] == f"{s3_bucket}/run/pretrain/byol.safetensors" and rio.exists(reply["weights"])
     fs, path = rio.filesystem(f"{s3_bucket}/ray/multinode-pretrain")
     assert fs.exists(path)  # Ray Train's run folder (checkpoints) on S3
+
+
+def _job_api(cluster, path: str, token: str | None) -> tuple[int, dict]:
+    req = urllib.request.Request(cluster.nodes["dashboard"] + path)
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, {}
+
+
+def test_ray_job_submit_raysemi_run_on_the_cluster_everything_on_s3(cluster, s3_bucket, demo_dataset_s3):
+    """``ray job submit --working-dir . -- raysemi run ...`` to the head's job API (token required), as
+    docs/cluster.md shows: the job attaches to the cluster, SUCCEEDED, data, checkpoints and report on S3."""
+    token = Path(cluster.token_path).read_text().strip()
+    assert _job_api(cluster, "/api/jobs/", None)[0] == 401  # the job API wants the cluster's token
+    job_id = f"raysemi-multinode-{uuid.uuid4().hex[:8]}"
+    out = f"{s3_bucket}/job-run"
+    sets = [f"data.path={demo_dataset_s3}", f"run.output_dir={out}", f"ray.storage_path={s3_bucket}/ray",
+            "run.name=jobtest", *TUNE_TINY, "finetune.steps=4", "ray.cpus_per_worker=1"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(cluster.auth_env)
+    # Before any node is lost: after the node-loss tests below, the head's job API answered "No available agent
+    # to submit job, please try again later" for 3+ minutes (not solved yet, see docs/cluster.md).
+    for _ in range(6):
+        sub = subprocess.run(
+            [str(BIN / "ray"), "job", "submit", "--address", cluster.nodes["dashboard"], "--working-dir", str(REPO),
+             "--submission-id", job_id, "--no-wait", "--", "raysemi", "run", "--config", "configs/demo.yaml",
+             *(x for o in sets for x in ("--set", o))],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+        if sub.returncode == 0 or "No available agent to submit job" not in sub.stderr:
+            break
+        time.sleep(5)
+    assert sub.returncode == 0, sub.stdout + sub.stderr
+    t0 = time.monotonic()
+    deadline, info = t0 + 300, {}
+    while time.monotonic() < deadline:
+        code, info = _job_api(cluster, f"/api/jobs/{job_id}", token)
+        assert code == 200, code
+        if info["status"] in ("SUCCEEDED", "FAILED", "STOPPED"):
+            break
+        time.sleep(2)
+    logs = _job_api(cluster, f"/api/jobs/{job_id}/logs", token)[1].get("logs", "")
+    assert info.get("status") == "SUCCEEDED", f"{info}\n{logs[-5000:]}"
+    assert "Started a local Ray instance" not in logs  # it attached to the cluster
+    report = json.loads(rio.read_bytes(f"{out}/report.json"))
+    assert report["run"]["name"] == "jobtest" and report["run"]["dataset"] == demo_dataset_s3
+    assert report["test"]["n"] == report["data"]["n_test"] > 0
+    assert rio.exists(f"{out}/round=0/classifier.safetensors")
+    fs, path = rio.filesystem(f"{s3_bucket}/ray/jobtest-round0")
+    assert fs.exists(path)  # Ray Train's run folder (checkpoints) on S3
+    print(f"job {info['status']} {time.monotonic() - t0:.1f} s after its submission")
 
 
 def pseudolabel_setup(bucket: str, shards: int, rows: int):
@@ -200,18 +266,6 @@ def test_pseudolabel_exactly_once_when_a_worker_node_is_lost(cluster, s3_bucket)
           f"{time.monotonic() - t0:.1f} s")
 
 
-# Every trial is one supervised run (fine-tuning on the labelled rows, then evaluation): the Tune plumbing, not
-# the method, is under test. A Train worker needs 1.9 of a node's 2 CPUs: two at once are on two nodes. DALI
-# decodes (threads in the Train worker): with the torch loader, the restarted trial's DataLoader worker process
-# hung on a futex, twice (not solved yet, see docs/cluster.md).
-TUNE_TINY = [
-    "run.mode=supervised", "model.backbone=test_resnet", "model.small_image=false", "data.image_size=32",
-    "data.loader=dali", "data.num_threads=1", "finetune.batch_size=16", "finetune.eval_every=4",
-    "finetune.warmup_steps=0", "finetune.checkpoint_every=1", "ray.num_workers=1", "ray.cpus_per_worker=1.9",
-    "pseudolabel.num_actors=1", "pseudolabel.cpus_per_actor=1", "ray.max_failures=2",
-]
-
-
 def test_tune_sweep_on_two_nodes_survives_a_lost_node_without_rerunning_finished_trials(cluster, s3_bucket,
                                                                                       demo_dataset_s3):
     """Two trials (4 and 64 fine-tuning steps) at once, their Train workers on the two worker nodes (the head's CPUs
@@ -241,54 +295,6 @@ def test_tune_sweep_on_two_nodes_survives_a_lost_node_without_rerunning_finished
     print(f"node {reply['victim']} removed {reply['removed_after_s']:.1f} s into the sweep (the long trial's "
           f"checkpoint at step {reply['registered_step']}); trial starts {reply['trial_starts']}; Train workers on "
           f"{reply['worker_nodes']}; {reply['seconds']:.1f} s")
-
-
-def _job_api(cluster, path: str, token: str | None) -> tuple[int, dict]:
-    req = urllib.request.Request(cluster.nodes["dashboard"] + path)
-    if token:
-        req.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as err:
-        return err.code, {}
-
-
-def test_ray_job_submit_raysemi_run_on_the_cluster_everything_on_s3(cluster, s3_bucket, demo_dataset_s3):
-    """``ray job submit --working-dir . -- raysemi run ...`` to the head's job API (token required), as
-    docs/cluster.md shows: the job attaches to the cluster, SUCCEEDED, data, checkpoints and report on S3."""
-    token = Path(cluster.token_path).read_text().strip()
-    assert _job_api(cluster, "/api/jobs/", None)[0] == 401  # the job API wants the cluster's token
-    job_id = f"raysemi-multinode-{uuid.uuid4().hex[:8]}"
-    out = f"{s3_bucket}/job-run"
-    sets = [f"data.path={demo_dataset_s3}", f"run.output_dir={out}", f"ray.storage_path={s3_bucket}/ray",
-            "run.name=jobtest", *TUNE_TINY, "finetune.steps=4", "ray.cpus_per_worker=1"]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update(cluster.auth_env)
-    sub = subprocess.run(
-        [str(BIN / "ray"), "job", "submit", "--address", cluster.nodes["dashboard"], "--working-dir", str(REPO),
-         "--submission-id", job_id, "--no-wait", "--", "raysemi", "run", "--config", "configs/demo.yaml",
-         *(x for o in sets for x in ("--set", o))],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
-    assert sub.returncode == 0, sub.stdout + sub.stderr
-    t0 = time.monotonic()
-    deadline, info = t0 + 300, {}
-    while time.monotonic() < deadline:
-        code, info = _job_api(cluster, f"/api/jobs/{job_id}", token)
-        assert code == 200, code
-        if info["status"] in ("SUCCEEDED", "FAILED", "STOPPED"):
-            break
-        time.sleep(2)
-    logs = _job_api(cluster, f"/api/jobs/{job_id}/logs", token)[1].get("logs", "")
-    assert info.get("status") == "SUCCEEDED", f"{info}\n{logs[-5000:]}"
-    assert "Started a local Ray instance" not in logs  # it attached to the cluster
-    report = json.loads(rio.read_bytes(f"{out}/report.json"))
-    assert report["run"]["name"] == "jobtest" and report["run"]["dataset"] == demo_dataset_s3
-    assert report["test"]["n"] == report["data"]["n_test"] > 0
-    assert rio.exists(f"{out}/round=0/classifier.safetensors")
-    fs, path = rio.filesystem(f"{s3_bucket}/ray/jobtest-round0")
-    assert fs.exists(path)  # Ray Train's run folder (checkpoints) on S3
-    print(f"job {info['status']} {time.monotonic() - t0:.1f} s after its submission")
 
 
 def test_nothing_written_to_the_driver_working_folder(cluster, workdir):
