@@ -219,7 +219,12 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     state = ray_utils.restored_state(device)
     step = int(state["step"]) if state is not None else 0
     plan = training_plan(f, len(loader))
-    stream = in_background(loader.stream(step, plan.total_steps))  # one decoder start-up for the round
+    stream = loader.stream(step, plan.total_steps)  # one decoder start-up for the round
+    if loader.backend == "dali":
+        # DALI decodes in threads of its own. Not the torch backend: its DataLoader forks worker processes,
+        # and a fork from a second thread while this one builds the model can copy a held lock into the
+        # child (a restarted worker's DataLoader child hung on a futex in the multi-node tests).
+        stream = in_background(stream)
 
     model = build_replica(lambda: build_model(cfg, num_classes, loop_config["init"]), f.seed,
                           cfg.model.sync_batchnorm, device)
