@@ -3,8 +3,21 @@
 from __future__ import annotations
 
 import os
+import textwrap
 import time
 from pathlib import Path
+
+# The first lines of a driver script that must start a private local Ray even where another Ray runs on this
+# machine (the test session's own): Ray's lookup of "the cluster on this machine" is told there is none.
+NO_OTHER_RAY = textwrap.dedent(
+    """
+    import ray._private.services as services
+    def no_running_ray():
+        return []
+    no_running_ray.cache_clear = lambda: None
+    services.find_gcs_addresses = no_running_ray
+    """
+)
 
 
 def parent_pid(pid: int) -> int | None:

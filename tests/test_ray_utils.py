@@ -18,6 +18,7 @@ import pytest
 
 from raysemi import ray_utils
 from raysemi.errors import RaysemiError
+from tests.procs import NO_OTHER_RAY
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -57,15 +58,10 @@ def test_cluster_that_cannot_be_reached_is_one_line(failing_ray_init):
 
 # ---------------------------------------------------------------- a killed driver takes its private Ray along
 
-_DRIVER = textwrap.dedent(
+_DRIVER = NO_OTHER_RAY + textwrap.dedent(
     """
     import time
     import ray
-    import ray._private.services as services
-    def no_running_ray():  # ignore other Rays on this machine: "no cluster here"
-        return []
-    no_running_ray.cache_clear = lambda: None
-    services.find_gcs_addresses = no_running_ray
     from raysemi.ray_utils import init_ray
 
     init_ray()

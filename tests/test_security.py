@@ -29,6 +29,7 @@ import yaml
 from raysemi import io as rio
 from raysemi import ray_utils
 from raysemi.io import CheckpointError, load_state, load_weights, safe_torch_load, save_state, save_weights
+from tests.procs import NO_OTHER_RAY
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -146,15 +147,10 @@ def test_init_ray_uses_the_address_a_ray_job_gives(fake_ray, monkeypatch):
     assert [c.get("address") for c in fake.calls] == ["10.0.0.5:6379"]
 
 
-_PROBE = textwrap.dedent(
+_PROBE = NO_OTHER_RAY + textwrap.dedent(
     """
     import json, socket, urllib.error, urllib.request
     import ray
-    import ray._private.services as services
-    def no_running_ray():  # ignore other Rays on this machine: "no cluster here"
-        return []
-    no_running_ray.cache_clear = lambda: None
-    services.find_gcs_addresses = no_running_ray
     from raysemi.ray_utils import init_ray
     from ray._raylet import AuthenticationMode, get_authentication_mode
 
