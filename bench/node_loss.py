@@ -1,6 +1,6 @@
 """Losing a worker node mid-run on a real multi-node Ray cluster (3 nodes on this machine), data on S3.
 
-    python bench/node_loss.py [--tries 3] [--kinds pretrain,finetune,pseudolabel] [--out bench/results/node_loss.json]
+    python bench/node_loss.py [--tries 3] [--kinds pretrain,finetune,pseudolabel,tune] [--out bench/results/node_loss.json]
 
 Starts a moto S3 server on a free loopback port and the 3-node cluster of ``tests/multinode_cluster.py``
 (head + nodes ``a``, ``b``; 2 logical CPUs each), ingests the generated demo set to S3, then for every try:
@@ -19,6 +19,13 @@ Starts a moto S3 server on a free loopback port and the 3-node cluster of ``test
     node holds its first shard until another shard is committed on S3, then its node is removed (the scenario
     of ``tests/test_multinode.py``). Recorded: finished, actor restarts, ids expected / predicted / missing /
     duplicated (counted here from the prediction Parquet files), wall time.
+(d) a Tune sweep (``raysemi.tune.run_tune``, experiment and trials on S3) of two supervised trials of 4 and 64
+    fine-tuning steps (``TUNE_SPACE``), each Train worker needing most of a node, the head's CPUs held: the two
+    trials run on nodes ``a`` and ``b`` at once. Once the short trial has completed and the long one has
+    registered a checkpoint, the long one's node is removed (``do_tune`` of ``tests/multinode_cluster.py``, as
+    the sweep test). Recorded: finished (both trials completed), starts of each trial's process (recorded on
+    S3: the completed trial must start once), how the lost trial went on (its Train worker replaced inside the
+    trial, or the trial started again by Tune), wall time.
 
 The removed node is replaced (a fresh node with the same name and resource) after the run has ended, so the run
 itself recovers on the 2 remaining nodes and the next try starts on 3 again. Prints a Markdown table and writes
@@ -63,7 +70,7 @@ PRETRAIN = [*MODEL, "model.proj_hidden_dim=64", "model.proj_dim=32", "model.pred
 FINETUNE = [*MODEL, "model.proj_hidden_dim=64", "model.proj_dim=32", "ray.placement_strategy=SPREAD",
             "ray.num_workers=2", "data.loader=torch", "finetune.steps=40", "finetune.eval_every=5",
             "finetune.checkpoint_every=2", "finetune.warmup_steps=5", "finetune.batch_size=32", "ray.max_failures=2"]
-KINDS = ("pretrain", "finetune", "pseudolabel")
+KINDS = ("pretrain", "finetune", "pseudolabel", "tune")
 PSEUDOLABEL = [*MODEL, "model.proj_hidden_dim=32", "model.proj_dim=16", "data.image_size=32", "data.loader=torch",
                "pseudolabel.num_actors=3", "pseudolabel.batch_size=4", "ray.placement_strategy=SPREAD"]
 
@@ -251,6 +258,28 @@ def pseudolabel_try(k: int, bucket: str, data: str, model: str, cluster, nodes: 
     return rec
 
 
+def tune_try(k: int, bucket: str, data: str, cluster, nodes: dict) -> dict[str, Any]:
+    reply = mc.do_tune({"name": f"sweep{k}", "space": mc.TUNE_SPACE, "out": f"{bucket}/tune-{k}",
+                        "trace": f"{bucket}/trial-starts-{k}", "remove_node": True,
+                        "overrides": [*mc.TUNE_TINY, f"data.path={data}", f"ray.storage_path={bucket}/ray-tune{k}"]},
+                       cluster, nodes)
+    rec: dict[str, Any] = {"kind": "tune", "try": k, "replacement": "before the next try",
+                           "seconds": reply["seconds"], "victim": reply.get("victim"),
+                           "removed_after_s": reply.get("removed_after_s"),
+                           "registered_step": reply.get("registered_step"),
+                           "workers_of_both_trials": reply.get("workers_of_both_trials")}
+    if "error" in reply:
+        return {**rec, "finished": False, "error": reply["error"]}
+    starts = reply["trial_starts"]
+    done_before, lost = reply.get("finished_before") or [], reply.get("victim_trial")
+    rec.update(finished=all(r["status"] == "completed" for r in reply["rows"]) and len(reply["rows"]) == 2,
+               node_removed=reply.get("victim") is not None,
+               finished_trials_rerun=sum(len(starts.get(t, [])) - 1 for t in done_before),
+               lost_trial_starts=len(starts.get(lost, [])) if lost else None,
+               train_worker_nodes=reply["worker_nodes"])
+    return rec
+
+
 def summary(tries: list[dict]) -> list[list[Any]]:
     rows = []
     for kind in KINDS:
@@ -262,6 +291,7 @@ def summary(tries: list[dict]) -> list[list[Any]]:
                      f"{sum(lost) / len(lost):.2f}" if lost else "-", max(lost) if lost else "-",
                      sum(r.get("ids_missing", 0) for r in t) if kind == "pseudolabel" else "-",
                      sum(r.get("ids_duplicated", 0) for r in t) if kind == "pseudolabel" else "-",
+                     sum(r.get("finished_trials_rerun", 0) for r in t) if kind == "tune" else "-",
                      f"{sum(r['seconds'] for r in t) / len(t):.1f}"])
     return rows
 
@@ -280,6 +310,8 @@ def main() -> None:
 
     load_before, t_start = os.getloadavg(), time.monotonic()
     os.environ.pop("RAY_ADDRESS", None)
+    # The nodes' workers import what the sweep's remote classes and functions come from (multinode_cluster).
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "tests"), os.environ.get("PYTHONPATH")) if p)
     os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="rnl", dir="/tmp")  # short: Ray's unix sockets live there
     work = tempfile.mkdtemp(prefix="node-loss-")
     moto, cluster, tries = None, None, []
@@ -300,7 +332,8 @@ def main() -> None:
         cluster, nodes = mc.start_cluster()
         runs = {"pretrain": lambda k: pretrain_try(k, bucket, data, cluster, nodes),
                 "finetune": lambda k: finetune_try(k, bucket, data, cluster, nodes),
-                "pseudolabel": lambda k: pseudolabel_try(k, bucket, data, model, cluster, nodes)}
+                "pseudolabel": lambda k: pseudolabel_try(k, bucket, data, model, cluster, nodes),
+                "tune": lambda k: tune_try(k, bucket, data, cluster, nodes)}
         for kind in (kind for kind in KINDS if kind in kinds):
             for k in range(args.tries):
                 tries.append(runs[kind](k))
@@ -317,8 +350,11 @@ def main() -> None:
         shutil.rmtree(os.environ["RAY_TMPDIR"], ignore_errors=True)
     rows = summary(tries)
     print("\n".join(markdown_table(["kind", "runs finished", "mean epochs (steps) lost", "max epochs (steps) lost",
-                                    "ids missing", "ids duplicated", "mean wall s"], rows)))
+                                    "ids missing", "ids duplicated", "finished trials rerun", "mean wall s"],
+                                   rows)))
     command = f"python bench/node_loss.py --tries {args.tries}" + ("" if kinds == list(KINDS) else f" --kinds {args.kinds}")
+    if Path(args.out).resolve() != (ROOT / "bench" / "results" / "node_loss.json").resolve():
+        command += f" --out {args.out}"
     result = {"command": command, "summary": rows, "tries": tries,
               "seconds": round(time.monotonic() - t_start, 1),
               "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),

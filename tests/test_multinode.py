@@ -44,6 +44,7 @@ import pytest
 from raysemi import io as rio
 from raysemi.config import load_config
 from raysemi.data.shards import read_shard
+from tests.multinode_cluster import TUNE_SPACE, TUNE_TINY
 from tests.stages.test_pretrain import TINY as PRETRAIN_TINY
 from tests.stages.test_pseudolabel import TINY as PSEUDOLABEL_TINY
 from tests.stages.test_pseudolabel import make_dataset, save_model
@@ -137,16 +138,6 @@ def test_cluster_has_three_nodes_with_their_own_temp_folders(cluster):
     assert len({os.path.dirname(d) for d in dirs.values()}) == 3, dirs
 
 
-# Every trial is one supervised run (fine-tuning on the labelled rows, then evaluation): the Tune plumbing, not
-# the method, is under test. A Train worker needs 1.9 of a node's 2 CPUs: two at once are on two nodes. DALI
-# decodes (threads in the Train worker): with the torch loader, the restarted trial's DataLoader worker process
-# hung on a futex, twice (not solved yet, see docs/cluster.md).
-TUNE_TINY = [
-    "run.mode=supervised", "model.backbone=test_resnet", "model.small_image=false", "data.image_size=32",
-    "data.loader=dali", "data.num_threads=1", "finetune.batch_size=16", "finetune.eval_every=4",
-    "finetune.warmup_steps=0", "finetune.checkpoint_every=1", "ray.num_workers=1", "ray.cpus_per_worker=1.9",
-    "pseudolabel.num_actors=1", "pseudolabel.cpus_per_actor=1", "ray.max_failures=2",
-]
 
 
 def test_pretrain_workers_on_two_nodes_everything_on_s3(cluster, s3_bucket, demo_dataset_s3):
@@ -272,7 +263,7 @@ def test_tune_sweep_on_two_nodes_survives_a_lost_node_without_rerunning_finished
     held); once the short trial has completed and the long one has registered a checkpoint, the long one's node
     is removed. The sweep finishes with both trials completed; the finished trial started once (counted from the
     start records on S3), the lost one recovered (its Train worker replaced, or the trial rerun by Tune)."""
-    space = {"metric": "val_accuracy", "mode": "max", "params": {"finetune.steps": {"grid": [4, 64]}}}
+    space = TUNE_SPACE
     out, trace = f"{s3_bucket}/tune", f"{s3_bucket}/trial-starts"
     reply = cluster.call("tune", timeout=600, name="sweep", space=space, out=out, trace=trace, remove_node=True,
                          overrides=[*TUNE_TINY, f"data.path={demo_dataset_s3}", f"ray.storage_path={s3_bucket}/ray"])
