@@ -165,6 +165,7 @@ def _job_api(cluster, path: str, token: str | None) -> tuple[int, dict]:
         return err.code, {}
 
 
+@pytest.mark.jobapi
 def test_ray_job_submit_raysemi_run_on_the_cluster_everything_on_s3(cluster, s3_bucket, demo_dataset_s3):
     """``ray job submit --working-dir . -- raysemi run ...`` to the head's job API (token required), as
     docs/cluster.md shows: the job attaches to the cluster, SUCCEEDED, data, checkpoints and report on S3."""
