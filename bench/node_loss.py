@@ -19,7 +19,7 @@ Starts a moto S3 server on a free loopback port and the 3-node cluster of ``test
     node holds its first shard until another shard is committed on S3, then its node is removed (the scenario
     of ``tests/test_multinode.py``). Recorded: finished, actor restarts, ids expected / predicted / missing /
     duplicated (counted here from the prediction Parquet files), wall time.
-(d) a Tune sweep (``raysemi.tune.run_tune``, experiment and trials on S3) of two supervised trials of 4 and 64
+(d) a Tune sweep (``raysemi.tune.run_tune``, experiment and trials on S3) of two supervised trials of 4 and 160
     fine-tuning steps (``TUNE_SPACE``), each Train worker needing most of a node, the head's CPUs held: the two
     trials run on nodes ``a`` and ``b`` at once. Once the short trial has completed and the long one has
     registered a checkpoint, the long one's node is removed (``do_tune`` of ``tests/multinode_cluster.py``, as
@@ -36,12 +36,13 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
+import itertools
 import json
 import os
 import platform
 import shutil
 import socket
-import struct
 import subprocess
 import sys
 import tempfile
@@ -59,7 +60,6 @@ import multinode_cluster as mc  # noqa: E402
 from raysemi import io as rio  # noqa: E402
 from raysemi.config import load_config  # noqa: E402
 from raysemi.data.shards import read_manifest, read_shard  # noqa: E402
-from raysemi.event_log import event_files  # noqa: E402
 from raysemi.tables import markdown_table  # noqa: E402
 
 MODEL = ["model.backbone=test_resnet", "model.small_image=false"]
@@ -70,7 +70,8 @@ PRETRAIN = [*MODEL, "model.proj_hidden_dim=64", "model.proj_dim=32", "model.pred
 FINETUNE = [*MODEL, "model.proj_hidden_dim=64", "model.proj_dim=32", "ray.placement_strategy=SPREAD",
             "ray.num_workers=2", "data.loader=torch", "finetune.steps=40", "finetune.eval_every=5",
             "finetune.checkpoint_every=2", "finetune.warmup_steps=5", "finetune.batch_size=32", "ray.max_failures=2"]
-KINDS = ("pretrain", "finetune", "pseudolabel", "tune")
+KINDS = ("pretrain", "pretrain-replaced", "pretrain-elastic", "finetune", "pseudolabel", "tune")
+
 PSEUDOLABEL = [*MODEL, "model.proj_hidden_dim=32", "model.proj_dim=16", "data.image_size=32", "data.loader=torch",
                "pseudolabel.num_actors=3", "pseudolabel.batch_size=4", "ray.placement_strategy=SPREAD"]
 
@@ -182,25 +183,6 @@ def pretrain_try(k: int, bucket: str, data: str, cluster, nodes: dict) -> dict[s
     return rec
 
 
-def event_steps(uri: str) -> list[list[int]]:
-    """The steps logged in each event file under ``uri`` (one file per rank-0 process, oldest first)."""
-    from tensorboardX.proto import event_pb2
-
-    fs, path = rio.filesystem(uri)
-    fs.invalidate_cache(path)
-    files = []
-    for name in event_files(uri):
-        data, pos, steps = fs.cat_file(name), 0, []
-        while pos + 12 <= len(data):
-            (length,) = struct.unpack("<Q", data[pos:pos + 8])
-            event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
-            pos += 16 + length
-            if event.summary.value:
-                steps.append(int(event.step))
-        files.append(steps)
-    return files
-
-
 def finetune_try(k: int, bucket: str, data: str, cluster, nodes: dict) -> dict[str, Any]:
     from raysemi import ray_utils
     from raysemi.data.labels import label_split
@@ -220,7 +202,7 @@ def finetune_try(k: int, bucket: str, data: str, cluster, nodes: dict) -> dict[s
                         nodes, rec, f"f{k}",
                         lambda snap: rec.update(registered_step=int(snap["latest_checkpoint_result"]["metrics"]["step"])))
     if "error" not in out:
-        res, groups = out["result"], event_steps(out_dir)
+        res, groups = out["result"], mc.event_steps(out_dir)
         rec.update(finished=True, steps=res.steps, history_steps=[h["step"] for h in res.history],
                    steps_per_group=groups)
         if "registered_step" in rec and len(groups) > 1 and groups[0] and groups[1]:
@@ -255,6 +237,31 @@ def pseudolabel_try(k: int, bucket: str, data: str, model: str, cluster, nodes: 
         got.update(pq.read_table(part, filesystem=fs, columns=["id"]).column("id").to_pylist())
     rec.update(ids_expected=sum(expected.values()), ids_predicted=sum(got.values()),
                ids_missing=sum((expected - got).values()), ids_duplicated=sum((got - expected).values()))
+    return rec
+
+
+def rerun_epochs(groups: list[list[int]]) -> int:
+    """Completed epochs run twice: those each worker group logged at or after the first epoch of the next."""
+    return sum(max(0, prev[-1] - nxt[0] + 1) for prev, nxt in itertools.pairwise(groups) if prev and nxt)
+
+
+def pretrain_node_loss_try(kind: str, k: int, bucket: str, data: str, cluster, nodes: dict) -> dict[str, Any]:
+    elastic = kind == "pretrain-elastic"
+    overrides = [*mc.NODE_LOSS_PRETRAIN, f"pretrain.epochs={16 if elastic else 8}", f"data.path={data}", f"run.name={kind}{k}",
+                 f"run.output_dir={bucket}/{kind}-{k}", f"ray.storage_path={bucket}/ray"]
+    if elastic:
+        overrides += ["ray.min_workers=1", "ray.resize_interval_s=2"]
+    reply = mc.do_pretrain_node_loss({"overrides": overrides, "tag": f"{kind[9]}{k}",
+                                      "replace": "after_shrink" if elastic else "after_loss", "replace_after_s": 5},
+                                     cluster, nodes)
+    rec: dict[str, Any] = {"kind": kind, "try": k, "finished": "error" not in reply,
+                           "replacement": "once the run shrank" if elastic else "5 s after the loss",
+                           **{key: reply.get(key) for key in ("error", "victim", "workers_before", "registered_epoch",
+                                                              "removed_after_s", "replaced_after_s", "epochs",
+                                                              "workers", "start_epochs", "groups") if key in reply}}
+    rec["seconds"] = round(reply["seconds"], 1)
+    if rec["finished"]:
+        rec["epochs_lost"] = rerun_epochs(reply["groups"])
     return rec
 
 
@@ -333,7 +340,9 @@ def main() -> None:
         runs = {"pretrain": lambda k: pretrain_try(k, bucket, data, cluster, nodes),
                 "finetune": lambda k: finetune_try(k, bucket, data, cluster, nodes),
                 "pseudolabel": lambda k: pseudolabel_try(k, bucket, data, model, cluster, nodes),
-                "tune": lambda k: tune_try(k, bucket, data, cluster, nodes)}
+                "tune": lambda k: tune_try(k, bucket, data, cluster, nodes),
+                **{kind: functools.partial(pretrain_node_loss_try, kind, bucket=bucket, data=data, cluster=cluster,
+                                           nodes=nodes) for kind in ("pretrain-replaced", "pretrain-elastic")}}
         for kind in (kind for kind in KINDS if kind in kinds):
             for k in range(args.tries):
                 tries.append(runs[kind](k))

@@ -151,6 +151,11 @@ class RayConfig:
     # PACK fills a node first; SPREAD prefers distinct nodes (a lost node then takes fewer of them down);
     # STRICT_SPREAD demands one Train worker per node (the actors are spread as with SPREAD).
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"
+    # Elastic training (Ray Train V2): a run starts, and goes on after losing a node, with as few as min_workers
+    # workers, and grows back to num_workers when the room appears (looked for every resize_interval_s; a resize
+    # restarts the workers from the latest checkpoint). None: always num_workers (a run waits for room for all).
+    min_workers: int | None = None
+    resize_interval_s: float = 60.0
 
 
 @dataclass(frozen=True)

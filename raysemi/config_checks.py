@@ -88,6 +88,9 @@ def validate(cfg: Config) -> None:
     _check(pl.num_actors >= 1 and pl.batch_size >= 1, "pseudolabel.num_actors and batch_size must be >= 1")
     _check(pl.cpus_per_actor > 0 or pl.gpus_per_actor > 0, "pseudolabel: an actor needs CPUs or GPUs")
     _check(r.num_workers >= 1, "ray.num_workers: must be >= 1")
+    _check(r.min_workers is None or 1 <= r.min_workers <= r.num_workers,
+           f"ray.min_workers: {r.min_workers} is not between 1 and ray.num_workers ({r.num_workers})")
+    _check(r.resize_interval_s >= 0, "ray.resize_interval_s: must be >= 0")
     # PyTorch's SyncBatchNorm runs on CUDA only; on CPU workers each rank normalises its own half-batch.
     _check(r.use_gpu or not m.sync_batchnorm, "model.sync_batchnorm: needs ray.use_gpu=true (CUDA only)")
     _check(r.cpus_per_worker > 0, "ray.cpus_per_worker: must be > 0")

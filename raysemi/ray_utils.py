@@ -180,13 +180,19 @@ def _drop_worker_log_lines(fragments: tuple[str, ...]) -> None:
 
 
 def scaling_config(rc: RayConfig):
+    """Ray Train's scaling: ``ray.num_workers`` workers, or elastic between ``ray.min_workers`` and it. The
+    stages keep their global batch (split over the workers there are) and count their schedule in global steps,
+    so that a run that shrinks or grows follows the same schedule."""
     from ray.train import ScalingConfig
 
     resources: dict[str, float] = {"CPU": rc.cpus_per_worker}
     if rc.use_gpu:
         resources["GPU"] = 1
-    return ScalingConfig(num_workers=rc.num_workers, use_gpu=rc.use_gpu, resources_per_worker=resources,
-                         placement_strategy=rc.placement_strategy)
+    elastic = rc.min_workers is not None and rc.min_workers < rc.num_workers
+    return ScalingConfig(num_workers=(rc.min_workers, rc.num_workers) if elastic else rc.num_workers,
+                         use_gpu=rc.use_gpu, resources_per_worker=resources,
+                         placement_strategy=rc.placement_strategy,
+                         elastic_resize_monitor_interval_s=rc.resize_interval_s)
 
 
 def actor_scheduling(rc: RayConfig) -> dict[str, str]:

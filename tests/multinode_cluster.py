@@ -5,15 +5,15 @@ session Ray (one ``ray.init`` per process) and a Ray cluster started for these t
 "current cluster" that a plain ``ray.init()`` elsewhere on the machine would join: ``RAY_TMPDIR`` (set by
 the test) holds the address file and every node's own temp folder.
 
-The nodes (``ray.cluster_utils.Cluster``): a head and two workers, 2 logical CPUs each and
+The nodes (``ray.cluster_utils.Cluster``): a head (1 logical CPU) and two workers (2 each), each with
 a custom resource naming each (``node_head``, ``node_a``, ``node_b``) so that placement can be read back.
 The head runs the dashboard on a free loopback port (the state API reads actors' nodes through it; every
 node's processes get its address in ``RAY_API_SERVER_ADDRESS``). The S3 endpoint and credentials reach the
 workers as on a real cluster: through the standard AWS environment of the processes that start the nodes.
 
 Protocol: one JSON command a line on stdin, one ``@@ {json}`` line on stdout per command (everything else
-goes to stderr). Commands: ``nodes``, ``pretrain``, ``pseudolabel``, ``tune`` (each of the last two
-optionally losing a worker node mid-run) and ``quit``.
+goes to stderr). Commands: ``nodes``, ``pretrain``, ``pretrain_node_loss``, ``pseudolabel``, ``tune`` (each of the
+last two optionally losing a worker node mid-run) and ``quit``.
 """
 
 from __future__ import annotations
@@ -28,6 +28,9 @@ import traceback
 
 NODES = ("head", "a", "b")
 NODE_ARGS = {"num_cpus": 2, "object_store_memory": 100 * 1024 * 1024}  # every node's
+# The head has one CPU: room for an actor, not for a Train worker of 1.9 CPUs (Ray Train's elastic policy counts a
+# node's total CPUs, not its free ones: CPUs held by another actor would still count as room for a worker).
+HEAD_CPUS = 1
 
 # Every trial is one supervised run (fine-tuning on the labelled rows, then evaluation): the Tune plumbing, not
 # the method, is under test. A Train worker needs 1.9 of a node's 2 CPUs: two at once are on two nodes. DALI
@@ -39,8 +42,16 @@ TUNE_TINY = [
     "finetune.warmup_steps=0", "finetune.checkpoint_every=1", "ray.num_workers=1", "ray.cpus_per_worker=1.9",
     "pseudolabel.num_actors=1", "pseudolabel.cpus_per_actor=1", "ray.max_failures=2",
 ]
+# Pretraining that loses a node: one Train worker per worker node (1.9 of a node's 2 CPUs; the head's are held),
+# DALI as above, a checkpoint every epoch. Shared with bench/node_loss.py.
+NODE_LOSS_PRETRAIN = [
+    "model.backbone=test_resnet", "model.small_image=false", "model.proj_hidden_dim=64", "model.proj_dim=32",
+    "model.pred_hidden_dim=64", "pretrain.warmup_epochs=0", "data.image_size=32", "data.loader=dali",
+    "data.num_threads=1", "pretrain.batch_size=32", "pretrain.knn_every=0", "pretrain.checkpoint_every=1",
+    "ray.placement_strategy=SPREAD", "ray.num_workers=2", "ray.cpus_per_worker=1.9", "ray.max_failures=2",
+]
 # Two trials of different lengths: one completes while the other still runs (and can lose its node).
-TUNE_SPACE = {"metric": "val_accuracy", "mode": "max", "params": {"finetune.steps": {"grid": [4, 64]}}}
+TUNE_SPACE = {"metric": "val_accuracy", "mode": "max", "params": {"finetune.steps": {"grid": [4, 160]}}}
 
 
 def _free_port() -> int:
@@ -53,6 +64,13 @@ def start_cluster():
     from ray.cluster_utils import Cluster
 
     root = os.environ["RAY_TMPDIR"]
+    # After a node loss, Ray Train's elastic policy may still count the lost node (it is marked dead a few seconds
+    # after its workers are) and wait this long for the old worker count before it shrinks (Ray's default: 60 s).
+    # The nodes' processes, Train's controller among them, inherit it.
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "15")
+    # Train's controller registers a reported checkpoint when it next polls its workers (Ray's default: every 2 s);
+    # the tiny epochs here last about a second, so a node lost right after a registration would otherwise lose two.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     os.makedirs(os.path.join(root, "ray"), exist_ok=True)  # Ray writes the cluster's address file there
     port = _free_port()
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
@@ -61,8 +79,11 @@ def start_cluster():
     cluster = Cluster(
         initialize_head=True,
         head_node_args={
-            **NODE_ARGS, "temp_dir": os.path.join(root, "head"), "resources": {"node_head": 1},
+            **NODE_ARGS, "num_cpus": HEAD_CPUS, "temp_dir": os.path.join(root, "head"), "resources": {"node_head": 1},
             "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": port,
+            # Ray's fixed default (52365) is taken by any other Ray on the machine (the test session's own): the
+            # head's agent then runs without its HTTP server, and the job API answers "No available agent".
+            "dashboard_agent_listen_port": _free_port(),
             # a lost node is noticed in ~3 s instead of ~30 s (Ray's defaults: every 3 s, 5 misses... )
             "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 3},
         },
@@ -84,7 +105,7 @@ def add_node(cluster, nodes: dict, name: str, temp_name: str | None = None):
     ``name``; a replacement of a removed node needs a new one) under ``RAY_TMPDIR``; ``nodes[name]`` is set."""
     root = os.environ["RAY_TMPDIR"]
     nodes[name] = cluster.add_node(**NODE_ARGS, temp_dir=os.path.join(root, temp_name or name),
-                                   resources={f"node_{name}": 1})
+                                   resources={f"node_{name}": 1}, dashboard_agent_listen_port=_free_port())
     return nodes[name]
 
 
@@ -111,6 +132,112 @@ def do_pretrain(args: dict, cluster, nodes) -> dict:
         "seconds": time.monotonic() - t0, "epochs": len(result.metrics), "weights": result.weights,
         "worker_nodes": actor_nodes("RayTrainWorker", node_names(nodes)),
     }
+
+
+def event_steps(uri: str) -> list[list[int]]:
+    """The steps logged in each TensorBoard event file under ``uri`` (one file per rank-0 process of a stage, so
+    one per worker group, oldest first)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    from raysemi import io as rio
+    from raysemi.event_log import event_files
+
+    fs, path = rio.filesystem(uri)
+    fs.invalidate_cache(path)
+    files = []
+    for name in event_files(uri):
+        data, pos, steps = fs.cat_file(name), 0, []
+        while pos + 12 <= len(data):
+            (length,) = struct.unpack("<Q", data[pos:pos + 8])
+            event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+            pos += 16 + length
+            if event.summary.value:
+                steps.append(int(event.step))
+        files.append(steps)
+    return files
+
+
+def _add_missing_nodes(cluster, nodes: dict, tag: str) -> None:
+    """Add back the worker nodes an earlier command removed (a replacement: a fresh temp folder)."""
+    for name in NODES[1:]:
+        if name not in nodes:
+            add_node(cluster, nodes, name, f"{name}-{tag}")
+    cluster.wait_for_nodes()
+
+
+def do_pretrain_node_loss(args: dict, cluster, nodes) -> dict:
+    """Pretraining with one Train worker on each worker node (``ray.cpus_per_worker`` must take most of a node: the
+    head has too few CPUs for one) that loses one of them (SIGKILL, as a
+    spot node disappears) once the controller has registered a checkpoint. ``args["replace"]``:
+
+    - ``"after_loss"``: a replacement node joins ``args["replace_after_s"]`` s after the loss: a fixed-size run waits
+      for it and goes on with its full worker count;
+    - ``"after_shrink"``: the replacement joins once the run (elastic, ``ray.min_workers=1``) has registered a
+      checkpoint with one worker: the run shrank, goes on, and grows back;
+    - ``None``: no replacement during the run (added after it, for the next command).
+
+    Returns the workers and the start epoch of every epoch of the final history, the epochs each worker group
+    logged (rank 0's event files), the epoch registered at the loss, and when the node was removed and replaced."""
+
+    from raysemi import ray_utils
+    from raysemi.config import load_config
+    from raysemi.stages import pretrain
+
+    _add_missing_nodes(cluster, nodes, args.get("tag", "p"))
+    names = node_names(nodes)
+    cfg = load_config(None, [*args["overrides"], f"ray.address={cluster.address}"])
+    ray_utils.init_ray(cfg.ray.address)
+    run_dir = f"{ray_utils.storage_root(cfg)}/{pretrain.run_name(cfg)}"
+    before = set(train_workers())
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = pretrain.run(cfg)
+        except BaseException as err:  # reported to the caller, which fails with it
+            outcome["error"] = f"{type(err).__name__}: {err}"
+
+    def alive_workers() -> list[str]:
+        return sorted(names.get(n, "?") for a, (n, st) in train_workers().items() if a not in before and st == "ALIVE")
+
+    def registered() -> dict | None:
+        snap = _snapshot(run_dir)
+        return snap.get("latest_checkpoint_result") if snap else None
+
+    t0 = time.monotonic()
+    thread = threading.Thread(target=run)
+    thread.start()
+    out: dict = {"removed_after_s": None, "replaced_after_s": None, "victim": None}
+    workers: list[str] = []
+    while thread.is_alive() and not registered():
+        if len(workers) < cfg.ray.num_workers:
+            workers = alive_workers()
+        time.sleep(0.3)
+    out["workers_before"] = workers
+    victim = next((n for n in workers if n != "head"), None)
+    if thread.is_alive() and victim is not None:
+        out.update(victim=victim, registered_epoch=int(registered()["metrics"]["epoch"]))
+        cluster.remove_node(nodes.pop(victim), allow_graceful=False)
+        out["removed_after_s"] = time.monotonic() - t0
+        if args.get("replace") == "after_loss":
+            time.sleep(args.get("replace_after_s", 5.0))
+        elif args.get("replace") == "after_shrink":
+            while thread.is_alive() and (registered() or {}).get("metrics", {}).get("workers") != 1:
+                time.sleep(0.3)
+        if args.get("replace") and thread.is_alive():
+            add_node(cluster, nodes, victim, f"{victim}-{args.get('tag', 'p')}r")
+            out["replaced_after_s"] = time.monotonic() - t0
+    thread.join()
+    out["seconds"] = time.monotonic() - t0
+    out["groups"] = event_steps(f"{cfg.run.output_dir}/pretrain")
+    if "error" in outcome:
+        return {**out, "error": outcome["error"]}
+    history = outcome["result"].metrics
+    out.update(epochs=[h["epoch"] for h in history], workers=[h["workers"] for h in history],
+               start_epochs=[h["start_epoch"] for h in history])
+    return out
 
 
 def traced_predictor(trace_uri: str, victim_node_id: str | None, gate_uri: str | None):
@@ -241,10 +368,7 @@ def do_tune(args: dict, cluster, nodes) -> dict:
     from raysemi.config import load_config
     from raysemi.tune import experiment
 
-    for name in NODES[1:]:  # a node an earlier command removed: a replacement with a fresh temp folder
-        if name not in nodes:
-            add_node(cluster, nodes, name, f"{name}-t")
-    cluster.wait_for_nodes()
+    _add_missing_nodes(cluster, nodes, "t")
     names = node_names(nodes)
     cfg = load_config(None, [*args["overrides"], f"ray.address={cluster.address}"])
     ray_utils.init_ray(cfg.ray.address)
@@ -265,7 +389,7 @@ def do_tune(args: dict, cluster, nodes) -> dict:
         def on_trial_recover(self, iteration, trials, trial, **info):
             self.events.append(("recover", trial.trial_id, dict(trial.config)))
 
-    holder = ray.remote(num_cpus=NODE_ARGS["num_cpus"], resources={"node_head": 1})(_Idle).remote()
+    holder = ray.remote(num_cpus=HEAD_CPUS, resources={"node_head": 1})(_Idle).remote()
     ray.get(holder.ready.remote())
     before = set(train_workers())
     events, outcome = Events(), {}
@@ -367,6 +491,8 @@ def main() -> None:
                          "dashboard": os.environ["RAY_API_SERVER_ADDRESS"]}
             elif cmd["do"] == "pretrain":
                 reply = do_pretrain(cmd["args"], cluster, nodes)
+            elif cmd["do"] == "pretrain_node_loss":
+                reply = do_pretrain_node_loss(cmd["args"], cluster, nodes)
             elif cmd["do"] == "pseudolabel":
                 reply = do_pseudolabel(cmd["args"], cluster, nodes)
             elif cmd["do"] == "tune":

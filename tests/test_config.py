@@ -149,3 +149,21 @@ def test_placement_strategy_reaches_train_and_the_actors():
         assert ray_utils.actor_scheduling(rc) == {"scheduling_strategy": "SPREAD"}
     with pytest.raises(ConfigError, match="ray.placement_strategy"):
         load_config(None, ["ray.placement_strategy=spread"])
+
+
+def test_min_workers_makes_train_elastic_between_it_and_num_workers():
+    from raysemi import ray_utils
+
+    fixed = ray_utils.scaling_config(load_config(None, ["ray.num_workers=3"]).ray)
+    assert not fixed.elasticity_enabled and (fixed.min_workers, fixed.max_workers) == (3, 3)
+    same = ray_utils.scaling_config(load_config(None, ["ray.num_workers=3", "ray.min_workers=3"]).ray)
+    assert not same.elasticity_enabled
+    elastic = ray_utils.scaling_config(
+        load_config(None, ["ray.num_workers=3", "ray.min_workers=1", "ray.resize_interval_s=5"]).ray)
+    assert elastic.elasticity_enabled and (elastic.min_workers, elastic.max_workers) == (1, 3)
+    assert elastic.elastic_resize_monitor_interval_s == 5
+    for bad in ("ray.min_workers=0", "ray.min_workers=4"):
+        with pytest.raises(ConfigError, match="ray.min_workers: .* not between 1 and ray.num_workers"):
+            load_config(None, ["ray.num_workers=3", bad])
+    with pytest.raises(ConfigError, match="ray.resize_interval_s"):
+        load_config(None, ["ray.resize_interval_s=-1"])
