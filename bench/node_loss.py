@@ -1,9 +1,9 @@
 """Losing a worker node mid-run on a real multi-node Ray cluster (3 nodes on this machine), data on S3.
 
-    python bench/node_loss.py [--tries 3] [--kinds pretrain,finetune,pseudolabel,tune] [--out bench/results/node_loss.json]
+    python bench/node_loss.py [--tries 3] [--kinds pretrain,pretrain-replaced,...] [--out bench/results/node_loss.json]
 
 Starts a moto S3 server on a free loopback port and the 3-node cluster of ``tests/multinode_cluster.py``
-(head + nodes ``a``, ``b``; 2 logical CPUs each), ingests the generated demo set to S3, then for every try:
+(a head with 1 logical CPU, nodes ``a``, ``b`` with 2 each), ingests the generated demo set to S3, then for every try:
 
 (a) pretraining: 2 Train workers with ``ray.placement_strategy=SPREAD``, 4 epochs, a checkpoint every epoch,
     ``ray.max_failures=2``. Once the controller has *registered* a checkpoint (``checkpoint_manager_snapshot.json``
@@ -27,8 +27,17 @@ Starts a moto S3 server on a free loopback port and the 3-node cluster of ``test
     S3: the completed trial must start once), how the lost trial went on (its Train worker replaced inside the
     trial, or the trial started again by Tune), wall time.
 
-The removed node is replaced (a fresh node with the same name and resource) after the run has ended, so the run
-itself recovers on the 2 remaining nodes and the next try starts on 3 again. Prints a Markdown table and writes
+(e) pretrain-replaced, (f) finetune-replaced: 2 Train workers of 1.9 CPUs (one per worker node: the head has 1 CPU),
+    a fixed worker count, 8 epochs (80 steps, a checkpoint every 10), DALI. Once a checkpoint is registered, one
+    worker node is removed and a replacement joins 5 s later: the run waits for it and goes on with 2 workers
+    (``do_train_node_loss`` of ``tests/multinode_cluster.py``). Recorded: finished, the workers of every epoch
+    (step interval) of the final history, epochs (steps) run twice (from the rank-0 event file of every worker group).
+(g) pretrain-elastic, (h) finetune-elastic: the same with ``ray.min_workers=1`` (elastic), 16 epochs (160 steps): the
+    run goes on with one worker; once it has registered a checkpoint with one worker, the replacement joins and the
+    run grows back to 2 (``ray.resize_interval_s=2``). Recorded as in (e), and whether it shrank and grew back.
+
+In (a)-(d) the removed node is replaced (a fresh node with the same name and resource) after the run has ended, so
+the run itself recovers on the 2 remaining nodes and the next try starts on 3 again. Prints a Markdown table and writes
 every try with machine information to ``--out``.
 """
 
@@ -70,7 +79,8 @@ PRETRAIN = [*MODEL, "model.proj_hidden_dim=64", "model.proj_dim=32", "model.pred
 FINETUNE = [*MODEL, "model.proj_hidden_dim=64", "model.proj_dim=32", "ray.placement_strategy=SPREAD",
             "ray.num_workers=2", "data.loader=torch", "finetune.steps=40", "finetune.eval_every=5",
             "finetune.checkpoint_every=2", "finetune.warmup_steps=5", "finetune.batch_size=32", "ray.max_failures=2"]
-KINDS = ("pretrain", "pretrain-replaced", "pretrain-elastic", "finetune", "pseudolabel", "tune")
+KINDS = ("pretrain", "pretrain-replaced", "pretrain-elastic", "finetune", "finetune-replaced", "finetune-elastic",
+         "pseudolabel", "tune")
 
 PSEUDOLABEL = [*MODEL, "model.proj_hidden_dim=32", "model.proj_dim=16", "data.image_size=32", "data.loader=torch",
                "pseudolabel.num_actors=3", "pseudolabel.batch_size=4", "ray.placement_strategy=SPREAD"]
@@ -240,28 +250,39 @@ def pseudolabel_try(k: int, bucket: str, data: str, model: str, cluster, nodes: 
     return rec
 
 
-def rerun_epochs(groups: list[list[int]]) -> int:
-    """Completed epochs run twice: those each worker group logged at or after the first epoch of the next."""
-    return sum(max(0, prev[-1] - nxt[0] + 1) for prev, nxt in itertools.pairwise(groups) if prev and nxt)
+def rerun(groups: list[list[int]], interval: int) -> int:
+    """Epochs (steps) run twice: what each worker group logged (at the end of every ``interval``) at or after the
+    first epoch (step) the next group ran."""
+    return sum(max(0, prev[-1] - (nxt[0] - interval)) for prev, nxt in itertools.pairwise(groups) if prev and nxt)
 
 
-def pretrain_node_loss_try(kind: str, k: int, bucket: str, data: str, cluster, nodes: dict) -> dict[str, Any]:
-    elastic = kind == "pretrain-elastic"
-    overrides = [*mc.NODE_LOSS_PRETRAIN, f"pretrain.epochs={16 if elastic else 8}", f"data.path={data}", f"run.name={kind}{k}",
-                 f"run.output_dir={bucket}/{kind}-{k}", f"ray.storage_path={bucket}/ray"]
+def train_node_loss_try(kind: str, k: int, bucket: str, data: str, cluster, nodes: dict) -> dict[str, Any]:
+    """(e)-(h): a run with one Train worker per worker node loses a node; a replacement joins (fixed size), or the run
+    shrinks and the replacement joins once it has (elastic)."""
+    stage, mode = kind.split("-")
+    elastic = mode == "elastic"
+    if stage == "pretrain":
+        overrides, interval = [*mc.NODE_LOSS_PRETRAIN, f"pretrain.epochs={16 if elastic else 8}"], 1
+    else:
+        overrides, interval = [*mc.NODE_LOSS_FINETUNE, f"finetune.steps={160 if elastic else 80}"], 5
+    overrides += [f"data.path={data}", f"run.name={kind}{k}", f"run.output_dir={bucket}/{kind}-{k}",
+                  f"ray.storage_path={bucket}/ray"]
     if elastic:
         overrides += ["ray.min_workers=1", "ray.resize_interval_s=2"]
-    reply = mc.do_pretrain_node_loss({"overrides": overrides, "tag": f"{kind[9]}{k}",
-                                      "replace": "after_shrink" if elastic else "after_loss", "replace_after_s": 5},
-                                     cluster, nodes)
-    rec: dict[str, Any] = {"kind": kind, "try": k, "finished": "error" not in reply,
+    reply = mc.do_train_node_loss({"stage": stage, "overrides": overrides, "tag": f"{kind[0]}{mode[0]}{k}",
+                                   "replace": "after_shrink" if elastic else "after_loss", "replace_after_s": 5},
+                                  cluster, nodes)
+    unit = reply["unit"]
+    rec: dict[str, Any] = {"kind": kind, "try": k, "finished": "error" not in reply, "unit": unit,
                            "replacement": "once the run shrank" if elastic else "5 s after the loss",
-                           **{key: reply.get(key) for key in ("error", "victim", "workers_before", "registered_epoch",
-                                                              "removed_after_s", "replaced_after_s", "epochs",
-                                                              "workers", "start_epochs", "groups") if key in reply}}
+                           **{key: reply.get(key) for key in ("error", "victim", "workers_before", "registered",
+                                                              "removed_after_s", "replaced_after_s", "done",
+                                                              "workers", "groups") if key in reply}}
     rec["seconds"] = round(reply["seconds"], 1)
     if rec["finished"]:
-        rec["epochs_lost"] = rerun_epochs(reply["groups"])
+        rec[f"{unit}s_lost"] = rerun(reply["groups"], interval)
+        if elastic:
+            rec.update(shrank=1 in reply["workers"], grew_back=reply["workers"][-1] == 2)
     return rec
 
 
@@ -299,6 +320,8 @@ def summary(tries: list[dict]) -> list[list[Any]]:
                      sum(r.get("ids_missing", 0) for r in t) if kind == "pseudolabel" else "-",
                      sum(r.get("ids_duplicated", 0) for r in t) if kind == "pseudolabel" else "-",
                      sum(r.get("finished_trials_rerun", 0) for r in t) if kind == "tune" else "-",
+                     f"{sum(r.get('shrank', 0) for r in t)} / {sum(r.get('grew_back', 0) for r in t)}"
+                     if kind.endswith("elastic") else "-",
                      f"{sum(r['seconds'] for r in t) / len(t):.1f}"])
     return rows
 
@@ -341,8 +364,8 @@ def main() -> None:
                 "finetune": lambda k: finetune_try(k, bucket, data, cluster, nodes),
                 "pseudolabel": lambda k: pseudolabel_try(k, bucket, data, model, cluster, nodes),
                 "tune": lambda k: tune_try(k, bucket, data, cluster, nodes),
-                **{kind: functools.partial(pretrain_node_loss_try, kind, bucket=bucket, data=data, cluster=cluster,
-                                           nodes=nodes) for kind in ("pretrain-replaced", "pretrain-elastic")}}
+                **{kind: functools.partial(train_node_loss_try, kind, bucket=bucket, data=data, cluster=cluster,
+                                           nodes=nodes) for kind in KINDS if "-" in kind}}
         for kind in (kind for kind in KINDS if kind in kinds):
             for k in range(args.tries):
                 tries.append(runs[kind](k))
@@ -359,7 +382,8 @@ def main() -> None:
         shutil.rmtree(os.environ["RAY_TMPDIR"], ignore_errors=True)
     rows = summary(tries)
     print("\n".join(markdown_table(["kind", "runs finished", "mean epochs (steps) lost", "max epochs (steps) lost",
-                                    "ids missing", "ids duplicated", "finished trials rerun", "mean wall s"],
+                                    "ids missing", "ids duplicated", "finished trials rerun", "runs shrunk / grown back",
+                                    "mean wall s"],
                                    rows)))
     command = f"python bench/node_loss.py --tries {args.tries}" + ("" if kinds == list(KINDS) else f" --kinds {args.kinds}")
     if Path(args.out).resolve() != (ROOT / "bench" / "results" / "node_loss.json").resolve():

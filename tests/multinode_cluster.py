@@ -12,7 +12,7 @@ node's processes get its address in ``RAY_API_SERVER_ADDRESS``). The S3 endpoint
 workers as on a real cluster: through the standard AWS environment of the processes that start the nodes.
 
 Protocol: one JSON command a line on stdin, one ``@@ {json}`` line on stdout per command (everything else
-goes to stderr). Commands: ``nodes``, ``pretrain``, ``pretrain_node_loss``, ``pseudolabel``, ``tune`` (each of the
+goes to stderr). Commands: ``nodes``, ``pretrain``, ``train_node_loss``, ``pseudolabel``, ``tune`` (each of the
 last two optionally losing a worker node mid-run) and ``quit``.
 """
 
@@ -49,6 +49,12 @@ NODE_LOSS_PRETRAIN = [
     "model.pred_hidden_dim=64", "pretrain.warmup_epochs=0", "data.image_size=32", "data.loader=dali",
     "data.num_threads=1", "pretrain.batch_size=32", "pretrain.knn_every=0", "pretrain.checkpoint_every=1",
     "ray.placement_strategy=SPREAD", "ray.num_workers=2", "ray.cpus_per_worker=1.9", "ray.max_failures=2",
+]
+NODE_LOSS_FINETUNE = [
+    "model.backbone=test_resnet", "model.small_image=false", "model.proj_hidden_dim=64", "model.proj_dim=32",
+    "data.image_size=32", "data.loader=dali", "data.num_threads=1", "finetune.batch_size=32", "finetune.eval_every=5",
+    "finetune.checkpoint_every=2", "finetune.warmup_steps=5", "ray.placement_strategy=SPREAD", "ray.num_workers=2",
+    "ray.cpus_per_worker=1.9", "ray.max_failures=2",
 ]
 # Two trials of different lengths: one completes while the other still runs (and can lose its node).
 TUNE_SPACE = {"metric": "val_accuracy", "mode": "max", "params": {"finetune.steps": {"grid": [4, 160]}}}
@@ -167,35 +173,56 @@ def _add_missing_nodes(cluster, nodes: dict, tag: str) -> None:
     cluster.wait_for_nodes()
 
 
-def do_pretrain_node_loss(args: dict, cluster, nodes) -> dict:
-    """Pretraining with one Train worker on each worker node (``ray.cpus_per_worker`` must take most of a node: the
-    head has too few CPUs for one) that loses one of them (SIGKILL, as a
-    spot node disappears) once the controller has registered a checkpoint. ``args["replace"]``:
+def _train_stage(args: dict, cfg):
+    """The stage ``args["stage"]`` as a callable, its Ray Train run's name, its event folder and its unit: pretraining
+    (epochs), or round-0 fine-tuning on the labelled rows from a random init (steps)."""
+    from raysemi import io as rio
+    from raysemi.stages import pretrain
+
+    if args.get("stage", "pretrain") == "pretrain":
+        return (lambda: pretrain.run(cfg).metrics), pretrain.run_name(cfg), rio.join(cfg.run.output_dir, "pretrain"), \
+            "epoch"
+    from raysemi.data.labels import label_split
+    from raysemi.data.shards import read_manifest
+    from raysemi.data.trainset import write_trainset
+    from raysemi.stages import finetune
+
+    manifest, labels = read_manifest(cfg.data.path), label_split(cfg.data.path, cfg.data)
+    rows = {i: (int(y), 1.0) for i, y in zip(labels.labeled_ids, labels.labeled_targets)}  # as finetune_only
+    out_dir, name = rio.join(cfg.run.output_dir, "finetune"), f"{cfg.run.name}-finetune"
+    trainset = write_trainset(cfg.data.path, manifest, rows, rio.join(out_dir, "trainset"), num_shards=4)
+    return (lambda: finetune.run(cfg, trainset, None, out_dir, name, manifest.classes).history), name, out_dir, "step"
+
+
+def do_train_node_loss(args: dict, cluster, nodes) -> dict:
+    """Pretraining or fine-tuning (``args["stage"]``) with one Train worker on each worker node
+    (``ray.cpus_per_worker`` must take most of a node: the head has too few CPUs for one) that loses one of them
+    (SIGKILL, as a spot node disappears) once the controller has registered a checkpoint. ``args["replace"]``:
 
     - ``"after_loss"``: a replacement node joins ``args["replace_after_s"]`` s after the loss: a fixed-size run waits
       for it and goes on with its full worker count;
     - ``"after_shrink"``: the replacement joins once the run (elastic, ``ray.min_workers=1``) has registered a
       checkpoint with one worker: the run shrank, goes on, and grows back;
-    - ``None``: no replacement during the run (added after it, for the next command).
+    - ``None``: no replacement during the run (added by the next command that needs it).
 
-    Returns the workers and the start epoch of every epoch of the final history, the epochs each worker group
-    logged (rank 0's event files), the epoch registered at the loss, and when the node was removed and replaced."""
-
+    Returns, for every epoch (step) of the final history, its number and worker count (``done``, ``workers``), what
+    each worker group logged (``groups``, rank 0's event files), the epoch (step) registered at the loss, and when
+    the node was removed and replaced."""
     from raysemi import ray_utils
     from raysemi.config import load_config
-    from raysemi.stages import pretrain
 
     _add_missing_nodes(cluster, nodes, args.get("tag", "p"))
     names = node_names(nodes)
     cfg = load_config(None, [*args["overrides"], f"ray.address={cluster.address}"])
     ray_utils.init_ray(cfg.ray.address)
-    run_dir = f"{ray_utils.storage_root(cfg)}/{pretrain.run_name(cfg)}"
+    fit, name, events, unit = _train_stage(args, cfg)
+    run_dir = f"{ray_utils.storage_root(cfg)}/{name}"
     before = set(train_workers())
     outcome: dict = {}
 
     def run() -> None:
         try:
-            outcome["result"] = pretrain.run(cfg)
+            outcome["history"] = fit()
         except BaseException as err:  # reported to the caller, which fails with it
             outcome["error"] = f"{type(err).__name__}: {err}"
 
@@ -209,7 +236,7 @@ def do_pretrain_node_loss(args: dict, cluster, nodes) -> dict:
     t0 = time.monotonic()
     thread = threading.Thread(target=run)
     thread.start()
-    out: dict = {"removed_after_s": None, "replaced_after_s": None, "victim": None}
+    out: dict = {"unit": unit, "removed_after_s": None, "replaced_after_s": None, "victim": None}
     workers: list[str] = []
     while thread.is_alive() and not registered():
         if len(workers) < cfg.ray.num_workers:
@@ -218,7 +245,7 @@ def do_pretrain_node_loss(args: dict, cluster, nodes) -> dict:
     out["workers_before"] = workers
     victim = next((n for n in workers if n != "head"), None)
     if thread.is_alive() and victim is not None:
-        out.update(victim=victim, registered_epoch=int(registered()["metrics"]["epoch"]))
+        out.update(victim=victim, registered=int(registered()["metrics"][unit]))
         cluster.remove_node(nodes.pop(victim), allow_graceful=False)
         out["removed_after_s"] = time.monotonic() - t0
         if args.get("replace") == "after_loss":
@@ -231,12 +258,11 @@ def do_pretrain_node_loss(args: dict, cluster, nodes) -> dict:
             out["replaced_after_s"] = time.monotonic() - t0
     thread.join()
     out["seconds"] = time.monotonic() - t0
-    out["groups"] = event_steps(f"{cfg.run.output_dir}/pretrain")
+    out["groups"] = event_steps(events)
     if "error" in outcome:
         return {**out, "error": outcome["error"]}
-    history = outcome["result"].metrics
-    out.update(epochs=[h["epoch"] for h in history], workers=[h["workers"] for h in history],
-               start_epochs=[h["start_epoch"] for h in history])
+    history = outcome["history"]
+    out.update(done=[h[unit] for h in history], workers=[h["workers"] for h in history])
     return out
 
 
@@ -491,8 +517,8 @@ def main() -> None:
                          "dashboard": os.environ["RAY_API_SERVER_ADDRESS"]}
             elif cmd["do"] == "pretrain":
                 reply = do_pretrain(cmd["args"], cluster, nodes)
-            elif cmd["do"] == "pretrain_node_loss":
-                reply = do_pretrain_node_loss(cmd["args"], cluster, nodes)
+            elif cmd["do"] == "train_node_loss":
+                reply = do_train_node_loss(cmd["args"], cluster, nodes)
             elif cmd["do"] == "pseudolabel":
                 reply = do_pseudolabel(cmd["args"], cluster, nodes)
             elif cmd["do"] == "tune":

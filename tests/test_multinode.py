@@ -288,20 +288,19 @@ def test_elastic_pretraining_goes_on_with_fewer_workers_when_a_node_is_lost(clus
     that checkpoint and finishes. Every epoch is in the final history once, in order; the restart reran at most one
     completed epoch. (Growing back on a replacement node: ``bench/node_loss.py --kinds pretrain-elastic``.)"""
     epochs = 6
-    reply = cluster.call("pretrain_node_loss", timeout=600, replace=None, tag="e", overrides=[
+    reply = cluster.call("train_node_loss", timeout=600, stage="pretrain", replace=None, tag="e", overrides=[
         *NODE_LOSS_PRETRAIN, f"data.path={demo_dataset_s3}", f"run.output_dir={s3_bucket}/elastic",
         f"ray.storage_path={s3_bucket}/ray", "run.name=elastic", f"pretrain.epochs={epochs}", "ray.min_workers=1",
     ])
     assert reply["workers_before"] == ["a", "b"] and reply["victim"] in ("a", "b"), reply
     assert reply["removed_after_s"] is not None, f"the run ended before a node could be removed: {reply}"
-    assert reply["epochs"] == list(range(epochs)), reply
-    workers, start = reply["workers"], reply["start_epochs"]
-    restart = start[-1]  # the first epoch of the group that finished the run: one worker, from the checkpoint
-    assert 1 <= restart <= reply["registered_epoch"] + 1, reply
-    assert workers[:restart] == [2] * restart and workers[restart:] == [1] * (epochs - restart), reply
+    assert reply["done"] == list(range(epochs)), reply
     first, then = reply["groups"]  # the epochs each worker group logged
-    assert then[0] == restart and first[-1] - restart <= 0, reply  # at most the interrupted epoch ran twice
-    print(f"node {reply['victim']} removed {reply['removed_after_s']:.1f} s in (epoch {reply['registered_epoch']} "
+    restart, workers = then[0], reply["workers"]  # the group that finished the run: one worker, from the checkpoint
+    assert 1 <= restart <= reply["registered"] + 1, reply
+    assert workers[:restart] == [2] * restart and workers[restart:] == [1] * (epochs - restart), reply
+    assert first[-1] - restart <= 0, reply  # at most the interrupted epoch ran twice
+    print(f"node {reply['victim']} removed {reply['removed_after_s']:.1f} s in (epoch {reply['registered']} "
           f"registered); workers per epoch {workers}; epochs per group {reply['groups']}; {reply['seconds']:.1f} s")
 
 

@@ -183,6 +183,7 @@ def train_one_epoch(
         "images_seen": seen_tot,
         "images_per_s_total": seen_tot / timer.total if timer.total else 0.0,
         "data_wait_fraction": timer.data_wait_fraction,
+        "workers": ray_utils.world_size(),
     }
 
 
