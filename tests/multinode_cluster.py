@@ -216,6 +216,16 @@ def do_train_node_loss(args: dict, cluster, nodes) -> dict:
     cfg = load_config(None, [*args["overrides"], f"ray.address={cluster.address}"])
     ray_utils.init_ray(cfg.ray.address)
     fit, name, events, unit = _train_stage(args, cfg)
+    # Start on an idle cluster: an elastic run starts with the workers it finds room for, and an earlier command's
+    # actors may still be ending on the nodes. (Its view of the nodes comes from Ray Data's autoscaling coordinator,
+    # which looks at them every 20 s: a node added just before is not counted yet. The elastic test therefore runs
+    # before any node is removed and replaced.)
+    import ray
+
+    deadline = time.monotonic() + 60
+    while ray.available_resources().get("CPU", 0) < HEAD_CPUS + 2 * NODE_ARGS["num_cpus"] and time.monotonic() < deadline:
+        time.sleep(0.5)
+    time.sleep(2)
     run_dir = f"{ray_utils.storage_root(cfg)}/{name}"
     before = set(train_workers())
     outcome: dict = {}
@@ -303,6 +313,7 @@ def do_pseudolabel(args: dict, cluster, nodes) -> dict:
     from raysemi.config import load_config
     from raysemi.stages.pseudolabel import predict_shards
 
+    _add_missing_nodes(cluster, nodes, "q")
     cfg = load_config(None, [*args["overrides"], f"ray.address={cluster.address}"])
     names = node_names(nodes)
     victim = nodes.get(args.get("remove_node") or "")

@@ -2,10 +2,9 @@
 
 The cluster and the raysemi driver on it live in a subprocess (``tests/multinode_cluster.py``), so that this
 pytest process keeps at most its one session Ray. One cluster serves the module; the tests run in file order
-(the node-loss test removes worker node ``b``; the last test checks the driver's working folder).
+(the elastic test runs first among those that lose a node, on nodes that joined with the cluster; the node-loss
+tests add back the nodes an earlier test removed; the last test checks the driver's working folder).
 
-- BYOL pretraining with ``ray.placement_strategy=SPREAD``: its two Train workers on two different nodes
-  (read back from the state API), checkpoints in ``ray.storage_path`` on S3.
 - The pseudo-label pool with 3 actors, one on every node, each input id predicted exactly once.
 - The same with worker node ``b`` removed (its processes killed, as a spot node disappears) while its actor
   holds a shard, once other shards are committed: the run finishes, the lost shard is redone elsewhere,
@@ -13,6 +12,9 @@ pytest process keeps at most its one session Ray. One cluster serves the module;
 - A Tune sweep of two trials whose Train workers run on the two worker nodes at once (the head's CPUs held); once
   one trial has completed and the other has registered a checkpoint, the other's node is removed: the sweep
   finishes, the completed trial is not started again (trial starts recorded on S3), the lost one recovers.
+- Elastic BYOL pretraining (``ray.min_workers=1``) with ``SPREAD``: its two Train workers on the two worker nodes
+  (read back from the state API), weights and checkpoints on S3; one node is removed and not replaced: the run
+  goes on with one worker from the last registered checkpoint.
 - ``ray job submit --working-dir . -- raysemi run ...`` to the head's job API (token required): SUCCEEDED, the
   job attached to the cluster, its report and checkpoints on S3.
 - The driver's working folder (the subprocess's cwd, also the nodes' and their workers') stays empty.
@@ -45,7 +47,6 @@ from raysemi import io as rio
 from raysemi.config import load_config
 from raysemi.data.shards import read_shard
 from tests.multinode_cluster import NODE_LOSS_PRETRAIN, TUNE_SPACE, TUNE_TINY
-from tests.stages.test_pretrain import TINY as PRETRAIN_TINY
 from tests.stages.test_pseudolabel import TINY as PSEUDOLABEL_TINY
 from tests.stages.test_pseudolabel import make_dataset, save_model
 
@@ -140,20 +141,6 @@ def test_cluster_has_three_nodes_with_their_own_temp_folders(cluster):
 
 
 
-def test_pretrain_workers_on_two_nodes_everything_on_s3(cluster, s3_bucket, demo_dataset_s3):
-    reply = cluster.call("pretrain", overrides=[
-        *PRETRAIN_TINY, f"data.path={demo_dataset_s3}", f"run.output_dir={s3_bucket}/run",
-        f"ray.storage_path={s3_bucket}/ray", "ray.placement_strategy=SPREAD", "ray.num_workers=2",
-        "data.loader=torch", "pretrain.epochs=1", "pretrain.batch_size=32", "pretrain.knn_every=0",
-        "ray.max_failures=0", "run.name=multinode",  # a failure shows itself, not as extra workers
-    ])
-    assert len(reply["worker_nodes"]) == 2 and len(set(reply["worker_nodes"])) == 2, reply
-    assert reply["epochs"] == 1
-    assert reply["weights"] == f"{s3_bucket}/run/pretrain/byol.safetensors" and rio.exists(reply["weights"])
-    fs, path = rio.filesystem(f"{s3_bucket}/ray/multinode-pretrain")
-    assert fs.exists(path)  # Ray Train's run folder (checkpoints) on S3
-
-
 def _job_api(cluster, path: str, token: str | None) -> tuple[int, dict]:
     req = urllib.request.Request(cluster.nodes["dashboard"] + path)
     if token:
@@ -200,6 +187,32 @@ def test_ray_job_submit_raysemi_run_on_the_cluster_everything_on_s3(cluster, s3_
     fs, path = rio.filesystem(f"{s3_bucket}/ray/jobtest-round0")
     assert fs.exists(path)  # Ray Train's run folder (checkpoints) on S3
     print(f"job {info['status']} {time.monotonic() - t0:.1f} s after its submission")
+
+
+def test_elastic_pretraining_goes_on_with_fewer_workers_when_a_node_is_lost(cluster, s3_bucket, demo_dataset_s3):
+    """Elastic BYOL pretraining (``ray.min_workers=1``, ``ray.num_workers=2``, ``SPREAD``) with a Train worker on each
+    worker node (read back from the state API), data, weights and checkpoints on S3, loses one node once a checkpoint is registered, and no replacement comes: the run goes on with one worker from
+    that checkpoint and finishes. Every epoch is in the final history once, in order; the restart reran at most one
+    completed epoch. (Growing back on a replacement node: ``bench/node_loss.py --kinds pretrain-elastic``.)"""
+    epochs = 4
+    reply = cluster.call("train_node_loss", timeout=600, stage="pretrain", replace=None, tag="e", overrides=[
+        *NODE_LOSS_PRETRAIN, f"data.path={demo_dataset_s3}", f"run.output_dir={s3_bucket}/elastic",
+        f"ray.storage_path={s3_bucket}/ray", "run.name=elastic", f"pretrain.epochs={epochs}", "ray.min_workers=1",
+    ])
+    assert reply["workers_before"] == ["a", "b"] and reply["victim"] in ("a", "b"), reply  # SPREAD: two nodes
+    assert reply["removed_after_s"] is not None, f"the run ended before a node could be removed: {reply}"
+    assert rio.exists(f"{s3_bucket}/elastic/pretrain/byol.safetensors")  # the weights, and Ray Train's run, on S3
+    fs, path = rio.filesystem(f"{s3_bucket}/ray/elastic-pretrain")
+    assert fs.exists(path)
+    assert reply["done"] == list(range(epochs)), reply
+    first, then = reply["groups"]  # the epochs each worker group logged
+    restart, workers = then[0], reply["workers"]  # the group that finished the run: one worker, from the checkpoint
+    # From the checkpoint registered at the loss, or a later one the lost group had reported before it died.
+    assert reply["registered"] + 1 <= restart <= first[-1] + 1, reply
+    assert workers[:restart] == [2] * restart and workers[restart:] == [1] * (epochs - restart), reply
+    assert first[-1] - restart <= 0, reply  # at most the interrupted epoch ran twice
+    print(f"node {reply['victim']} removed {reply['removed_after_s']:.1f} s in (epoch {reply['registered']} "
+          f"registered); workers per epoch {workers}; epochs per group {reply['groups']}; {reply['seconds']:.1f} s")
 
 
 def pseudolabel_setup(bucket: str, shards: int, rows: int):
@@ -280,28 +293,6 @@ def test_tune_sweep_on_two_nodes_survives_a_lost_node_without_rerunning_finished
     print(f"node {reply['victim']} removed {reply['removed_after_s']:.1f} s into the sweep (the long trial's "
           f"checkpoint at step {reply['registered_step']}); trial starts {reply['trial_starts']}; Train workers on "
           f"{reply['worker_nodes']}; {reply['seconds']:.1f} s")
-
-
-def test_elastic_pretraining_goes_on_with_fewer_workers_when_a_node_is_lost(cluster, s3_bucket, demo_dataset_s3):
-    """Elastic pretraining (``ray.min_workers=1``, ``ray.num_workers=2``) with a Train worker on each worker node
-    loses one node once a checkpoint is registered, and no replacement comes: the run goes on with one worker from
-    that checkpoint and finishes. Every epoch is in the final history once, in order; the restart reran at most one
-    completed epoch. (Growing back on a replacement node: ``bench/node_loss.py --kinds pretrain-elastic``.)"""
-    epochs = 6
-    reply = cluster.call("train_node_loss", timeout=600, stage="pretrain", replace=None, tag="e", overrides=[
-        *NODE_LOSS_PRETRAIN, f"data.path={demo_dataset_s3}", f"run.output_dir={s3_bucket}/elastic",
-        f"ray.storage_path={s3_bucket}/ray", "run.name=elastic", f"pretrain.epochs={epochs}", "ray.min_workers=1",
-    ])
-    assert reply["workers_before"] == ["a", "b"] and reply["victim"] in ("a", "b"), reply
-    assert reply["removed_after_s"] is not None, f"the run ended before a node could be removed: {reply}"
-    assert reply["done"] == list(range(epochs)), reply
-    first, then = reply["groups"]  # the epochs each worker group logged
-    restart, workers = then[0], reply["workers"]  # the group that finished the run: one worker, from the checkpoint
-    assert 1 <= restart <= reply["registered"] + 1, reply
-    assert workers[:restart] == [2] * restart and workers[restart:] == [1] * (epochs - restart), reply
-    assert first[-1] - restart <= 0, reply  # at most the interrupted epoch ran twice
-    print(f"node {reply['victim']} removed {reply['removed_after_s']:.1f} s in (epoch {reply['registered']} "
-          f"registered); workers per epoch {workers}; epochs per group {reply['groups']}; {reply['seconds']:.1f} s")
 
 
 def test_nothing_written_to_the_driver_working_folder(cluster, workdir):
