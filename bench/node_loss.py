@@ -195,30 +195,23 @@ def pretrain_try(k: int, bucket: str, data: str, cluster, nodes: dict) -> dict[s
 
 def finetune_try(k: int, bucket: str, data: str, cluster, nodes: dict) -> dict[str, Any]:
     from raysemi import ray_utils
-    from raysemi.data.labels import label_split
-    from raysemi.data.trainset import write_trainset
-    from raysemi.stages import finetune
 
     cfg = load_config(None, [*FINETUNE, f"data.path={data}", f"run.output_dir={bucket}/finetune-{k}",
                              f"ray.storage_path={bucket}/ray", f"run.name=ft{k}", f"ray.address={cluster.address}"])
-    manifest, labels = read_manifest(data), label_split(data, cfg.data)
-    rows = {i: (int(y), 1.0) for i, y in zip(labels.labeled_ids, labels.labeled_targets)}  # as finetune_only
-    out_dir, name = rio.join(cfg.run.output_dir, "finetune"), f"{cfg.run.name}-finetune"
-    trainset = write_trainset(data, manifest, rows, rio.join(out_dir, "trainset"), num_shards=4)
-    run_dir = rio.join(ray_utils.storage_root(cfg), name)
+    stage = mc.train_stage("finetune", cfg)
+    run_dir = rio.join(ray_utils.storage_root(cfg), stage.name)
     rec: dict[str, Any] = {"kind": "finetune", "try": k, "finished": False, "replacement": "after the run",
-                           "init": "random", "trainset_rows": trainset.total}
-    out = run_with_kill(lambda: finetune.run(cfg, trainset, None, out_dir, name, manifest.classes), run_dir, cluster,
-                        nodes, rec, f"f{k}",
+                           "init": "random", "trainset_rows": stage.rows}
+    out = run_with_kill(stage.fit, run_dir, cluster, nodes, rec, f"f{k}",
                         lambda snap: rec.update(registered_step=int(snap["latest_checkpoint_result"]["metrics"]["step"])))
     if "error" not in out:
-        res, groups = out["result"], mc.event_steps(out_dir)
-        rec.update(finished=True, steps=res.steps, history_steps=[h["step"] for h in res.history],
+        history, groups = out["result"], mc.event_steps(stage.events)
+        rec.update(finished=True, steps=history[-1]["step"], history_steps=[h["step"] for h in history],
                    steps_per_group=groups)
         if "registered_step" in rec and len(groups) > 1 and groups[0] and groups[1]:
             start = groups[1][0] - cfg.finetune.eval_every  # every interval is eval_every steps (40 = 8 x 5)
             rec.update(steps_done_at_kill=groups[0][-1], start_step=start,
-                       steps_lost=max(0, groups[0][-1] - start))
+                       steps_lost=rerun(groups, cfg.finetune.eval_every))
     return rec
 
 

@@ -25,6 +25,8 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
+from typing import NamedTuple
 
 NODES = ("head", "a", "b")
 NODE_ARGS = {"num_cpus": 2, "object_store_memory": 100 * 1024 * 1024}  # every node's
@@ -42,8 +44,8 @@ TUNE_TINY = [
     "finetune.warmup_steps=0", "finetune.checkpoint_every=1", "ray.num_workers=1", "ray.cpus_per_worker=1.9",
     "pseudolabel.num_actors=1", "pseudolabel.cpus_per_actor=1", "ray.max_failures=2",
 ]
-# Pretraining that loses a node: one Train worker per worker node (1.9 of a node's 2 CPUs; the head's are held),
-# DALI as above, a checkpoint every epoch. Shared with bench/node_loss.py.
+# Pretraining and fine-tuning that lose a node: one Train worker per worker node (1.9 of a node's 2 CPUs; none fits
+# on the head), DALI as above, a checkpoint every epoch (every 10 steps). Shared with bench/node_loss.py.
 NODE_LOSS_PRETRAIN = [
     "model.backbone=test_resnet", "model.small_image=false", "model.proj_hidden_dim=64", "model.proj_dim=32",
     "model.pred_hidden_dim=64", "pretrain.warmup_epochs=0", "data.image_size=32", "data.loader=dali",
@@ -173,15 +175,22 @@ def _add_missing_nodes(cluster, nodes: dict, tag: str) -> None:
     cluster.wait_for_nodes()
 
 
-def _train_stage(args: dict, cfg):
-    """The stage ``args["stage"]`` as a callable, its Ray Train run's name, its event folder and its unit: pretraining
-    (epochs), or round-0 fine-tuning on the labelled rows from a random init (steps)."""
+class TrainStage(NamedTuple):
+    fit: Callable[[], list[dict]]  # runs the stage, returns its history
+    name: str  # its Ray Train run
+    events: str  # its event folder
+    unit: str  # "epoch" or "step"
+    rows: int | None  # fine-tuning's training rows
+
+
+def train_stage(stage: str, cfg) -> TrainStage:
+    """Pretraining (in epochs), or round-0 fine-tuning on the labelled rows from a random init (in steps)."""
     from raysemi import io as rio
     from raysemi.stages import pretrain
 
-    if args.get("stage", "pretrain") == "pretrain":
-        return (lambda: pretrain.run(cfg).metrics), pretrain.run_name(cfg), rio.join(cfg.run.output_dir, "pretrain"), \
-            "epoch"
+    if stage == "pretrain":
+        return TrainStage(lambda: pretrain.run(cfg).metrics, pretrain.run_name(cfg),
+                          rio.join(cfg.run.output_dir, "pretrain"), "epoch", None)
     from raysemi.data.labels import label_split
     from raysemi.data.shards import read_manifest
     from raysemi.data.trainset import write_trainset
@@ -191,7 +200,8 @@ def _train_stage(args: dict, cfg):
     rows = {i: (int(y), 1.0) for i, y in zip(labels.labeled_ids, labels.labeled_targets)}  # as finetune_only
     out_dir, name = rio.join(cfg.run.output_dir, "finetune"), f"{cfg.run.name}-finetune"
     trainset = write_trainset(cfg.data.path, manifest, rows, rio.join(out_dir, "trainset"), num_shards=4)
-    return (lambda: finetune.run(cfg, trainset, None, out_dir, name, manifest.classes).history), name, out_dir, "step"
+    return TrainStage(lambda: finetune.run(cfg, trainset, None, out_dir, name, manifest.classes).history, name, out_dir,
+                      "step", trainset.total)
 
 
 def do_train_node_loss(args: dict, cluster, nodes) -> dict:
@@ -208,6 +218,8 @@ def do_train_node_loss(args: dict, cluster, nodes) -> dict:
     Returns, for every epoch (step) of the final history, its number and worker count (``done``, ``workers``), what
     each worker group logged (``groups``, rank 0's event files), the epoch (step) registered at the loss, and when
     the node was removed and replaced."""
+    import ray
+
     from raysemi import ray_utils
     from raysemi.config import load_config
 
@@ -215,13 +227,11 @@ def do_train_node_loss(args: dict, cluster, nodes) -> dict:
     names = node_names(nodes)
     cfg = load_config(None, [*args["overrides"], f"ray.address={cluster.address}"])
     ray_utils.init_ray(cfg.ray.address)
-    fit, name, events, unit = _train_stage(args, cfg)
+    fit, name, events, unit, _ = train_stage(args.get("stage", "pretrain"), cfg)
     # Start on an idle cluster: an elastic run starts with the workers it finds room for, and an earlier command's
     # actors may still be ending on the nodes. (Its view of the nodes comes from Ray Data's autoscaling coordinator,
     # which looks at them every 20 s: a node added just before is not counted yet. The elastic test therefore runs
     # before any node is removed and replaced.)
-    import ray
-
     deadline = time.monotonic() + 60
     while ray.available_resources().get("CPU", 0) < HEAD_CPUS + 2 * NODE_ARGS["num_cpus"] and time.monotonic() < deadline:
         time.sleep(0.5)
