@@ -105,19 +105,6 @@ def start_moto() -> tuple[subprocess.Popen, str]:
     raise SystemExit("bench/node_loss.py: error: the moto server did not start")
 
 
-def snapshot(run_dir: str) -> dict | None:
-    """Ray Train's checkpoint manager snapshot of a run (``None`` before the first registration)."""
-    fs, path = rio.filesystem(run_dir)
-    try:
-        fs.invalidate_cache(path)  # Ray Train reads through this same cached s3fs instance
-        with fs.open(f"{path}/checkpoint_manager_snapshot.json", "rb") as f:
-            return json.loads(f.read())
-    except (FileNotFoundError, ValueError):
-        return None
-    finally:
-        fs.invalidate_cache(path)
-
-
 def checkpoint_dirs(run_dir: str) -> set[str]:
     fs, path = rio.filesystem(run_dir)
     fs.invalidate_cache(path)
@@ -151,7 +138,7 @@ def run_with_kill(fn, run_dir: str, cluster, nodes: dict, rec: dict, tag: str, a
         time.sleep(0.3)
         if len(workers) < 2:  # read before the kill, so that nothing delays it
             workers = worker_nodes(names)
-        snap = snapshot(run_dir)
+        snap = mc.snapshot(run_dir)
     victim = next((n for n in workers if n != "head"), None)
     rec.update(worker_nodes=workers, victim=victim)
     if thread.is_alive() and victim is not None:
@@ -179,7 +166,7 @@ def pretrain_try(k: int, bucket: str, data: str, cluster, nodes: dict) -> dict[s
     def at_kill(snap: dict) -> None:
         # The surviving worker cannot finish an epoch without its DDP peer: these are the first group's figures.
         done = checkpoint_dirs(run_dir)  # uploaded checkpoints: one per epoch the first group completed
-        snap = snapshot(run_dir) or snap
+        snap = mc.snapshot(run_dir) or snap
         registered = {c["checkpoint_dir_name"] for c in snap["checkpoint_results"]}
         reg_epoch = int(snap["latest_checkpoint_result"]["metrics"]["epoch"])
         rec.update(registered_epoch=reg_epoch, epochs_done_at_kill=reg_epoch + 1 + len(done - registered))

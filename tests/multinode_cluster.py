@@ -12,7 +12,7 @@ node's processes get its address in ``RAY_API_SERVER_ADDRESS``). The S3 endpoint
 workers as on a real cluster: through the standard AWS environment of the processes that start the nodes.
 
 Protocol: one JSON command a line on stdin, one ``@@ {json}`` line on stdout per command (everything else
-goes to stderr). Commands: ``nodes``, ``pretrain``, ``train_node_loss``, ``pseudolabel``, ``tune`` (each of the
+goes to stderr). Commands: ``nodes``, ``train_node_loss``, ``pseudolabel``, ``tune`` (each of the
 last two optionally losing a worker node mid-run) and ``quit``.
 """
 
@@ -129,19 +129,6 @@ def actor_nodes(class_name: str, names: dict[str, str]) -> list[str]:
     return sorted(names.get(a.node_id, a.node_id or "?") for a in actors)
 
 
-def do_pretrain(args: dict, cluster, nodes) -> dict:
-    from raysemi.config import load_config
-    from raysemi.stages import pretrain
-
-    cfg = load_config(None, [*args["overrides"], f"ray.address={cluster.address}"])
-    t0 = time.monotonic()
-    result = pretrain.run(cfg)
-    return {
-        "seconds": time.monotonic() - t0, "epochs": len(result.metrics), "weights": result.weights,
-        "worker_nodes": actor_nodes("RayTrainWorker", node_names(nodes)),
-    }
-
-
 def event_steps(uri: str) -> list[list[int]]:
     """The steps logged in each TensorBoard event file under ``uri`` (one file per rank-0 process of a stage, so
     one per worker group, oldest first)."""
@@ -250,7 +237,7 @@ def do_train_node_loss(args: dict, cluster, nodes) -> dict:
         return sorted(names.get(n, "?") for a, (n, st) in train_workers().items() if a not in before and st == "ALIVE")
 
     def registered() -> dict | None:
-        snap = _snapshot(run_dir)
+        snap = snapshot(run_dir)
         return snap.get("latest_checkpoint_result") if snap else None
 
     t0 = time.monotonic()
@@ -469,7 +456,7 @@ def do_tune(args: dict, cluster, nodes) -> dict:
             snap = None
             while thread.is_alive() and long_trial and not (snap and snap.get("latest_checkpoint_result")):
                 time.sleep(0.3)
-                snap = _snapshot(rio.join(ray_utils.storage_root(cfg), f"{long_trial}-round0"))
+                snap = snapshot(rio.join(ray_utils.storage_root(cfg), f"{long_trial}-round0"))
             alive = [names.get(n, "?") for a, (n, st) in train_workers().items() if a not in before and st == "ALIVE"]
             if thread.is_alive() and alive and alive[0] != "head":
                 out.update(victim=alive[0], victim_trial=long_trial, finished_before=sorted(done()),
@@ -506,17 +493,19 @@ class _Idle:
         return True
 
 
-def _snapshot(run_dir: str) -> dict | None:
+def snapshot(run_dir: str) -> dict | None:
     """Ray Train's checkpoint manager snapshot of a run (None before its first registered checkpoint)."""
     from raysemi import io as rio
 
     fs, path = rio.filesystem(run_dir)
     try:
-        fs.invalidate_cache(path)
+        fs.invalidate_cache(path)  # a driver in this process reads Ray Train's files through the same cached s3fs
         with fs.open(f"{path}/checkpoint_manager_snapshot.json", "rb") as f:
             return json.loads(f.read())
     except (FileNotFoundError, ValueError):
         return None
+    finally:
+        fs.invalidate_cache(path)
 
 
 def main() -> None:
@@ -536,8 +525,6 @@ def main() -> None:
                 reply = {"nodes": {name: n.node_id for name, n in nodes.items()}, "start_s": started,
                          "temp_dirs": {name: n.get_session_dir_path() for name, n in nodes.items()},
                          "dashboard": os.environ["RAY_API_SERVER_ADDRESS"]}
-            elif cmd["do"] == "pretrain":
-                reply = do_pretrain(cmd["args"], cluster, nodes)
             elif cmd["do"] == "train_node_loss":
                 reply = do_train_node_loss(cmd["args"], cluster, nodes)
             elif cmd["do"] == "pseudolabel":
