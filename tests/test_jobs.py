@@ -109,7 +109,9 @@ class Head:
         self.token_file.chmod(0o600)
         self.dashboard_port = _free_port()
         self.address = f"http://127.0.0.1:{self.dashboard_port}"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+        # No Ray setting of this process leaks into the head, but the Train speed knobs of tests/conftest.py.
+        keep = ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_") or k in keep}
         env.update(
             RAY_AUTH_MODE="token",
             RAY_AUTH_TOKEN_PATH=str(self.token_file),
@@ -155,8 +157,8 @@ class Head:
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
+            try:  # its graceful stop takes ~30 s here; the head's state is thrown away, so 5 s, then kills
+                self.proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(self.proc.pid, signal.SIGKILL)

@@ -347,14 +347,14 @@ TINY = [
 
 
 class InterruptOnce(Callback):
-    """Stops the experiment (SIGUSR1, as ``ray job stop`` does) when the first trial completes; a marker file
-    makes it fire once (the restored experiment unpickles this callback too)."""
+    """Stops the experiment (SIGUSR1, as ``ray job stop`` does) when the first trial completes after the file
+    ``after`` appeared; a marker file makes it fire once (the restored experiment unpickles this callback too)."""
 
-    def __init__(self, marker: str) -> None:
-        self.marker = marker
+    def __init__(self, marker: str, after: str) -> None:
+        self.marker, self.after = marker, after
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        if not os.path.exists(self.marker):
+        if os.path.exists(self.after) and not os.path.exists(self.marker):
             Path(self.marker).write_text(trial.trial_id)
             os.kill(os.getpid(), signal.SIGUSR1)
 
@@ -362,10 +362,16 @@ class InterruptOnce(Callback):
 class KillAfterRound(Callback):
     """Kills the process of trial ``index`` (SIGKILL, from outside the trial) when it has reported ``round``,
     once (a marker file: the restored experiment unpickles this callback too). Tune holds a function trial at
-    its report until the driver asks for the next result, so the kill lands after the round's checkpoint."""
+    its report until the driver asks for the next result, so the kill lands after the round's checkpoint.
+    ``recovered`` is written when Tune has seen the failure and scheduled the retry."""
 
     def __init__(self, index: int, round_: int, marker: str) -> None:
         self.index, self.round, self.marker = index, round_, marker
+        self.recovered = marker + ".recovered"
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        if os.path.exists(self.marker) and not os.path.exists(self.recovered):
+            Path(self.recovered).write_text(trial.trial_id)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if (int(trial.trial_id.rsplit("_", 1)[-1]) == self.index and result.get("round") == self.round
@@ -387,8 +393,11 @@ def test_tiny_sweep_survives_a_trial_failure_and_an_interruption(ray_session, de
     cfg = load_config(None, [f"data.path={demo_dataset}", *TINY])
     space = str(SPACES[[p.stem for p in SPACES].index("tiny")])
 
+    # The interruption waits for Tune to have seen the kill: a kill racing the interruption would make the
+    # killed trial an interrupted one, resumed without a failure on record.
+    kill = KillAfterRound(1, 0, str(fault))
     first = run_tune(cfg, space, out=str(out), overrides={"pseudolabel.rounds": 0},
-                            callbacks=[InterruptOnce(str(stop)), KillAfterRound(1, 0, str(fault))])
+                     callbacks=[InterruptOnce(str(stop), after=kill.recovered), kill])
     assert first.interrupted and "--resume" in first.text
     done = {r["trial_id"] for r in first.rows if r["status"] == "completed"}
     assert stop.read_text() in done
