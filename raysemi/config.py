@@ -136,6 +136,9 @@ class PseudoLabelConfig:
     cpus_per_actor: float = 1.0
     gpus_per_actor: float = 0.0
     retrain_from: Literal["pretrained", "previous"] = "pretrained"
+    # Rounds >= 1 train at finetune.lr times this: with retrain_from "previous", < 1 continues the teacher
+    # gently instead of training it again at full strength.
+    retrain_lr_scale: float = 1.0
 
 
 @dataclass(frozen=True)

@@ -77,6 +77,7 @@ def validate(cfg: Config) -> None:
     _check(0.0 < f.backbone_lr_scale <= 1.0, "finetune.backbone_lr_scale: must be in (0, 1]")
     _check(pl.temperature > 0, "pseudolabel.temperature: must be > 0")
     _check(0.0 <= pl.labeled_share < 1.0, "pseudolabel.labeled_share: must be in [0, 1)")
+    _check(pl.retrain_lr_scale > 0, "pseudolabel.retrain_lr_scale: must be > 0")
     _check(f.pseudo_weight > 0, "finetune.pseudo_weight: must be > 0")
     _check(0.0 <= f.label_smoothing < 1.0, "finetune.label_smoothing: must be in [0, 1)")
     _check(pl.rounds >= 0, "pseudolabel.rounds: must be >= 0")

@@ -168,7 +168,10 @@ def run_pipeline(cfg: Config, *, resume: bool = False, overwrite: bool = False, 
             init = models[-1]
         copies = labeled_repeats(len(labeled), n_pseudo, pl.labeled_share)
         repeats = {i: copies for i in labeled} if copies > 1 else None
-        result = _train_round(cfg, manifest, rows, r, init, resume, targets, repeats)
+        round_cfg = cfg
+        if r > 0 and pl.retrain_lr_scale != 1.0:
+            round_cfg = cfg.replace(**{"finetune.lr": cfg.finetune.lr * pl.retrain_lr_scale})
+        result = _train_round(round_cfg, manifest, rows, r, init, resume, targets, repeats)
         models.append(result.weights)
         val = split_metrics(result.weights, cfg, "val", classes)
         history.append({

@@ -48,6 +48,7 @@ def test_frozen():
         ("pseudolabel.selection=random", "pseudolabel.selection: 'random' is not one of"),
         ("pseudolabel.temperature=0", "pseudolabel.temperature: must be > 0"),
         ("pseudolabel.labeled_share=1.0", "pseudolabel.labeled_share: must be in [0, 1)"),
+        ("pseudolabel.retrain_lr_scale=0", "pseudolabel.retrain_lr_scale: must be > 0"),
         ("finetune.steps=0", "finetune.steps: must be >= 1 (or null to count in epochs)"),
         ("finetune.ema_decay=1.0", "finetune.ema_decay: 1.0 is outside [0, 1)"),
         ("finetune.drop_path_rate=1", "finetune.drop_path_rate: must be in [0, 1)"),

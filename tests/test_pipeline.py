@@ -86,14 +86,17 @@ def test_best_round_rule():
     assert best_round(hist, "balanced_accuracy") == 1
 
 
-def recording_finetune(monkeypatch) -> list[str | None]:
-    """Wrap ``finetune.run`` (the real one still trains) to record each round's initial weights."""
+def recording_finetune(monkeypatch, lrs: list[float] | None = None) -> list[str | None]:
+    """Wrap ``finetune.run`` (the real one still trains) to record each round's initial weights (and, into
+    ``lrs``, its learning rate)."""
     from raysemi.stages import finetune
 
     real, inits = finetune.run, []
 
     def run(cfg, trainset, init, *args, **kwargs):
         inits.append(init)
+        if lrs is not None:
+            lrs.append(cfg.finetune.lr)
         return real(cfg, trainset, init, *args, **kwargs)
 
     monkeypatch.setattr(finetune, "run", run)
@@ -106,12 +109,15 @@ QUICK = [*TINY, "finetune.steps=2", "finetune.eval_every=2", "finetune.warmup_st
 def test_retrain_from_previous_and_resume_reuses_finished_rounds(ray_session, demo_dataset, tmp_path, monkeypatch):
     out = tmp_path / "run"
     cfg = load_config(None, [f"data.path={demo_dataset}", f"run.output_dir={out}", *QUICK,
-                             "pseudolabel.retrain_from=previous"])
-    inits = recording_finetune(monkeypatch)
+                             "pseudolabel.retrain_from=previous", "pseudolabel.retrain_lr_scale=0.1"])
+    lrs: list[float] = []
+    inits = recording_finetune(monkeypatch, lrs)
     first = json.loads(Path(run_pipeline(cfg)).read_text())
     byol = out / "pretrain" / "byol.safetensors"
-    # Round 0 starts from the BYOL weights, round 1 from round 0's classifier (not from BYOL again).
+    # Round 0 starts from the BYOL weights, round 1 from round 0's classifier (not from BYOL again), at a
+    # tenth of the learning rate.
     assert inits == [str(byol), str(out / "round=0" / "classifier.safetensors")]
+    assert lrs == pytest.approx([cfg.finetune.lr, 0.1 * cfg.finetune.lr])
 
     weights = {r: (out / f"round={r}" / "classifier.safetensors").stat().st_mtime_ns for r in (0, 1)}
     pretrained = byol.stat().st_mtime_ns
