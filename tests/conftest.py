@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 COVID = REPO.parent / "shared" / "data" / "covid19-radiography-3class"
 
 # Ray Train's controller polls its workers every 2 s and starts a preemption-watcher actor (a process) for
-# every run; over the test run's ~100 tiny Train runs on 2 cores that is about a tenth of `make test`. No test
+# every run; over the tests' many tiny Train runs on 2 cores that was about a tenth of `make test`. No test
 # drains a node (the one thing the watcher serves), and every process of the tests (Ray workers, `ray start`
 # heads, CLI subprocesses) inherits these from here.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
