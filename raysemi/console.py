@@ -140,6 +140,17 @@ def progress(total: int, desc: str, unit: str = "it", enabled: bool = True):
 
 _verbose = False
 
+# Libraries whose INFO lines no user can act on, kept off the console like Ray's notices: botocore says
+# "Found endpoint for s3 via: environment_global." before every command when AWS_ENDPOINT_URL is set (MinIO
+# and other S3-compatible stores); matplotlib announces its font cache. ``--verbose`` shows them.
+QUIET_LOGGERS = ("botocore", "aiobotocore", "boto3", "s3fs", "fsspec", "urllib3", "matplotlib")
+
+
+def quiet_libraries() -> None:
+    """Only warnings and errors from the libraries in ``QUIET_LOGGERS``."""
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
 
 def set_verbose(on: bool) -> None:
     """``--verbose``: Ray's own per-rank report lines and start-up notices come back (see ``ray_utils``)."""

@@ -331,15 +331,18 @@ def _quiet_worker(worker_fn, config: dict[str, Any]) -> None:
 
 
 def fit(worker_fn, loop_config: dict[str, Any], cfg: Config, name: str):
-    """Run ``worker_fn`` on ``cfg.ray.num_workers`` Ray Train workers (DDP process group set up by Ray:
-    NCCL on GPU, gloo on CPU) and return the ``ray.train.Result``. A run of the same name in the storage
+    """Run ``worker_fn`` on ``cfg.ray.num_workers`` Ray Train workers (DDP process group: NCCL on GPU, gloo
+    on CPU; on a Ray that is all on loopback, through a file and loopback sockets, ``ray_rendezvous``) and return the ``ray.train.Result``. A run of the same name in the storage
     path is resumed from its latest checkpoint (Ray Train V2 restores it)."""
     from ray.train.torch import TorchTrainer
+
+    from raysemi.ray_rendezvous import LoopbackTorchConfig
 
     init_ray(cfg.ray.address)
     trainer = TorchTrainer(
         worker_fn if console.verbose() else functools.partial(_quiet_worker, worker_fn),
         train_loop_config=loop_config,
+        torch_config=LoopbackTorchConfig(),
         scaling_config=scaling_config(cfg.ray),
         run_config=run_config(name, cfg),
     )

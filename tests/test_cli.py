@@ -66,3 +66,24 @@ def test_dataset_without_labels_says_so(tmp_path, no_ray, capsys):
     assert code == 2 and "\n" not in err
     assert "has no labelled rows" in err and "class subfolders" in err and "'label' column" in err
     assert "val/test fractions" not in err
+
+
+def test_s3_compatible_endpoint_without_credentials_prints_only_the_error_line(s3_server, tmp_path):
+    """With AWS_ENDPOINT_URL set (MinIO and the like), botocore logs "Found endpoint for s3 via:
+    environment_global." at INFO on every client: in a real process (basicConfig, no pytest log capture) the
+    user must see only raysemi's own line."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_ADDRESS"))}
+    env.update(AWS_ENDPOINT_URL=s3_server, AWS_EC2_METADATA_DISABLED="true", HOME=str(tmp_path),
+               AWS_SHARED_CREDENTIALS_FILE="/nonexistent/credentials", AWS_CONFIG_FILE="/nonexistent/config")
+    proc = subprocess.run(
+        [sys.executable, "-c", "import sys; from raysemi.cli import main; sys.exit(main())", "run",
+         "--set", "data.path=s3://raysemi-demo/dataset", "--set", f"run.output_dir={tmp_path / 'run'}"],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.strip()]
+    assert proc.returncode == 2, proc.stderr
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("raysemi run: error:") and "no usable AWS credentials" in lines[0]

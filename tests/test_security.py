@@ -171,6 +171,37 @@ _PROBE = NO_OTHER_RAY + textwrap.dedent(
         s.settimeout(3)
         out["reachable_on_node_ip"] = s.connect_ex((node.node_ip_address, int(port))) == 0
     out["listening"] = sorted(listening_sockets([os.getpid(), *descendants(os.getpid())]))
+
+    # Then a 2-worker DDP training on this private Ray, its sockets sampled while the Train workers run.
+    import threading
+    from raysemi.config import load_config
+    from raysemi.data.synthetic import make_demo_dataset
+    from raysemi.stages import pretrain
+    from tests.procs import pids_titled
+
+    make_demo_dataset("data", per_class=20, unlabeled=20, size=32, seed=0)
+    cfg = load_config(None, [
+        "model.backbone=test_resnet", "model.small_image=false", "model.proj_hidden_dim=64", "model.proj_dim=32",
+        "model.pred_hidden_dim=64", "pretrain.warmup_epochs=0", "pretrain.knn_every=0", "pretrain.epochs=3",
+        "pretrain.batch_size=16", "data.image_size=32", f"data.path={os.path.abspath('data/dataset')}",
+        f"run.output_dir={os.path.abspath('run')}",
+        "ray.num_workers=2", "ray.cpus_per_worker=0.5"])
+    training, samples, stop = set(), [0], threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            if pids_titled("RayTrainWorker"):  # a Train worker is up: its process group is there
+                samples[0] += 1
+                training.update(listening_sockets([os.getpid(), *descendants(os.getpid())]))
+            time.sleep(0.2)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    pretrain.run(cfg)
+    stop.set()
+    watcher.join()
+    out["training_samples"] = samples[0]
+    out["training_listening"] = sorted(training)
     ray.shutdown()
     print("PROBE " + json.dumps(out))
     """
@@ -199,6 +230,11 @@ def test_local_ray_started_by_init_ray_is_private(tmp_path):
     listening = out["listening"]
     assert len(listening) >= 5, listening  # GCS, raylet, dashboard, its agent, the runtime-env agent
     assert [s for s in listening if not s[0].startswith("127.")] == [], listening
+    # ... and so is every port opened while a 2-worker DDP run trains: torch's TCPStore rendezvous would listen
+    # on every interface (``::``), unauthenticated; on a private Ray the group meets through a file instead.
+    assert out["training_samples"] >= 3, out
+    assert any("RayTrainWorker" in s[2] for s in out["training_listening"]), out["training_listening"]
+    assert [s for s in out["training_listening"] if not s[0].startswith("127.")] == [], out["training_listening"]
     assert out["token_auth"] is True
     assert out["unauthenticated"] == 401
     # Ray generated the local cluster's token in this (temporary) HOME, nowhere else.
