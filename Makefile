@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/raysemi demo
+	$(BIN)/raysemi demo --overwrite
 
 test: $(STAMP)
 	$(BIN)/ruff check .

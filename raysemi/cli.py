@@ -66,7 +66,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from raysemi.demo import run_demo
 
-    report = run_demo(args.out, resume=args.resume, config_path=args.config, overrides=args.overrides)
+    report = run_demo(args.out, resume=args.resume, overwrite=args.overwrite, config_path=args.config,
+                      overrides=args.overrides)
     print(f"report: {report.removesuffix('.json')}.md (and {report})")
     return 0
 
@@ -263,7 +264,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pretrain in every trial instead of sharing pretrainings through <out>/pretrain_cache")
     p = _add_stage(sub, "demo", "generate the synthetic demo data set and run the method on it", cmd_demo)
     p.add_argument("--out", default="outputs/demo", help="demo folder (default outputs/demo)")
-    p.add_argument("--resume", action="store_true", help="continue the previous demo instead of starting afresh")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--resume", action="store_true", help="continue the earlier demo in --out")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace the earlier demo in --out (only what the demo wrote there is removed)")
     return parser
 
 

@@ -104,31 +104,6 @@ def exists(uri: str) -> bool:
     return fs.exists(path)
 
 
-def guard_output(where: str, what: str, found: str | bool, *, resume: bool | None = None, overwrite: bool = False,
-                 remove: str | None = None, error: type[RaysemiError] = RaysemiError) -> bool:
-    """The one check before writing where an earlier output may be: ``found`` (a URI that exists when it is
-    there, or the answer itself) says whether ``where`` already holds ``what``. Refused unless ``overwrite``
-    (which removes ``remove`` first, when given) or ``resume`` (None: this command cannot resume, so only
-    --overwrite is offered). Returns True when the earlier output is there and is to be continued."""
-    if isinstance(found, bool):
-        earlier = found
-    else:
-        with storage_errors(f"cannot check {where}", error):  # often the output's first access: S3 refusing
-            earlier = exists(found)
-    if not earlier:
-        return False
-    if overwrite:
-        if remove is not None and exists(remove):
-            fs, path = filesystem(remove)
-            fs.rm(path, recursive=True)
-        return False
-    if resume:
-        return True
-    hint = "pass --overwrite to replace it" if resume is None else \
-        "pass --resume to continue it or --overwrite to replace it"
-    raise error(f"{where} already holds {what}: {hint}")
-
-
 # ---------------------------------------------------------------- bytes and JSON
 
 

@@ -29,9 +29,10 @@ from raysemi.data.labels import label_split
 from raysemi.data.shards import DatasetError, Manifest, read_manifest, table_bytes
 from raysemi.data.trainset import write_trainset
 from raysemi.event_log import EventLog, copy_events
-from raysemi.io import filesystem, guard_output, join, write_bytes_atomic
+from raysemi.io import filesystem, join, write_bytes_atomic
 from raysemi.losses import sharpen
 from raysemi.metrics import pseudo_label_precision
+from raysemi.outputs import RUN, guard_output, mark
 from raysemi.stages import finetune, pretrain
 from raysemi.stages.commits import read_predictions
 from raysemi.stages.evaluate import publish_report, split_metrics
@@ -59,10 +60,11 @@ def check_dataset(cfg: Config) -> Manifest:
     return manifest
 
 
-def _prepare_output(cfg: Config, resume: bool, overwrite: bool) -> None:
+def prepare_output(cfg: Config, resume: bool, overwrite: bool) -> None:
     """Refuse an output folder that holds an earlier run unless told to resume it or start afresh."""
     out = cfg.run.output_dir
-    guard_output(out, "an earlier run", join(out, CONFIG), resume=resume, overwrite=overwrite, remove=out)
+    guard_output(out, "an earlier run", join(out, CONFIG), resume=resume, overwrite=overwrite, layout=RUN)
+    mark(out, RUN)
     write_bytes_atomic(join(cfg.run.output_dir, CONFIG), config_to_yaml(cfg).encode())
 
 
@@ -118,7 +120,7 @@ def run_pipeline(cfg: Config, *, resume: bool = False, overwrite: bool = False, 
         check_budget(per_round * rounds, len(labels.pool_ids))
     if cfg.run.mode != "supervised":
         pretrain.check_inputs(cfg)
-    _prepare_output(cfg, resume, overwrite)
+    prepare_output(cfg, resume, overwrite)
 
     stages: dict[str, float] = {}
     byol = None

@@ -314,10 +314,14 @@ def train_run_exists(name: str, cfg: Config) -> bool:
 
 
 def remove_train_run(name: str, cfg: Config) -> None:
-    """Forget a Ray Train run (its checkpoints): Ray Train V2 resumes any run whose name it finds."""
-    fs, path = filesystem(join(storage_root(cfg), name))
-    if fs.exists(path):
-        fs.rm(path, recursive=True)
+    """Forget a Ray Train run (its checkpoints): Ray Train V2 resumes any run whose name it finds. Only what
+    Ray Train writes there goes; the folder too, once that leaves it empty."""
+    from raysemi.outputs import TRAIN_RUN, clear
+
+    uri = join(storage_root(cfg), name)
+    fs, path = filesystem(uri)
+    if fs.exists(path) and not clear(uri, TRAIN_RUN) and fs.exists(path):
+        fs.rm(path, recursive=True)  # an empty folder (on S3 a prefix has nothing left to remove)
 
 
 def _quiet_worker(worker_fn, config: dict[str, Any]) -> None:

@@ -178,10 +178,13 @@ def test_pretraining_is_reused_with_the_same_settings_only(ray_session, demo_dat
     cache = str(tmp_path / "cache")
     cfg = load_config(None, [f"data.path={demo_dataset}", *TINY, f"pretrain.cache={cache}",
                              f"run.output_dir={tmp_path / 'a'}"])
+    Path(cache).mkdir()
+    (Path(cache) / "README.md").write_text("the user's note")  # a foreign file in the cache survives its tidying
     first = pc.pretrain_cached(cfg)
     assert not first.reused and Path(first.weights).is_file()
     assert Path(first.entry, pc.KEY_FILE).is_file()
     assert not (Path(first.entry) / "ray").exists()  # the Ray Train run is tidied away
+    assert (Path(cache) / "README.md").read_text() == "the user's note"
 
     # Another run (other fine-tuning, other output folder), same pretraining settings: a hit.
     from raysemi.stages import pretrain

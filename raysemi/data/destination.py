@@ -11,6 +11,7 @@ from fsspec.implementations.local import LocalFileSystem
 from raysemi import io as rio
 from raysemi.data import shards
 from raysemi.data.shards import SPLITS, DatasetError
+from raysemi.outputs import DATASET, MARKER, check_marked, guard_output
 
 PART = re.compile(r"part-\d+\.parquet(\.tmp-[0-9a-f]+)?$")
 
@@ -36,7 +37,9 @@ def check_destination(dest: str, overwrite: bool, sources: list[Path]) -> bool:
         raise DatasetError(f"cannot access destination {dest}: access denied ({err})") from None
     except Exception as err:
         raise DatasetError(f"cannot access destination {dest}: {type(err).__name__}: {err}") from None
-    rio.guard_output(dest, "a dataset (manifest.json)", exists, overwrite=overwrite, error=DatasetError)
+    guard_output(dest, "a dataset (manifest.json)", exists, overwrite=overwrite, error=DatasetError)
+    if exists:  # --overwrite: refused now, before any work, when raysemi cannot tell the dataset is its own
+        check_marked(dest, DATASET, "a dataset (manifest.json)", DatasetError)
     probe = f"{root.rstrip('/')}/.raysemi-write-probe-{uuid.uuid4().hex[:8]}"
     created = False
     try:
@@ -56,9 +59,10 @@ def check_destination(dest: str, overwrite: bool, sources: list[Path]) -> bool:
 
 
 def remove_if_empty(dest: str, created: bool) -> None:
-    """Undo the folder the destination probe created, when a failed ingest left it empty."""
+    """Undo the folder the destination probe created, when a failed ingest left nothing in it but its marker."""
     path = Path(rio.filesystem(dest)[1])
-    if created and path.is_dir() and not any(path.iterdir()):
+    if created and path.is_dir() and {p.name for p in path.iterdir()} <= {MARKER}:
+        (path / MARKER).unlink(missing_ok=True)
         path.rmdir()
 
 

@@ -46,6 +46,7 @@ from raysemi.data.sources import (
     source_trees,
 )
 from raysemi.data.validate import DEFAULT_MAX_PIXELS, Checked, check_image, encode_array
+from raysemi.outputs import DATASET, mark
 
 __all__ = ["FORMATS", "DicomOptions", "ingest", "summarize"]  # FORMATS: re-exported from sources
 
@@ -259,6 +260,7 @@ def ingest(
                 if overwrite and shards.dataset_exists(dest):
                     # only now: a source that fails validation leaves the old one intact
                     shards.remove_dataset(dest)
+                mark(dest, DATASET)
                 clear_parts(dest)
                 tags = opts.keep_tags if opts is not None else ()
                 written = write_shards(dest, plan, {c: i for i, c in enumerate(classes)}, progress, tags)

@@ -174,15 +174,15 @@ def read_split(root: str, split: str, columns: Sequence[str] | None = None) -> p
 
 
 def remove_dataset(root: str) -> None:
-    """Delete a dataset: the manifest first, so a half-deleted folder never looks complete."""
+    """Delete what raysemi wrote of a dataset (``outputs.DATASET``: the manifest, the shard files; anything
+    else in the folder stays): the manifest first, so a half-deleted folder never looks complete."""
+    from raysemi.outputs import DATASET, clear
+
     fs, path = filesystem(root)
     mpath = f"{path.rstrip('/')}/{MANIFEST}"
     if fs.exists(mpath):
         fs.rm(mpath)
-    for split in SPLITS:
-        sp = f"{path.rstrip('/')}/{split}"
-        if fs.exists(sp):
-            fs.rm(sp, recursive=True)
+    clear(root, DATASET)
 
 
 def assign_shards(shards: Sequence[Any], rank: int, world_size: int) -> list[Any]:

@@ -11,14 +11,13 @@ Nothing here is medical data.
 from __future__ import annotations
 
 import csv
-import shutil
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageFilter
 
 from raysemi.data.shards import DatasetError, Manifest
-from raysemi.io import guard_output
+from raysemi.outputs import SYNTHETIC_IMAGES, clear, guard_output
 
 FOLDER = "SYNTHETIC-demo"
 GROUP_REGEX = r"^(p\d+)_"
@@ -112,7 +111,7 @@ def generate_synthetic(
             raise DatasetError(
                 f"{root} exists and was not written by the synthetic generator; not replacing it"
             )
-        shutil.rmtree(root)
+        clear(str(root), SYNTHETIC_IMAGES)  # what it wrote; anything else put there stays
     rng = np.random.default_rng(seed)
     patient = 0
     truth = []

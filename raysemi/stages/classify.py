@@ -33,6 +33,7 @@ from raysemi.data.image_inputs import Listing, list_source
 from raysemi.data.image_staging import stage_images
 from raysemi.data.shards import read_shard
 from raysemi.errors import RaysemiError
+from raysemi.outputs import PREDICT, check_marked, guard_output, mark
 from raysemi.stages.classify_output import (
     FINAL,
     SUMMARY,
@@ -93,8 +94,9 @@ def _guard(out: str, record: dict, resume: bool, overwrite: bool) -> bool:
         for key, what in _IDENTITY.items():
             if old.get(key) != record[key]:
                 raise RaysemiError(f"{out} holds predictions of {what}: pass --overwrite to replace them")
-    keep = rio.guard_output(out, "earlier predictions (run.json)", earlier, resume=resume, overwrite=overwrite)
+    keep = guard_output(out, "earlier predictions (run.json)", earlier, resume=resume, overwrite=overwrite)
     if earlier and not keep:
+        check_marked(out, PREDICT, "earlier predictions (run.json)")
         _remove_earlier(out)
     return keep
 
@@ -142,6 +144,7 @@ def run(
     resumed = _guard(out, record, resume, overwrite)
     if not resumed:
         try:
+            mark(out, PREDICT)
             rio.write_json(rio.join(out, RECORD), record)
         except OSError as err:
             raise RaysemiError(f"cannot write to {out}: {type(err).__name__}: {err}") from None

@@ -25,12 +25,13 @@ from raysemi.data.loader import build_loader
 from raysemi.data.shards import DatasetError, Manifest, read_manifest, split_batch, steps_per_epoch
 from raysemi.errors import RaysemiError
 from raysemi.event_log import EventLog, clear_events
-from raysemi.io import guard_output, join, read_json, write_bytes_atomic, write_json
+from raysemi.io import join, read_json, write_bytes_atomic, write_json
 from raysemi.knn import knn_accuracy
 from raysemi.losses import symmetric_byol_loss
 from raysemi.models.backbone import create_backbone
 from raysemi.models.byol import BYOL, byol_forward
 from raysemi.optim import build_optimizer, set_lr
+from raysemi.outputs import guard_output
 from raysemi.schedules import byol_tau, scale_lr, warmup_cosine_lr
 from raysemi.stages.common import StepTimer, all_reduce_sum, autocast, grad_scaler, wrap_ddp
 from raysemi.stages.predict import extract_features

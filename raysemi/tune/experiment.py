@@ -19,7 +19,8 @@ from typing import Any
 
 from raysemi.config import Config, absolute_paths, from_dict, load_config
 from raysemi.errors import RaysemiError
-from raysemi.io import filesystem, guard_output, is_remote, join, write_bytes_atomic
+from raysemi.io import filesystem, is_remote, join, write_bytes_atomic
+from raysemi.outputs import TUNE, check_marked, guard_output, mark, remove_output
 from raysemi.tune.results import TuneSummary, collect_rows, write_outputs
 from raysemi.tune.search import TRIAL_CPU, max_concurrent_trials, trial_needs, tune_config
 from raysemi.tune.space import Space, load_space, max_value, parse_space, validate_space
@@ -119,12 +120,13 @@ def run_tune(
         if space_path is None:
             raise RaysemiError("give the search space: --space tune_spaces/NAME.yaml")
         guard_output(exp, "an earlier tune experiment", exists, resume=False, overwrite=overwrite)
+        if exists:  # refused before any work when raysemi cannot tell the folder is its own
+            check_marked(exp, TUNE, "an earlier tune experiment")
         space = load_space(space_path)
         base = prepare_base(cfg if cfg is not None else load_config(None), space, out, use_cache, overrides)
         preflight(space, base)
         if exists:  # --overwrite, and only once the inputs are known good: bad input keeps the old experiment
-            fs, path = filesystem(exp)
-            fs.rm(path, recursive=True)
+            remove_output(exp, TUNE, "an earlier tune experiment")
         setup = {"base": base.to_dict(), "space": space.to_dict(), "space_path": str(space_path), "name": name,
                  "exp": exp, "config_path": config_path,
                  "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
@@ -145,6 +147,7 @@ def run_tune(
         tuner = tune.Tuner.restore(exp_fs_path if storage_fs is not None else exp, trainable=trainable,
                                    resume_unfinished=True, restart_errored=True, storage_filesystem=storage_fs)
     else:
+        mark(exp, TUNE)
         write_bytes_atomic(join(exp, SETUP), json.dumps(setup, indent=2).encode())
         log.info("%s: %d trials, at most %d at a time (a trial needs %s)", name, space.num_trials, n,
                  trial_needs(base))

@@ -289,9 +289,18 @@ def test_bad_inputs_raise_and_leave_no_manifest(tmp_path):
     with pytest.raises(DatasetError, match="already holds a dataset.*--overwrite"):
         ingest(str(src), str(dest), progress=False)
     assert (dest / "manifest.json").read_text() == before
+    # The user's files beside the dataset and inside a split folder survive --overwrite.
+    (dest / "NOTES.md").write_text("mine")
+    (dest / "train" / "my-labels.csv").write_text("mine")
     m = ingest(str(src), str(dest), progress=False, overwrite=True, min_shards=1)
     parts = sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*.parquet"))
     assert parts == sorted(s.path for sp in m.splits.values() for s in sp.shards)  # old shards are gone
+    assert (dest / "NOTES.md").read_text() == "mine" and (dest / "train" / "my-labels.csv").read_text() == "mine"
+    # A dataset raysemi cannot tell it wrote (no marker: an older raysemi, or the user's own files) is refused.
+    (dest / ".raysemi-output").unlink()
+    with pytest.raises(DatasetError, match="holds a dataset \\(manifest.json\\) but no raysemi marker"):
+        ingest(str(src), str(dest), progress=False, overwrite=True, min_shards=1)
+    assert sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*.parquet")) == parts
 
 
 def test_missing_bucket(s3_server, tmp_path):

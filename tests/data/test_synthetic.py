@@ -96,5 +96,10 @@ def test_make_demo_dataset(tmp_path):
     assert all(len(s) == 1 for s in sides.values())  # patients never span splits
     with pytest.raises(DatasetError, match="already holds a dataset"):
         make_demo_dataset(str(tmp_path), per_class=30, unlabeled=40, size=32)
+    mine = [tmp_path / "images" / "SYNTHETIC-demo" / "my-notes.txt", tmp_path / "dataset" / "mine.txt",
+            tmp_path / "images" / "SYNTHETIC-demo" / "unlabeled" / "keep.txt"]
+    for p in mine:
+        p.write_text("mine")
     m2 = make_demo_dataset(str(tmp_path), per_class=30, unlabeled=40, size=32, overwrite=True)
     assert m2.splits == m.splits  # deterministic: same shards
+    assert all(p.read_text() == "mine" for p in mine)  # the writers replace only what they wrote

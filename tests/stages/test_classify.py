@@ -225,3 +225,12 @@ def test_bad_input_is_refused_before_any_actor(cfg, model, tmp_path, monkeypatch
     with pytest.raises(RaysemiError, match="holds predictions of another source"):
         classify.run(cfg, model, str(src), out, resume=True, progress=False)
     assert json.loads(Path(out, "run.json").read_text())["source"] == str(junk)
+    # --overwrite replaces the earlier run and keeps the user's file in OUT; an OUT raysemi did not mark (the
+    # user's own run.json, or an older raysemi's output) is refused, one line.
+    Path(out, "my-notes.md").write_text("mine")
+    summary = classify.run(cfg, model, str(junk), out, overwrite=True, progress=False)
+    assert summary["failed"] == 2 and Path(out, "my-notes.md").read_text() == "mine"
+    Path(out, ".raysemi-output").unlink()
+    with pytest.raises(RaysemiError, match="holds earlier predictions \\(run.json\\) but no raysemi marker"):
+        classify.run(cfg, model, str(junk), out, overwrite=True, progress=False)
+    assert Path(out, "run.json").is_file() and Path(out, "my-notes.md").is_file()
