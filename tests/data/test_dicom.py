@@ -461,7 +461,10 @@ def test_pacs_export_end_to_end_without_identifying_bytes(tmp_path, capsys, capl
     for secret in SECRETS:
         assert secret.lower().encode() not in written, secret
         assert secret.lower().encode() not in said, secret
-    assert sorted(p.name for p in dest.rglob("*") if p.is_file() and p.suffix != ".parquet") == ["manifest.json"]
+    # Besides the shards: the manifest, and the constant marker saying raysemi wrote the folder.
+    assert sorted(p.name for p in dest.rglob("*") if p.is_file() and p.suffix != ".parquet") == [
+        ".raysemi-output", "manifest.json"]
+    assert json.loads((dest / ".raysemi-output").read_text()) == {"kind": "dataset", "written_by": "raysemi"}
     assert "DICOM:" in out and "salted hash of PatientID" in out
 
 
