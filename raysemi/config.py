@@ -159,6 +159,10 @@ class RayConfig:
     # restarts the workers from the latest checkpoint). None: always num_workers (a run waits for room for all).
     min_workers: int | None = None
     resize_interval_s: float = 60.0
+    # How long a DDP collective (an all-reduce, a barrier) waits for the slowest rank before the run fails
+    # (torch's process-group timeout; Ray Train's default is 1800 s). Validation is shared by all ranks, so
+    # only a checkpoint upload or an evaluation far slower than a training interval comes near it.
+    collective_timeout_s: int = 3600
 
 
 @dataclass(frozen=True)

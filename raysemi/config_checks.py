@@ -92,6 +92,7 @@ def validate(cfg: Config) -> None:
     _check(r.min_workers is None or 1 <= r.min_workers <= r.num_workers,
            f"ray.min_workers: {r.min_workers} is not between 1 and ray.num_workers ({r.num_workers})")
     _check(r.resize_interval_s >= 0, "ray.resize_interval_s: must be >= 0")
+    _check(r.collective_timeout_s >= 1, "ray.collective_timeout_s: must be >= 1 (seconds)")
     # PyTorch's SyncBatchNorm runs on CUDA only; on CPU workers each rank normalises its own half-batch.
     _check(r.use_gpu or not m.sync_batchnorm, "model.sync_batchnorm: needs ray.use_gpu=true (CUDA only)")
     _check(r.cpus_per_worker > 0, "ray.cpus_per_worker: must be > 0")

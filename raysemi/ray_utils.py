@@ -346,7 +346,7 @@ def fit(worker_fn, loop_config: dict[str, Any], cfg: Config, name: str):
     trainer = TorchTrainer(
         worker_fn if console.verbose() else functools.partial(_quiet_worker, worker_fn),
         train_loop_config=loop_config,
-        torch_config=LoopbackTorchConfig(),
+        torch_config=LoopbackTorchConfig(timeout_s=cfg.ray.collective_timeout_s),
         scaling_config=scaling_config(cfg.ray),
         run_config=run_config(name, cfg),
     )

@@ -168,3 +168,28 @@ def test_min_workers_makes_train_elastic_between_it_and_num_workers():
             load_config(None, ["ray.num_workers=3", bad])
     with pytest.raises(ConfigError, match="ray.resize_interval_s"):
         load_config(None, ["ray.resize_interval_s=-1"])
+
+
+def test_collective_timeout_reaches_the_process_group_and_is_checked(monkeypatch):
+    import ray.train.torch
+
+    from raysemi import ray_utils
+    from raysemi.ray_rendezvous import LoopbackTorchConfig
+
+    built = {}
+
+    class Recorder:
+        def __init__(self, *args, **kwargs):
+            built.update(kwargs)
+
+        def fit(self):
+            return None
+
+    monkeypatch.setattr(ray.train.torch, "TorchTrainer", Recorder)
+    monkeypatch.setattr(ray_utils, "init_ray", lambda address=None: None)
+    cfg = load_config(None, ["ray.collective_timeout_s=7200"])
+    assert load_config(None).ray.collective_timeout_s == 3600
+    ray_utils.fit(lambda c: None, {}, cfg, "x")
+    assert isinstance(built["torch_config"], LoopbackTorchConfig) and built["torch_config"].timeout_s == 7200
+    with pytest.raises(ConfigError, match="ray.collective_timeout_s: must be >= 1"):
+        load_config(None, ["ray.collective_timeout_s=0"])

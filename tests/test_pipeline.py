@@ -71,6 +71,9 @@ def test_full_run_counts_steps_keeps_the_pool_and_picks_the_best_round(ray_sessi
     for r in (0, 1):
         curves = read_scalars(str(run / f"round={r}"))
         assert [step for step, _ in curves["val_accuracy"]] == [3, 6]
+        # The 2 Train workers validated a share of the val split each, the counts summed: the last step's figure
+        # is the exported model's val accuracy as the pipeline measures it, in one process.
+        assert curves["val_accuracy"][-1][1] == pytest.approx(rounds[r]["val"]["accuracy"])
         assert [step for step, _ in curves["loss"]] == [3, 6]
     summary = read_scalars(str(run))
     assert [s for s, _ in summary["rounds/val_accuracy"]] == [0, 1]

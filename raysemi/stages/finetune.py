@@ -6,7 +6,8 @@ cross-entropy on a training set written by ``data.trainset`` (true labels with w
 ``finetune.pseudo_weight``; hard labels, or the teacher's probabilities with soft targets).
 ``finetune.freeze_backbone`` turns it into a linear probe. A round runs ``finetune.steps`` optimizer steps
 (``training_plan``), the same whatever the size of its training set, so rounds and baselines compare at
-equal compute. Validation accuracy is measured on rank 0 every ``eval_every`` steps; the model of the last
+equal compute. Validation accuracy is measured every ``eval_every`` steps, each rank on its share of the val
+shards, the counts summed over ranks (``validate``); the model of the last
 step is kept (its EMA when ``finetune.ema_decay`` > 0; the best *round* is chosen by the pipeline).
 """
 
@@ -187,6 +188,22 @@ def train_one_epoch(
     }
 
 
+def val_shares(uris: list[str], rank: int, world: int) -> list[str]:
+    """The val shards rank ``rank`` of ``world`` validates: round-robin (a rank may get none)."""
+    return list(uris[rank::world])
+
+
+def validate(model: torch.nn.Module, loader, device: torch.device, precision: str) -> float:
+    """Accuracy over every rank's share of the val split (``loader`` None: this rank has no share); every
+    rank must call it, since the counts are all-reduced."""
+    correct, seen = 0.0, 0.0
+    if loader is not None:
+        _, y, p = predict_probs(model, loader, device, precision)
+        correct, seen = float((p.argmax(1) == y).sum()), float(len(y))
+    correct, seen = all_reduce_sum([correct, seen], device)
+    return correct / seen if seen else float("nan")
+
+
 def build_ema(model: torch.nn.Module, decay: float) -> ModelEmaV3 | None:
     """timm's ``ModelEmaV3`` of the weights and BN buffers, its decay warmed up (``1 - (1 + t)^(-2/3)``
     capped at ``decay``) so that a short fine-tuning is not dominated by the random head; None when off."""
@@ -238,14 +255,14 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     if state is not None:
         train_state.load_state_dict(state)
         history = list(state["history"])
-    val_loader = None
-    if rank == 0:
-        manifest = read_manifest(cfg.data.path)
-        val_loader = build_loader(
-            manifest.shard_uris(cfg.data.path, "val"), mode="eval", size=cfg.data.image_size,
-            batch_size=max(batch, 64), augment=cfg.augment, backend=cfg.data.loader, device=device,
-            num_threads=cfg.data.num_threads,
-        )
+    # Every rank validates its share of the val shards (round-robin, as training assigns them) and the counts
+    # are summed: a large val split takes 1/world of the time, and no rank waits on rank 0 past the
+    # collective timeout (ray.collective_timeout_s).
+    val_uris = val_shares(read_manifest(cfg.data.path).shard_uris(cfg.data.path, "val"), rank, world)
+    val_loader = build_loader(
+        val_uris, mode="eval", size=cfg.data.image_size, batch_size=max(batch, 64), augment=cfg.augment,
+        backend=cfg.data.loader, device=device, num_threads=cfg.data.num_threads,
+    ) if val_uris else None
     cw = class_weights(trainset.class_counts).to(device) if f.class_weighting else None
     clock = StageClock(loop_config.get("label", "finetune"), "step", plan.total_steps, step)
     events = EventLog(loop_config["events"]) if rank == 0 and loop_config.get("events") else None
@@ -255,9 +272,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                                   start_step=step, plan=plan, device=device, weights_per_class=cw, ema=ema)
         step = int(metrics["step"])
         metrics["epoch"] = math.ceil(step / plan.interval) - 1
-        if val_loader is not None:
-            _, y, p = predict_probs(ema.module if ema is not None else model, val_loader, device, f.precision)
-            metrics["val_accuracy"] = float((p.argmax(1) == y).mean()) if len(y) else float("nan")
+        metrics["val_accuracy"] = validate(ema.module if ema is not None else model, val_loader, device, f.precision)
+        if rank == 0:
             log.info("%s", clock.line(step, metrics))
         if events is not None:
             events.log(step, metrics)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ import torch
 from raysemi.config import Config, FinetuneConfig
 from raysemi.models.checkpoint import build_classifier
 from raysemi.optim import build_optimizer
+from raysemi.stages import finetune
 from raysemi.stages.common import grad_scaler
 from raysemi.stages.finetune import (
     TrainingPlan,
@@ -207,3 +209,20 @@ def test_init_check_accepts_a_fitting_byol_and_checks_a_classifier_init(tmp_path
         check_init(cfg, 4, clf)
     with pytest.raises(CheckpointError, match="does not fit the configured classifier"):
         check_init(cfg.replace(**{"model.proj_dim": 4}), 3, clf)
+
+
+def test_val_shares_cover_every_shard_once_and_validate_without_a_group_is_plain_accuracy():
+    uris = [f"s{i}" for i in range(5)]
+    shares = [finetune.val_shares(uris, r, 3) for r in range(3)]
+    assert sorted(u for s in shares for u in s) == uris and [len(s) for s in shares] == [2, 2, 1]
+    assert finetune.val_shares(uris[:1], 1, 2) == []  # a rank may have nothing to validate
+
+    class Fixed(torch.nn.Module):
+        def forward(self, x):
+            return x[:, :, 0, 0]  # the logits are the first pixel's channels
+
+    x = torch.zeros(6, 3, 2, 2)
+    x[[0, 1, 2], [0, 1, 2], 0, 0] = 1.0  # rows 0-2 predict classes 0, 1, 2; rows 3-5 predict class 0
+    batches = [{"image": x, "label": torch.tensor([0, 1, 1, 0, 2, 0]), "id": [str(i) for i in range(6)]}]
+    assert finetune.validate(Fixed(), batches, torch.device("cpu"), "fp32") == pytest.approx(4 / 6)
+    assert math.isnan(finetune.validate(Fixed(), None, torch.device("cpu"), "fp32"))
