@@ -232,3 +232,24 @@ def test_tune_overwrite_removes_tunes_files_only_and_refuses_an_unmarked_experim
 def test_every_layout_names_a_kind_once():
     kinds = [lay.kind for lay in (outputs.DATASET, RUN, DEMO, outputs.PREDICT, TUNE, TRAIN_RUN)]
     assert len(set(kinds)) == len(kinds)
+
+
+def test_pretrain_overwrite_forgets_only_what_ray_train_wrote_of_its_run(tmp_path, demo_dataset, monkeypatch):
+    from raysemi import ray_utils
+    from raysemi.stages import pretrain
+
+    def stop(*args, **kwargs):
+        raise AssertionError("training would start here")
+
+    monkeypatch.setattr(ray_utils, "fit", stop)
+    cfg = load_config(None, [f"data.path={demo_dataset}", f"run.output_dir={tmp_path / 'run'}",
+                             "model.backbone=test_resnet", "pretrain.batch_size=32"])
+    run = tmp_path / "run" / "ray" / pretrain.run_name(cfg)
+    for rel in ("checkpoint_2026-12-05_10-00-00.000000/state.pt", ".validate_storage_marker"):
+        _foreign(run, rel)
+    mine = _foreign(run, "notes.md")
+    with pytest.raises(RaysemiError, match="unfinished pretraining run .*--overwrite"):
+        pretrain.run(cfg)
+    with pytest.raises(AssertionError, match="training would start here"):
+        pretrain.run(cfg, overwrite=True)
+    assert _files(run) == ["notes.md"] and mine.read_text() == "three years of work\n"

@@ -276,7 +276,9 @@ def run(cfg: Config, resume: bool = False, overwrite: bool = False) -> PretrainR
         return PretrainResult(weights, read_json(join(out, "metrics.json")), out)
     storage = ray_utils.storage_root(cfg)
     guard_output(storage, f"an unfinished pretraining run {name!r}", join(storage, name), resume=resume,
-                 overwrite=overwrite, remove=join(storage, name))
+                 overwrite=overwrite)
+    if overwrite:  # what Ray Train wrote there, nothing else
+        ray_utils.remove_train_run(name, cfg)
 
     if not resume:
         clear_events(out)
