@@ -30,12 +30,11 @@ MARKER = ".raysemi-output"
 class Layout:
     """What one kind of output writes at the top of its folder: ``entries`` are ``fnmatch`` patterns of names;
     ``children`` maps a pattern to the layout of the folders it names (cleared entry by entry, not removed
-    whole); ``marked``: whether the folder carries its own ``MARKER`` (a folder inside a marked one need not)."""
+    whole). Only the top folder's marker is checked: a folder inside a marked one is raysemi's by its name."""
 
     kind: str
     entries: tuple[str, ...]
     children: Mapping[str, Layout] = field(default_factory=dict)
-    marked: bool = True
 
     def owns(self, name: str) -> bool:
         return name == MARKER or any(fnmatch.fnmatchcase(name, p) for p in self.entries)
@@ -151,7 +150,7 @@ def guard_output(where: str, what: str, found: str | bool, *, resume: bool | Non
 
 _TMP = "*.tmp-*"  # io.write_bytes_atomic's temporaries, left by a writer that was killed
 
-SPLIT_SHARDS = Layout("dataset split", ("part-*.parquet", "part-*.parquet.tmp-*"), marked=False)
+SPLIT_SHARDS = Layout("dataset split", ("part-*.parquet", "part-*.parquet.tmp-*"))
 DATASET = Layout(
     "dataset",
     ("manifest.json", "quarantine.parquet", "train", "val", "test", "unlabeled", ".raysemi-write-probe-*", _TMP),
@@ -165,15 +164,14 @@ RUN = Layout(
 )
 SYNTHETIC_IMAGES = Layout(
     "synthetic images", ("README.txt", "unlabeled_truth.csv", "synthetic_*", "unlabeled"),
-    children={"synthetic_*": Layout("synthetic class", ("p*_*.png",), marked=False),
-              "unlabeled": Layout("synthetic pool", ("p*_*.png",), marked=False)},
-    marked=False,
+    children={"synthetic_*": Layout("synthetic class", ("p*_*.png",)),
+              "unlabeled": Layout("synthetic pool", ("p*_*.png",))},
 )
 DEMO = Layout(
     "demo", ("data", "run"),
     children={
-        "data": Layout("demo data", ("images", "dataset"), marked=False, children={
-            "images": Layout("demo images", ("SYNTHETIC-demo",), marked=False,
+        "data": Layout("demo data", ("images", "dataset"), children={
+            "images": Layout("demo images", ("SYNTHETIC-demo",),
                              children={"SYNTHETIC-demo": SYNTHETIC_IMAGES}),
             "dataset": DATASET,
         }),
@@ -194,4 +192,4 @@ TUNE = Layout(
 )
 # A Ray Train run's folder (``<storage>/<run name>``): its checkpoints and Train's own records.
 TRAIN_RUN = Layout("Ray Train run", ("checkpoint_*", "checkpoint_manager_snapshot.json", ".validate_storage_marker",
-                                     _TMP), marked=False)
+                                     _TMP))

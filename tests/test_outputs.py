@@ -48,7 +48,7 @@ def _files(folder: Path) -> list[str]:
 
 
 def test_remove_output_removes_only_the_layouts_entries_and_keeps_the_folder(tmp_path):
-    lay = Layout("thing", ("a.txt", "round=*", "nested"), children={"nested": Layout("n", ("x-*",), marked=False)})
+    lay = Layout("thing", ("a.txt", "round=*", "nested"), children={"nested": Layout("n", ("x-*",))})
     for rel in ("a.txt", "round=0/w.bin", "round=1/deep/z", "nested/x-1", "nested/mine.txt", "b.txt", "round"):
         _foreign(tmp_path, rel)
     with pytest.raises(RaysemiError, match=f"holds the thing but no raysemi marker \\({MARKER}\\)"):
@@ -62,7 +62,7 @@ def test_remove_output_removes_only_the_layouts_entries_and_keeps_the_folder(tmp
 
 
 def test_an_emptied_child_folder_goes_and_a_marker_of_another_kind_is_refused(tmp_path):
-    lay = Layout("thing", ("nested",), children={"nested": Layout("n", ("x-*",), marked=False)})
+    lay = Layout("thing", ("nested",), children={"nested": Layout("n", ("x-*",))})
     _foreign(tmp_path, "nested/x-1")
     mark(str(tmp_path), lay)
     assert clear(str(tmp_path), lay) == [] and not (tmp_path / "nested").exists()
