@@ -14,19 +14,33 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
+from raysemi import ray_utils
 from raysemi.config import load_config
 from raysemi.data.labels import label_split
 from raysemi.data.shards import read_manifest
-from raysemi.data.trainset import write_trainset
+from raysemi.data.trainset import SourceShard, count_rows, write_trainset
+from raysemi.pipeline import labeled_trainset
 from raysemi.pretrain_cache import cache_key, lookup
-from raysemi.stages import finetune
-from raysemi.stages.commits import read_predictions
+from raysemi.stages import finetune, pool
 from raysemi.stages.evaluate import split_metrics
-from raysemi.stages.selection import budget_count, select_pseudo_labels, selection_prior
+from raysemi.stages.selection import budget_count, selection_prior
+
+
+@dataclass(frozen=True)
+class OracleRows(pool.PseudoRows):
+    """The round's chosen rows with their hidden true label instead of the teacher's."""
+
+    def chosen_rows(self, shard: SourceShard) -> pa.Table:
+        rows = super().chosen_rows(shard)
+        if rows.num_rows and pc.min(rows.column("truth")).as_py() < 0:
+            raise SystemExit("bench/oracle_round.py: error: some selected rows have no hidden true label")
+        return rows.set_column(rows.column_names.index("label"), "label", rows.column("truth"))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -38,25 +52,25 @@ def main(argv: list[str] | None = None) -> None:
     if not (run / "predictions" / "round=1").is_dir() or not (run / "report.json").is_file():
         raise SystemExit(f"bench/oracle_round.py: error: {run} is not a finished full run with a round 1")
     cfg = load_config(run / "config.yaml", [f"run.output_dir={out}", f"run.name=oracle-{run.name}"])
-    manifest, labels = read_manifest(cfg.data.path), label_split(cfg.data.path, cfg.data)
+    manifest = read_manifest(cfg.data.path)
+    tasks = ray_utils.task_mapper(cfg.ray.address)
+    labels = label_split(cfg.data.path, cfg.data, manifest, tasks)
     pl, classes = cfg.pseudolabel, manifest.classes
-    chosen = select_pseudo_labels(
-        read_predictions(str(run / "predictions" / "round=1")), set(labels.pool_ids),
-        budget_count(pl.budget, len(labels.pool_ids)), len(classes),
-        prior=selection_prior(pl.selection, labels.labeled_targets, len(classes)), min_confidence=pl.min_confidence)
-    ids = chosen.column("id").to_pylist()
-    if any(i not in labels.pool_truth for i in ids):
-        raise SystemExit("bench/oracle_round.py: error: some selected rows have no hidden true label")
-    truth = np.array([labels.pool_truth[i] for i in ids])
-    precision = float((np.asarray(chosen.column("pred").to_pylist()) == truth).mean())
-    rows = {i: (int(y), 1.0) for i, y in zip(labels.labeled_ids, labels.labeled_targets)}
-    rows.update({i: (int(t), cfg.finetune.pseudo_weight) for i, t in zip(ids, truth)})
+    shards = pool.pool_shards(cfg.data.path, manifest, str(run / "predictions" / "round=1"))
+    view = pool.PoolView(labels.rule, len(classes), pl.min_confidence)
+    rule, _ = pool.select(shards, view, budget_count(pl.budget, labels.pool_rows),
+                          selection_prior(pl.selection, labels.labeled_counts), tasks)
+    teacher = count_rows(pool.PseudoRows(view, rule, cfg.finetune.pseudo_weight), shards, tasks)
+    n_selected = sum(teacher[0])
+    precision = pool.precision(teacher[2], classes)["precision"]
+    source = OracleRows(view, rule, cfg.finetune.pseudo_weight)
+    oracle = write_trainset(source, shards, str(out / "round=1" / "trainset"), 4, tasks)
+    trainset = labeled_trainset(cfg, manifest, labels, str(out / "round=0")).plus(oracle)
     entry = lookup(cfg.pretrain.cache, cache_key(cfg)) if cfg.pretrain.cache else None
     init = entry["weights"] if entry is not None else str(run / "pretrain" / "byol.safetensors")
-    trainset = write_trainset(cfg.data.path, manifest, rows, str(out / "round=1" / "trainset"), num_shards=4)
     result = finetune.run(cfg, trainset, init, str(out / "round=1"), f"oracle-{run.name}", classes)
     report = json.loads((run / "report.json").read_text())
-    got = {"run": str(run), "selected": len(ids), "pseudo_label_precision": precision,
+    got = {"run": str(run), "selected": n_selected, "pseudo_label_precision": precision,
            "pseudo_round1_val": report["rounds"][1]["val"]["accuracy"],
            "round0_val": report["rounds"][0]["val"]["accuracy"]}
     for split in ("val", "test"):

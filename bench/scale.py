@@ -1,24 +1,28 @@
-"""Scale of a pseudo-label round's driver-side steps: wall time, driver memory, bytes read, S3 requests.
+"""Scale of a pseudo-label round's data plane: the driver's wall time, memory, bytes read and S3 requests.
 
-What a round does in the driver today (``raysemi.pipeline.run_pipeline``), step by step, on synthetic
-datasets of N rows written by the project's own shard writer (1 KB stand-in images, 1,000 rows per shard, the
-``train`` split half labelled, ``data.label_fraction`` 0.1) and prediction shards written through the commit
-protocol (``stages.commits.commit``) as the actors would:
+What a round does around the actors' predictions (``raysemi.pipeline``), step by step, on synthetic datasets of
+N rows written by the project's own shard writer (1 KB stand-in images, 1,000 rows per shard, the ``train``
+split half labelled, ``data.label_fraction`` 0.1) and prediction shards committed through the commit protocol
+(``stages.commits.commit``, ids checked) as the actors would. Every per-row step runs in Ray tasks (a private
+local Ray, 2 CPUs here); the driver handles per-shard summaries:
 
-- ``label choice``: ``data.labels.label_split`` (which labels a run may use; the pool);
-- ``read predictions``: ``stages.commits.read_predictions`` of every committed prediction shard;
-- ``selection``: the pool as a set, ``stages.selection.select_pseudo_labels`` (budget 0.25 of the pool, prior);
-- ``soft targets``: the chosen rows' sharpened probabilities (``pipeline.soft_targets``);
-- ``exactly-once check``: ``stages.commits.verify_exactly_once``;
-- ``training-set build``: ``data.trainset.write_trainset`` of the labelled + chosen rows.
+- ``label choice``: ``data.labels.label_split`` (the manifest's class counts, then the k-th rank key of each
+  class over the train shards: a few task maps);
+- ``exactly-once check``: ``stages.commits.verify_exactly_once`` (one listing, the markers fetched together);
+- ``selection``: ``stages.pool.select`` (candidates per class, then the thresholds of the ``prior`` selection
+  of a quarter of the pool, in narrowing passes);
+- ``labelled set``: the chosen labels' training set (``data.trainset.write_trainset`` of ``LabeledRows``),
+  written once per run;
+- ``pseudo-label set``: the round's chosen rows with soft targets (count, then one task per part).
 
 Each step runs in a fresh process (so one step's memory does not count against the next) that first imports
-everything and builds its inputs, then runs the step alone while a thread samples its resident memory every
-10 ms. Per step: wall seconds, the peak RSS above the RSS just before the step, the bytes the process read
-during it (``rchar`` of ``/proc/self/io`` on local disk; on S3 the bytes received on the loopback interface,
-where the S3 server is the only other party while the step runs), and with
-``--s3`` the requests the moto S3 server on loopback received during it, per input shard (its request log).
-No model, no decoding: ingest and ``predict`` at these sizes are not measured here.
+everything, starts Ray and builds its inputs, then runs the step alone while a thread samples its resident
+memory every 10 ms (after one unmeasured run of the step: Ray's worker start-up and the process's lazy
+imports are paid once per driver, not per row). Per step: wall seconds, the driver's peak RSS above the RSS just before the step, the bytes
+the driver read (``rchar`` of ``/proc/self/io``; on local disk: S3 reads come over sockets), the task maps it
+ran, and with ``--s3`` the S3 requests the driver sent (botocore's ``before-send``) per input shard, beside the
+requests the moto server received from everyone (its log). No model, no decoding; ``ingest`` and ``predict``
+are not measured here (their bookkeeping still runs in one process: issue #23, items 4 and 5).
 
     .venv/bin/python bench/scale.py                          # 100k and 1M rows, local disk
     .venv/bin/python bench/scale.py --s3                     # and on the moto S3 server (100k: --s3-max-rows)
@@ -47,8 +51,7 @@ sys.path.insert(0, str(ROOT))
 ROWS_PER_SHARD = 1000
 IMAGE_BYTES = 1024
 CLASSES = ["a", "b", "c"]
-STEPS = ("label choice", "read predictions", "selection", "soft targets", "exactly-once check",
-         "training-set build")
+STEPS = ("label choice", "exactly-once check", "selection", "labelled set", "pseudo-label set")
 LABEL_FRACTION = 0.1
 BUDGET = 0.25
 
@@ -96,7 +99,8 @@ def generate(root: str, rows: int, seed: int = 0) -> None:
                     "confidence": pa.array(probs.max(1), pa.float32()),
                     "probs": pa.array(list(probs), pa.list_(pa.float32())),
                 })
-                commits.commit(pred_root, index, f"{root}/{shard.path}", pred, "0" * 64, shard.sha256)
+                commits.commit(pred_root, index, f"{root}/{shard.path}", pred, "0" * 64, shard.sha256,
+                               input_ids=table.column("id"))
         splits[split] = info
     write_manifest(root, Manifest(classes=CLASSES, splits=splits, synthetic=True))
 
@@ -118,16 +122,6 @@ def _rchar() -> int:
     return 0
 
 
-def _loopback_received() -> int:
-    """Bytes received on the loopback interface (all processes; the step's process is the only one talking
-    to the S3 server while it runs): what an S3 step read, requests included."""
-    for line in Path("/proc/net/dev").read_text().splitlines():
-        name, _, rest = line.partition(":")
-        if name.strip() == "lo":
-            return int(rest.split()[0])
-    return 0
-
-
 def _requests(log: str | None) -> int:
     if not log:
         return 0
@@ -136,60 +130,58 @@ def _requests(log: str | None) -> int:
 
 
 def run_step(step: str, root: str, work: str, moto_log: str | None) -> dict[str, Any]:
-    """Build the step's inputs (not measured), then run the step alone (measured)."""
-    import numpy as np
-
+    """Build the step's inputs and start Ray (not measured), then run the step alone (measured)."""
+    from raysemi import ray_utils
     from raysemi.config import DataConfig
     from raysemi.data.labels import label_split
     from raysemi.data.shards import read_manifest
-    from raysemi.data.trainset import write_trainset
-    from raysemi.pipeline import soft_targets
-    from raysemi.stages.commits import read_predictions, verify_exactly_once
-    from raysemi.stages.selection import budget_count, select_pseudo_labels, selection_prior
+    from raysemi.data.trainset import LabeledRows, count_rows, write_trainset
+    from raysemi.stages import pool
+    from raysemi.stages.commits import verify_exactly_once
+    from raysemi.stages.selection import budget_count, selection_prior
 
     manifest = read_manifest(root)
     pred_uri = f"{root}/predictions"
     data = DataConfig(path=root, label_fraction=LABEL_FRACTION)
-    uris = manifest.shard_uris(root, "train")
+    shards = pool.pool_shards(root, manifest, pred_uri)
+    uris = [s.uri for s in shards]
     state: dict[str, Any] = {}
+    maps = [0]
+    ray_utils.init_ray(None)
+    remote = ray_utils.task_mapper(None)
+
+    def tasks(fn, args):
+        maps[0] += 1
+        return remote(fn, args)
 
     def prepare(upto: str) -> None:
         order = STEPS.index(upto)
         if order > 0:
-            state["labels"] = label_split(root, data)
-        if order > 1:
-            state["predictions"] = read_predictions(pred_uri)
-        if order > 2:
+            state["labels"] = label_split(root, data, manifest, remote)
+            state["view"] = pool.PoolView(state["labels"].rule, len(CLASSES), 0.0)
+        if order > 3:
             labels = state["labels"]
-            prior = selection_prior("prior", labels.labeled_targets, len(CLASSES))
-            state["chosen"] = select_pseudo_labels(state["predictions"], set(labels.pool_ids),
-                                                   budget_count(BUDGET, len(labels.pool_ids)), len(CLASSES),
-                                                   prior=prior)
+            state["rule"] = pool.select(shards, state["view"], budget_count(BUDGET, labels.pool_rows),
+                                        selection_prior("prior", labels.labeled_counts), remote)[0]
 
     def act() -> Any:
         if step == "label choice":
-            return label_split(root, data)
-        if step == "read predictions":
-            return read_predictions(pred_uri)
+            return label_split(root, data, manifest, tasks)
+        if step == "exactly-once check":
+            return verify_exactly_once(pred_uri, uris, [s.rows for s in shards])
         labels = state["labels"]
         if step == "selection":
-            prior = selection_prior("prior", labels.labeled_targets, len(CLASSES))
-            return select_pseudo_labels(state["predictions"], set(labels.pool_ids),
-                                        budget_count(BUDGET, len(labels.pool_ids)), len(CLASSES), prior=prior)
-        chosen = state["chosen"]
-        ids = chosen.column("id").to_pylist()
-        if step == "soft targets":
-            by_id = dict(zip(state["predictions"].column("id").to_pylist(),
-                             state["predictions"].column("probs").to_pylist()))
-            return soft_targets([by_id[i] for i in ids], 0.5)
-        if step == "exactly-once check":
-            return verify_exactly_once(pred_uri, uris, [s.rows for s in manifest.splits["train"].shards])
-        rows = {i: (int(y), 1.0) for i, y in zip(labels.labeled_ids, labels.labeled_targets)}
-        preds = np.asarray(chosen.column("pred").to_pylist(), dtype=np.int64)
-        rows.update({i: (int(p), 1.0) for i, p in zip(ids, preds)})
-        return write_trainset(root, manifest, rows, f"{work}/trainset", num_shards=4)
+            return pool.select(shards, state["view"], budget_count(BUDGET, labels.pool_rows),
+                               selection_prior("prior", labels.labeled_counts), tasks)
+        if step == "labelled set":
+            return write_trainset(LabeledRows(labels.rule, len(CLASSES)), shards, f"{work}/labelled", 4, tasks)
+        source = pool.PseudoRows(state["view"], state["rule"], 1.0, temperature=0.5)
+        return write_trainset(source, shards, f"{work}/pseudo", 4, tasks, soft=True,
+                              counted=count_rows(source, shards, tasks))
 
     prepare(step)
+    act()  # once unmeasured: the worker processes' start, this process's lazy imports, the remote functions
+    maps[0] = 0
     peak = [0]
     done = threading.Event()
 
@@ -198,8 +190,13 @@ def run_step(step: str, root: str, work: str, moto_log: str | None) -> dict[str,
             peak[0] = max(peak[0], _rss())
             time.sleep(0.01)
 
-    read = _loopback_received if moto_log else _rchar  # S3 reads come over sockets, which rchar misses
-    base_rss, base_read, base_req = _rss(), read(), _requests(moto_log)
+    sent: list[str] = []
+    if moto_log:  # the requests this process (the driver) sends; the moto log counts the tasks' too
+        from raysemi.io import filesystem
+
+        fs, _ = filesystem(root)
+        fs.s3.meta.events.register("before-send.s3", lambda request, **kw: sent.append(request.method))
+    base_rss, base_read, base_req = _rss(), _rchar(), _requests(moto_log)
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     t0 = time.perf_counter()
@@ -208,8 +205,8 @@ def run_step(step: str, root: str, work: str, moto_log: str | None) -> dict[str,
     done.set()
     sampler.join()
     return {"step": step, "seconds": wall, "peak_rss_over_start_mib": max(0, max(peak[0], _rss()) - base_rss) / 2**20,
-            "bytes_read_mib": (read() - base_read) / 2**20, "s3_requests": _requests(moto_log) - base_req,
-            "input_shards": len(uris)}
+            "driver_bytes_read_mib": (_rchar() - base_read) / 2**20, "driver_s3_requests": len(sent),
+            "s3_requests_all": _requests(moto_log) - base_req, "task_maps": maps[0], "input_shards": len(uris)}
 
 
 # ---------------------------------------------------------------- orchestration
@@ -246,8 +243,10 @@ def measure(root: str, work: str, env: dict[str, str], moto_log: str | None) -> 
         if proc.returncode != 0 or not lines:
             raise RuntimeError(f"{step} failed:\n{proc.stderr[-3000:]}")
         out.append(json.loads(lines[-1][5:]))
-        print(f"  {step:<20} {out[-1]['seconds']:8.2f} s  +{out[-1]['peak_rss_over_start_mib']:7.0f} MiB  "
-              f"read {out[-1]['bytes_read_mib']:8.0f} MiB  S3 requests {out[-1]['s3_requests']}", flush=True)
+        o = out[-1]
+        print(f"  {step:<20} {o['seconds']:8.2f} s  +{o['peak_rss_over_start_mib']:7.0f} MiB  "
+              f"read {o['driver_bytes_read_mib']:8.1f} MiB  maps {o['task_maps']}  "
+              f"S3 requests {o['driver_s3_requests']} (all {o['s3_requests_all']})", flush=True)
     return out
 
 
@@ -317,20 +316,23 @@ def write(results: dict[str, Any], out: Path) -> None:
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "scale.json").write_text(json.dumps(results, indent=2) + "\n")
-    header = ["rows", "storage", "step", "seconds", "peak RSS over start (MiB)", "bytes read (MiB)",
-              "S3 requests / shard"]
+    header = ["rows", "storage", "step", "seconds", "driver peak RSS over start (MiB)", "driver bytes read (MiB)",
+              "task maps", "driver S3 requests / shard", "all S3 requests / shard"]
     body = []
     for run in results["runs"]:
         for s in run["steps"]:
-            per_shard = f"{s['s3_requests'] / s['input_shards']:.1f}" if run["storage"] == "s3" else ""
+            s3 = run["storage"] == "s3"
             body.append([f"{run['rows']:,}", run["storage"], s["step"], f"{s['seconds']:.2f}",
-                         f"{s['peak_rss_over_start_mib']:.0f}", f"{s['bytes_read_mib']:.0f}", per_shard])
+                         f"{s['peak_rss_over_start_mib']:.0f}", "" if s3 else f"{s['driver_bytes_read_mib']:.1f}",
+                         str(s["task_maps"]),
+                         f"{s['driver_s3_requests'] / s['input_shards']:.2f}" if s3 else "",
+                         f"{s['s3_requests_all'] / s['input_shards']:.1f}" if s3 else ""])
     m = results["machine"]
-    text = (f"# A round's driver-side steps at scale (`bench/scale.py`, revision {results['revision']})\n\n"
+    text = (f"# A round's data plane at scale (`bench/scale.py`, revision {results['revision']})\n\n"
             f"{m.get('cpu_model', '?')}, {m['cpus']} cores, bf16 flags: {', '.join(m['bf16_flags']) or 'none'}; "
             f"{results['rows_per_shard']:,} rows per shard, {results['image_bytes']} B images, "
             f"label fraction {results['label_fraction']}, budget {results['budget']} of the pool.\n\n"
-            + "\n".join(markdown_table(header, body, ["r", "l", "l", "r", "r", "r", "r"])) + "\n")
+            + "\n".join(markdown_table(header, body, ["r", "l", "l", "r", "r", "r", "r", "r", "r"])) + "\n")
     (out / "scale.md").write_text(text)
     print("\n" + text)
 

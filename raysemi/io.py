@@ -107,6 +107,33 @@ def exists(uri: str) -> bool:
 # ---------------------------------------------------------------- bytes and JSON
 
 
+def open_exact(uri: str):
+    """Open ``uri`` for reading only the byte ranges asked for: on an object store without read-ahead
+    (s3fs's default cache fetches megabytes around a Parquet reader's small column and footer reads)."""
+    fs, path = filesystem(uri)
+    if isinstance(fs, LocalFileSystem):
+        return fs.open(path, "rb")
+    return fs.open(path, "rb", cache_type="none")
+
+
+def read_small_files(uris: list[str]) -> dict[str, bytes]:
+    """The contents of many small files, by URI (missing ones left out): on S3 fetched concurrently, one
+    request each. All of ``uris`` on one filesystem."""
+    if not uris:
+        return {}
+    fs, _ = filesystem(uris[0])
+    paths = {filesystem(u)[1]: u for u in uris}
+    if hasattr(fs, "cat_small"):
+        return {paths[p]: data for p, data in fs.cat_small(list(paths)).items()}
+    out = {}
+    for path, uri in paths.items():
+        try:
+            out[uri] = fs.cat_file(path)
+        except FileNotFoundError:
+            continue
+    return out
+
+
 def read_bytes(uri: str) -> bytes:
     fs, path = filesystem(uri)
     with fs.open(path, "rb") as fh:

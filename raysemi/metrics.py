@@ -224,17 +224,31 @@ def pseudo_label_precision(
         classes = sorted({int(c) for c in pseudo})
         keys = [str(c) for c in classes]
 
-    def counts(mask: np.ndarray) -> dict[str, Any]:
-        known = mask & (truth != UNKNOWN)
-        n_known = int(known.sum())
-        n_correct = int((known & (truth == pseudo)).sum())
+    k = max(classes, default=-1) + 1
+    known = truth != UNKNOWN
+    confusion = np.zeros((k, max(k, int(truth.max(initial=-1)) + 1)), dtype=np.int64)
+    np.add.at(confusion, (pseudo[known], truth[known]), 1)
+    unknown = np.bincount(pseudo[~known], minlength=k)
+    return precision_from_counts(confusion, unknown, keys, classes)
+
+
+def precision_from_counts(confusion: np.ndarray, unknown: np.ndarray, keys: list[str],
+                          classes: list[int] | None = None) -> dict:
+    """``pseudo_label_precision``'s figures from counts: ``confusion[pred, truth]`` of the rows whose truth
+    is known, ``unknown[pred]`` of the others; ``keys`` names the classes ``classes`` (default: all)."""
+    confusion, unknown = np.asarray(confusion, dtype=np.int64), np.asarray(unknown, dtype=np.int64)
+    classes = list(range(len(keys))) if classes is None else classes
+
+    def counts(rows: list[int]) -> dict[str, Any]:
+        n_known = int(confusion[rows].sum())
+        n_correct = int(sum(confusion[c, c] for c in rows if c < confusion.shape[1]))
         return {
-            "n_selected": int(mask.sum()),
+            "n_selected": n_known + int(unknown[rows].sum()),
             "n_with_truth": n_known,
             "n_correct": n_correct,
             "precision": n_correct / n_known if n_known else None,
         }
 
-    out = counts(np.ones(pseudo.size, dtype=bool))
-    out["per_class"] = {key: counts(pseudo == c) for key, c in zip(keys, classes)}
+    out = counts(list(range(len(unknown))))
+    out["per_class"] = {key: counts([c]) for key, c in zip(keys, classes)}
     return out

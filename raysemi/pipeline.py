@@ -19,25 +19,19 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
-import numpy as np
-import torch
-
 from raysemi import io as rio
 from raysemi import ray_utils
 from raysemi.config import Config, config_to_yaml
-from raysemi.data.labels import label_split
-from raysemi.data.shards import DatasetError, Manifest, read_manifest, table_bytes
-from raysemi.data.trainset import write_trainset
+from raysemi.data.labels import LabelSplit, label_split
+from raysemi.data.shards import DatasetError, Manifest, read_manifest
+from raysemi.data.trainset import LabeledRows, TrainSet, count_rows, read_trainset, write_trainset
 from raysemi.event_log import EventLog, copy_events
 from raysemi.io import filesystem, join, write_bytes_atomic
-from raysemi.losses import sharpen
-from raysemi.metrics import pseudo_label_precision
 from raysemi.outputs import RUN, guard_output, mark
-from raysemi.stages import finetune, pretrain
-from raysemi.stages.commits import read_predictions
+from raysemi.stages import finetune, pool, pretrain
 from raysemi.stages.evaluate import publish_report, split_metrics
 from raysemi.stages.pseudolabel import predict_shards
-from raysemi.stages.selection import budget_count, check_budget, select_pseudo_labels, selection_prior
+from raysemi.stages.selection import budget_count, check_budget, selection_prior
 
 log = logging.getLogger("raysemi.pipeline")
 
@@ -68,21 +62,61 @@ def prepare_output(cfg: Config, resume: bool, overwrite: bool) -> None:
     write_bytes_atomic(join(cfg.run.output_dir, CONFIG), config_to_yaml(cfg).encode())
 
 
-def _train_round(cfg: Config, manifest: Manifest, rows: dict[str, tuple[int, float]], r: int,
-                 init: str | None, resume: bool, targets: dict[str, list[float]] | None = None,
-                 repeats: dict[str, int] | None = None) -> finetune.FinetuneResult:
-    out = join(cfg.run.output_dir, f"round={r}")
+def min_parts(cfg: Config) -> int:
+    """Parts of a training set: two per worker at least (a multiple of the workers: equal rows per rank)."""
+    return max(2 * cfg.ray.num_workers, 4)
+
+
+def labeled_trainset(cfg: Config, manifest: Manifest, labels: LabelSplit, out: str) -> TrainSet:
+    """The chosen labels as a training set under ``<out>/trainset``, written once per run (round 0's; a
+    resumed run finds it complete there). With soft targets the parts hold one-hot targets too."""
+    uri = join(out, "trainset")
+    done = read_trainset(uri)
+    if done is not None:
+        return done
+    soft = cfg.pseudolabel.soft_targets
+    shards = [s for s in pool.pool_shards(cfg.data.path, manifest) if s.split == "train"]
+    ts = write_trainset(LabeledRows(labels.rule, manifest.num_classes, soft), shards, uri, min_parts(cfg),
+                        ray_utils.task_mapper(cfg.ray.address))
+    return TrainSet(ts.uris, ts.rows, ts.class_counts, soft=False)  # round 0 trains on hard labels
+
+
+def pseudo_trainset(cfg: Config, manifest: Manifest, labels: LabelSplit, model: str, budget: int, out: str,
+                    pred_uri: str, write: bool = True) -> tuple[TrainSet, int, dict | None]:
+    """Round r's pseudo-labels: the pool predicted by ``model`` (the actor pool), ``budget`` of them chosen and
+    written under ``<out>/trainset`` by Ray tasks (``write``: not when the round is already trained); returns
+    the set, its rows and the pseudo-label precision."""
+    pl, k = cfg.pseudolabel, manifest.num_classes
+    shards = pool.pool_shards(cfg.data.path, manifest, pred_uri)
+    predict_shards(model, [s.uri for s in shards], pred_uri, cfg, input_rows=[s.rows for s in shards],
+                   input_sha256=[h for sp in pool.POOL_SPLITS for h in manifest.shard_hashes(sp)])
+    view = pool.PoolView(labels.rule, k, pl.min_confidence)
+    prior = selection_prior(pl.selection, labels.labeled_counts)
+    tasks = ray_utils.task_mapper(cfg.ray.address)
+    rule, candidates = pool.select(shards, view, budget, prior, tasks)
+    source = pool.PseudoRows(view, rule, cfg.finetune.pseudo_weight, pl.temperature if pl.soft_targets else None)
+    counted = count_rows(source, shards, tasks)
+    n = sum(counted[0])
+    if n < budget:
+        log.warning("only %d of the budget of %d pseudo-labels pass min_confidence=%.3f (pool: %d candidates)",
+                    n, budget, pl.min_confidence, sum(candidates))
+    if n == 0 or not write:
+        return TrainSet([], [], [0] * k, pl.soft_targets), n, pool.precision(counted[2], manifest.classes) if n else None
+    ts = write_trainset(source, shards, join(out, "trainset"), min_parts(cfg), tasks,
+                        soft=pl.soft_targets, counted=counted)
+    return ts, n, pool.precision(counted[2], manifest.classes)
+
+
+def _reuse_round(out: str) -> finetune.FinetuneResult | None:
     weights = join(out, finetune.WEIGHTS)
     fs, path = filesystem(weights)
-    if resume and fs.exists(path):
-        log.info("round %d: reusing %s", r, weights)
-        _, meta = rio.load_weights(weights)
-        extra = json.loads(meta.get("extra", "{}"))
-        return finetune.FinetuneResult(weights, rio.file_sha256(weights), [], 0.0,
-                                       int(extra.get("steps", 0)), int(extra.get("images_seen", 0)))
-    trainset = write_trainset(cfg.data.path, manifest, rows, join(out, "trainset"),
-                              num_shards=max(2 * cfg.ray.num_workers, 4), targets=targets, repeats=repeats)
-    return finetune.run(cfg, trainset, init, out, f"{cfg.run.name}-round{r}", manifest.classes, f"round {r}")
+    if not fs.exists(path):
+        return None
+    log.info("%s: reusing %s", out.rsplit("/", 1)[-1], weights)
+    _, meta = rio.load_weights(weights)
+    extra = json.loads(meta.get("extra", "{}"))
+    return finetune.FinetuneResult(weights, rio.file_sha256(weights), [], 0.0,
+                                   int(extra.get("steps", 0)), int(extra.get("images_seen", 0)))
 
 
 def labeled_repeats(n_labeled: int, n_pseudo: int, share: float) -> int:
@@ -98,11 +132,6 @@ def best_round(history: list[dict[str, Any]], metric: str) -> int:
     return max(range(len(history)), key=lambda i: (history[i]["val"][metric], -i))
 
 
-def soft_targets(probs: list[list[float]], temperature: float) -> list[list[float]]:
-    """The teacher's probabilities at ``temperature`` (``pseudolabel.soft_targets``)."""
-    return sharpen(torch.tensor(probs, dtype=torch.float64), temperature).tolist()
-
-
 def run_pipeline(cfg: Config, *, resume: bool = False, overwrite: bool = False, config_path: str = "",
                  on_round: Callable[[dict[str, Any]], None] | None = None) -> str:
     """Run the configured method end to end; returns the URI of ``report.json``.
@@ -112,12 +141,12 @@ def run_pipeline(cfg: Config, *, resume: bool = False, overwrite: bool = False, 
     """
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     manifest = check_dataset(cfg)
-    labels = label_split(cfg.data.path, cfg.data)
+    labels = label_split(cfg.data.path, cfg.data, manifest, ray_utils.task_mapper(cfg.ray.address))
     pl = cfg.pseudolabel
     rounds = pl.rounds if cfg.run.mode == "full" else 0
-    per_round = budget_count(pl.budget, len(labels.pool_ids))
+    per_round = budget_count(pl.budget, labels.pool_rows)
     if rounds and pl.budget > 1:  # a count must fit; a fraction is capped at the whole pool
-        check_budget(per_round * rounds, len(labels.pool_ids))
+        check_budget(per_round * rounds, labels.pool_rows)
     if cfg.run.mode != "supervised":
         pretrain.check_inputs(cfg)
     prepare_output(cfg, resume, overwrite)
@@ -138,46 +167,34 @@ def run_pipeline(cfg: Config, *, resume: bool = False, overwrite: bool = False, 
         stages["pretrain"] = time.time() - t0
 
     classes = manifest.classes
-    labeled = {i: (int(y), 1.0) for i, y in zip(labels.labeled_ids, labels.labeled_targets)}
     history: list[dict[str, Any]] = []
     models: list[str] = []
-    pool_uris = [u for s in ("train", "unlabeled") if s in manifest.splits
-                 for u in manifest.shard_uris(cfg.data.path, s)]
-    pool_hashes = [h for s in ("train", "unlabeled") for h in manifest.shard_hashes(s)]
-    pool = set(labels.pool_ids)
-    prior = selection_prior(pl.selection, labels.labeled_targets, len(classes))
+    labeled = labeled_trainset(cfg, manifest, labels, join(cfg.run.output_dir, "round=0"))
 
     for r in range(rounds + 1):
         t0 = time.time()
-        rows, n_pseudo, precision, targets = dict(labeled), 0, None, None
+        out = join(cfg.run.output_dir, f"round={r}")
+        done = _reuse_round(out) if resume else None
+        trainset, n_pseudo, precision = labeled, 0, None
         if r > 0:
-            pred_uri = join(cfg.run.output_dir, f"predictions/round={r}")
-            predict_shards(models[-1], pool_uris, pred_uri, cfg, input_sha256=pool_hashes)
-            predictions = read_predictions(pred_uri)
-            chosen = select_pseudo_labels(predictions, pool, min(per_round * r, len(pool)), len(classes),
-                                          prior=prior, min_confidence=pl.min_confidence)
-            ids = chosen.column("id").to_pylist()
-            preds = np.asarray(chosen.column("pred").to_pylist(), dtype=np.int64)
-            rows.update({i: (int(p), cfg.finetune.pseudo_weight) for i, p in zip(ids, preds)})
-            if pl.soft_targets:
-                by_id = dict(zip(predictions.column("id").to_pylist(), predictions.column("probs").to_pylist()))
-                targets = dict(zip(ids, soft_targets([by_id[i] for i in ids], pl.temperature)))
-            truth = np.array([labels.pool_truth.get(i, -1) for i in ids], dtype=np.int64)
-            precision = pseudo_label_precision(truth, preds, classes)
-            n_pseudo = len(ids)
+            pseudo, n_pseudo, precision = pseudo_trainset(
+                cfg, manifest, labels, models[-1], min(per_round * r, labels.pool_rows), out,
+                join(cfg.run.output_dir, f"predictions/round={r}"), write=done is None)
+            copies = labeled_repeats(labels.n_labeled, n_pseudo, pl.labeled_share)
+            trainset = labeled.plus(pseudo, copies)
+        else:
+            copies = 1
         init = byol
         if r > 0 and pl.retrain_from == "previous":
             init = models[-1]
-        copies = labeled_repeats(len(labeled), n_pseudo, pl.labeled_share)
-        repeats = {i: copies for i in labeled} if copies > 1 else None
         round_cfg = cfg
         if r > 0 and pl.retrain_lr_scale != 1.0:
             round_cfg = cfg.replace(**{"finetune.lr": cfg.finetune.lr * pl.retrain_lr_scale})
-        result = _train_round(round_cfg, manifest, rows, r, init, resume, targets, repeats)
+        result = done or finetune.run(round_cfg, trainset, init, out, f"{cfg.run.name}-round{r}", classes, f"round {r}")
         models.append(result.weights)
         val = split_metrics(result.weights, cfg, "val", classes)
         history.append({
-            "round": r, "val": val, "n_pseudo": n_pseudo, "train_rows": len(rows),
+            "round": r, "val": val, "n_pseudo": n_pseudo, "train_rows": labels.n_labeled + n_pseudo,
             "steps": result.steps, "images_seen": result.images_seen, "labeled_copies": copies,
             "pseudo_precision": precision["precision"] if precision else None,
             "pseudo_detail": precision, "seconds": time.time() - t0, "model": result.weights,
@@ -214,7 +231,7 @@ def run_pipeline(cfg: Config, *, resume: bool = False, overwrite: bool = False, 
         },
         "classes": classes,
         "data": {
-            "n_train_labeled": len(labeled), "n_unlabeled": len(labels.pool_ids),
+            "n_train_labeled": labels.n_labeled, "n_unlabeled": labels.pool_rows,
             "n_val": manifest.splits["val"].rows, "n_test": manifest.splits["test"].rows,
         },
         "stages": stages,
@@ -228,32 +245,31 @@ def run_pipeline(cfg: Config, *, resume: bool = False, overwrite: bool = False, 
 def finetune_only(cfg: Config, init: str | None, overwrite: bool = False) -> str:
     """``raysemi finetune``: round 0 alone (the labelled rows), from ``init`` or random weights."""
     manifest = check_dataset(cfg)
-    labels = label_split(cfg.data.path, cfg.data)
+    labels = label_split(cfg.data.path, cfg.data, manifest, ray_utils.task_mapper(cfg.ray.address))
     finetune.check_init(cfg, manifest.num_classes, init)
     out = join(cfg.run.output_dir, "finetune")
     guard_output(out, "a classifier", join(out, finetune.WEIGHTS), overwrite=overwrite)
     if overwrite:
         ray_utils.remove_train_run(f"{cfg.run.name}-finetune", cfg)
-    rows = {i: (int(y), 1.0) for i, y in zip(labels.labeled_ids, labels.labeled_targets)}
-    trainset = write_trainset(cfg.data.path, manifest, rows, join(out, "trainset"),
-                              num_shards=max(2 * cfg.ray.num_workers, 4))
+    trainset = labeled_trainset(cfg.replace(**{"pseudolabel.soft_targets": False}), manifest, labels, out)
     return finetune.run(cfg, trainset, init, out, f"{cfg.run.name}-finetune", manifest.classes).weights
 
 
 def pseudolabel_only(cfg: Config, model: str, out: str | None = None) -> str:
-    """``raysemi pseudolabel``: predictions for the whole pool, then the top-``budget`` selection."""
+    """``raysemi pseudolabel``: predictions for the whole pool, then the top-``budget`` selection, written
+    as ``selected/part-NNNNN.parquet`` (``id, pred, confidence``) by Ray tasks, one per group of shards."""
     manifest = read_manifest(cfg.data.path)
-    labels = label_split(cfg.data.path, cfg.data)
-    budget = budget_count(cfg.pseudolabel.budget, len(labels.pool_ids))
-    check_budget(budget, len(labels.pool_ids))
+    labels = label_split(cfg.data.path, cfg.data, manifest, ray_utils.task_mapper(cfg.ray.address))
+    budget = budget_count(cfg.pseudolabel.budget, labels.pool_rows)
+    check_budget(budget, labels.pool_rows)
     out = out or join(cfg.run.output_dir, "predictions/manual")
-    uris = [u for s in ("train", "unlabeled") if s in manifest.splits for u in manifest.shard_uris(cfg.data.path, s)]
-    hashes = [h for s in ("train", "unlabeled") for h in manifest.shard_hashes(s)]
-    result = predict_shards(model, uris, out, cfg, input_sha256=hashes)
+    shards = pool.pool_shards(cfg.data.path, manifest, out)
+    result = predict_shards(model, [s.uri for s in shards], out, cfg, input_rows=[s.rows for s in shards],
+                            input_sha256=[h for sp in pool.POOL_SPLITS for h in manifest.shard_hashes(sp)])
     pl = cfg.pseudolabel
-    chosen = select_pseudo_labels(read_predictions(out), set(labels.pool_ids), budget, manifest.num_classes,
-                                  prior=selection_prior(pl.selection, labels.labeled_targets, manifest.num_classes),
-                                  min_confidence=pl.min_confidence)
-    write_bytes_atomic(join(out, "selected.parquet"), table_bytes(chosen))
+    view = pool.PoolView(labels.rule, manifest.num_classes, pl.min_confidence)
+    tasks = ray_utils.task_mapper(cfg.ray.address)
+    rule, _ = pool.select(shards, view, budget, selection_prior(pl.selection, labels.labeled_counts), tasks)
+    chosen = pool.write_selected(shards, view, rule, join(out, "selected"), tasks)
     return (f"{result.rows} predictions in {out} ({result.shards_computed} shards computed, "
-            f"{result.shards_skipped} reused); {chosen.num_rows} selected -> {join(out, 'selected.parquet')}")
+            f"{result.shards_skipped} reused); {chosen} selected -> {join(out, 'selected')}")

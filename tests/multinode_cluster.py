@@ -180,13 +180,13 @@ def train_stage(stage: str, cfg) -> TrainStage:
                           rio.join(cfg.run.output_dir, "pretrain"), "epoch", None)
     from raysemi.data.labels import label_split
     from raysemi.data.shards import read_manifest
-    from raysemi.data.trainset import write_trainset
+    from raysemi.pipeline import labeled_trainset
     from raysemi.stages import finetune
 
-    manifest, labels = read_manifest(cfg.data.path), label_split(cfg.data.path, cfg.data)
-    rows = {i: (int(y), 1.0) for i, y in zip(labels.labeled_ids, labels.labeled_targets)}  # as finetune_only
+    manifest = read_manifest(cfg.data.path)
+    labels = label_split(cfg.data.path, cfg.data, manifest)
     out_dir, name = rio.join(cfg.run.output_dir, "finetune"), f"{cfg.run.name}-finetune"
-    trainset = write_trainset(cfg.data.path, manifest, rows, rio.join(out_dir, "trainset"), num_shards=4)
+    trainset = labeled_trainset(cfg, manifest, labels, out_dir)  # as finetune_only
     return TrainStage(lambda: finetune.run(cfg, trainset, None, out_dir, name, manifest.classes).history, name, out_dir,
                       "step", trainset.total)
 
@@ -289,7 +289,7 @@ def traced_predictor(trace_uri: str, victim_node_id: str | None, gate_uri: str |
             node = ray.get_runtime_context().get_node_id()
             rio.write_bytes_atomic(f"{trace_uri}/{node}.{os.getpid()}", b"")
 
-        def run(self, index, shard_uri, out_uri, rows):
+        def run(self, index, shard_uri, out_uri, rows, *rest):
             if victim_node_id and ray.get_runtime_context().get_node_id() == victim_node_id:
                 from raysemi import io as rio
 
@@ -300,7 +300,7 @@ def traced_predictor(trace_uri: str, victim_node_id: str | None, gate_uri: str |
                     time.sleep(0.2)
                 rio.write_bytes_atomic(gate_uri, b"held")
                 time.sleep(600)  # the node goes long before
-            return super().run(index, shard_uri, out_uri, rows)
+            return super().run(index, shard_uri, out_uri, rows, *rest)
 
     return TracedPredictor
 

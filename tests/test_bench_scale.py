@@ -1,4 +1,5 @@
-"""``bench/scale.py`` on a tiny data set: every step runs and measures, and its inputs are what a round sees."""
+"""``bench/scale.py`` on a tiny data set: every step runs and measures, and its training sets hold what a round
+chooses (the chosen labels; a quarter of the pool)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import importlib.util
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 
 from raysemi.data.shards import read_manifest
 
@@ -19,7 +21,8 @@ def _bench():
     return module
 
 
-def test_every_step_runs_on_a_generated_set_and_reports_its_measures(tmp_path):
+@pytest.mark.ray
+def test_every_step_runs_on_a_generated_set_and_reports_its_measures(ray_session, tmp_path):
     scale = _bench()
     root = str(tmp_path / "ds")
     scale.generate(root, 2500)
@@ -29,9 +32,11 @@ def test_every_step_runs_on_a_generated_set_and_reports_its_measures(tmp_path):
     for step in scale.STEPS:
         out = scale.run_step(step, root, str(tmp_path / "work"), None)
         assert out["step"] == step and out["seconds"] > 0 and out["input_shards"] == 3
-        assert out["peak_rss_over_start_mib"] >= 0 and out["s3_requests"] == 0
-    # The training set holds the chosen labels (10% of each class, at least one) and a quarter of the pool.
-    rows = pq.read_table(tmp_path / "work" / "trainset").num_rows
+        assert out["peak_rss_over_start_mib"] >= 0 and out["driver_s3_requests"] == 0
+        assert out["task_maps"] >= (0 if step == "exactly-once check" else 1)
+        assert out["driver_bytes_read_mib"] < 1  # the markers at most: every image read is a task's
+    # The training sets hold the chosen labels (10% of each class, at least one) and a quarter of the pool.
     labeled = manifest.splits["train"].labeled
-    pool = 2500 - labeled + labeled - sum(-(-n // 10) for n in manifest.splits["train"].label_counts.values())
-    assert rows == round(0.25 * pool) + (2500 - pool)
+    chosen = sum(-(-n // 10) for n in manifest.splits["train"].label_counts.values())
+    assert pq.read_table(tmp_path / "work" / "labelled").num_rows == chosen
+    assert pq.read_table(tmp_path / "work" / "pseudo").num_rows == round(0.25 * (2500 - labeled + labeled - chosen))

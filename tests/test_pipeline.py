@@ -6,12 +6,13 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from raysemi.config import load_config
 from raysemi.data.labels import label_split
-from raysemi.data.shards import read_split
+from raysemi.data.shards import read_manifest, read_split
 from raysemi.event_log import read_scalars
 from raysemi.pipeline import best_round, run_pipeline
 from raysemi.stages.selection import budget_count
@@ -41,16 +42,25 @@ def test_full_run_counts_steps_keeps_the_pool_and_picks_the_best_round(ray_sessi
     assert [r["images_seen"] for r in rounds] == [6 * 16, 6 * 16]
     assert rounds[1]["train_rows"] > rounds[0]["train_rows"]
 
-    # The budget is a fraction of the pool; pseudo-labels come from the pool only.
-    labels = label_split(demo_dataset, cfg.data)
-    pool = set(labels.pool_ids)
-    assert rounds[1]["n_pseudo"] == budget_count(0.25, len(pool))
-    trainset = pq.read_table(tmp_path / "run" / "round=1" / "trainset")
+    # The budget is a fraction of the pool; pseudo-labels come from the pool only. The labelled rows were
+    # written once, in round 0's set; round 1's holds the pseudo-labels.
+    manifest = read_manifest(demo_dataset)
+    labels = label_split(demo_dataset, cfg.data, manifest)
+    train = read_split(demo_dataset, "train", ["id", "label"])
+    labeled_ids = set(train.filter(pa.array(labels.rule.chosen(train))).column("id").to_pylist())
+    pool = {i for s in ("train", "unlabeled") for i in read_split(demo_dataset, s, ["id"]).column("id").to_pylist()}
+    pool -= labeled_ids
+    assert labels.pool_rows == len(pool) and rounds[1]["n_pseudo"] == budget_count(0.25, len(pool))
+    labelled_set = pq.read_table(tmp_path / "run" / "round=0" / "trainset")
+    assert set(labelled_set.column("id").to_pylist()) == labeled_ids
+    pseudo_set = pq.read_table(tmp_path / "run" / "round=1" / "trainset")
+    trainset = pa.concat_tables([labelled_set, pseudo_set])
     ids = trainset.column("id").to_pylist()
-    pseudo = set(ids) - set(labels.labeled_ids)
+    pseudo = set(pseudo_set.column("id").to_pylist())
     assert len(pseudo) == rounds[1]["n_pseudo"] and pseudo <= pool
+    assert rounds[1]["train_rows"] == len(labeled_ids) + len(pseudo)
     held_out = {i for s in ("val", "test") for i in read_split(demo_dataset, s, ["id"]).column("id").to_pylist()}
-    assert not pseudo & held_out and not pseudo & set(labels.labeled_ids)
+    assert not pseudo & held_out and not pseudo & labeled_ids
 
     # Soft targets: one-hot for true labels, the teacher's sharpened probabilities for pseudo-labels.
     targets = np.array(trainset.column("target").to_pylist())

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raysemi.errors import RaysemiError
-from raysemi.io import filesystem, join, storage_errors, write_bytes_atomic
+from raysemi.io import filesystem, join, open_exact, storage_errors, write_bytes_atomic
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -157,9 +157,11 @@ def write_shard(root: str, relpath: str, table: pa.Table, class_count: int | Non
 
 
 def read_shard(uri: str, columns: Sequence[str] | None = None) -> pa.Table:
+    """The shard at ``uri`` (only ``columns`` when given: on S3 then only their byte ranges are fetched)."""
     fs, path = filesystem(uri)
     try:
-        with fs.open(path, "rb") as fh:
+        small = columns is not None and "image" not in columns
+        with (open_exact(uri) if small else fs.open(path, "rb")) as fh:
             return pq.read_table(fh, columns=list(columns) if columns else None)
     except FileNotFoundError:
         raise DatasetError(f"shard {uri} is missing") from None
@@ -183,6 +185,32 @@ def remove_dataset(root: str) -> None:
     if fs.exists(mpath):
         fs.rm(mpath)
     clear(root, DATASET)
+
+
+MAX_TASKS = 256  # tasks per map over a dataset's shards: bounds the per-task summaries the caller holds
+
+# Runs ``fn(*args)`` for each tuple of a list and returns the results in order: ``local_map`` in this
+# process, or ``ray_utils.task_mapper`` on the cluster. The per-row work of a map is what ``fn`` does.
+Mapper = Callable[[Callable[..., Any], list[tuple]], list[Any]]
+
+
+def local_map(fn: Callable[..., Any], args: list[tuple]) -> list[Any]:
+    return [fn(*a) for a in args]
+
+
+def shard_groups(items: Sequence[Any], rows: Sequence[int] | None = None, max_tasks: int = MAX_TASKS) -> list[list[Any]]:
+    """Contiguous groups of shards, one per task: a shard each, or about equal rows when there are more
+    than ``max_tasks`` shards (a map then costs at most ``max_tasks`` tasks and summaries)."""
+    if len(items) <= max_tasks:
+        return [[u] for u in items]
+    rows = list(rows) if rows is not None else [1] * len(items)
+    total, groups, acc = sum(rows), [[]], 0
+    for item, n in zip(items, rows):
+        if groups[-1] and acc >= total * len(groups) / max_tasks:
+            groups.append([])
+        groups[-1].append(item)
+        acc += n
+    return groups
 
 
 def assign_shards(shards: Sequence[Any], rank: int, world_size: int) -> list[Any]:

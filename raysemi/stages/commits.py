@@ -6,9 +6,11 @@
 ``NNNNN`` is the input shard's index in the list given, so names are stable across runs. A shard counts as
 done only when its marker names the same model file (sha256), the same input (its URI and the sha256 of its
 content: an input swapped or re-ingested under the same name is recomputed, never trusted) and its Parquet
-file holds that many rows. ``commit`` is idempotent: redoing a shard rewrites the same two files, never a second copy, so
+file is there (written before the marker; the actor checked its ids against the input's before committing).
+``commit`` is idempotent: redoing a shard rewrites the same two files, never a second copy, so
 a task retried after its actor died (even after its commit) is harmless. ``verify_exactly_once`` checks
-the end state: every input row's id in exactly one prediction row.
+the end state from the markers: every input shard committed, its ids checked, its rows counted. On S3 that is
+one listing and one marker read per shard, fetched concurrently.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ import re
 from datetime import datetime, timezone
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from raysemi import io as rio
 from raysemi.data.shards import read_shard, table_bytes
@@ -49,40 +50,53 @@ def marker_uri(out_uri: str, index: int) -> str:
 
 
 def read_marker(out_uri: str, index: int) -> dict | None:
-    fs, path = filesystem(marker_uri(out_uri, index))
-    try:
-        with fs.open(path, "rb") as fh:
-            return json.loads(fh.read())
-    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
-        return None
+    return read_markers(out_uri, [index]).get(index)
 
 
-def is_committed(out_uri: str, index: int, input_uri: str, rows: int, model_sha256: str,
-                 input_sha256: str | None = None) -> bool:
-    """Whether shard ``index`` is already predicted by this model from this input: marker and Parquet agree
-    (and, when ``input_sha256`` is given, the marker names that content; a marker without it does not)."""
-    marker = read_marker(out_uri, index)
+def read_markers(out_uri: str, indices: list[int]) -> dict[int, dict]:
+    """The markers of parts ``indices`` that exist, fetched concurrently (one request each on S3)."""
+    uris = {marker_uri(out_uri, i): i for i in indices}
+    out = {}
+    for uri, data in rio.read_small_files(list(uris)).items():
+        try:
+            out[uris[uri]] = json.loads(data)
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError):
+            continue
+    return out
+
+
+def _matches(marker: dict | None, input_uri: str, rows: int, model_sha256: str, input_sha256: str | None) -> bool:
     if not marker or marker.get("model_sha256") != model_sha256:
         return False
     if marker.get("input") != input_uri or marker.get("rows") != rows:
         return False
-    if input_sha256 is not None and marker.get("input_sha256") != input_sha256:
+    return input_sha256 is None or marker.get("input_sha256") == input_sha256
+
+
+def is_committed(out_uri: str, index: int, input_uri: str, rows: int, model_sha256: str,
+                 input_sha256: str | None = None) -> bool:
+    """Whether shard ``index`` is already predicted by this model from this input: its Parquet file is there
+    and its marker (written after it) names them (and, when ``input_sha256`` is given, that content)."""
+    fs, path = filesystem(part_uri(out_uri, index))
+    if not fs.exists(path):
         return False
-    try:
-        return rio.parquet_rows(part_uri(out_uri, index)) == rows
-    except (FileNotFoundError, OSError, pa.ArrowInvalid):
-        return False
+    return _matches(read_marker(out_uri, index), input_uri, rows, model_sha256, input_sha256)
 
 
 def commit(out_uri: str, index: int, input_uri: str, table: pa.Table, model_sha256: str,
-           input_sha256: str | None = None) -> None:
-    """Write the prediction shard atomically, then its marker (the commit) last."""
+           input_sha256: str | None = None, input_ids: pa.ChunkedArray | None = None) -> None:
+    """Write the prediction shard atomically, then its marker (the commit) last. With ``input_ids`` (the
+    input's ``id`` column) the shard's exactly-once check runs here first: its ids must be the input's, in
+    order, and the marker says it passed (``ids_checked``)."""
+    if input_ids is not None and not table.column("id").equals(input_ids):
+        raise RaysemiError(f"exactly-once check failed: the predictions of {input_uri} do not hold its ids in order")
     write_bytes_atomic(part_uri(out_uri, index), table_bytes(table.cast(PRED_SCHEMA)))
     marker = {
         "model_sha256": model_sha256,
         "rows": table.num_rows,
         "input": input_uri,
         "input_sha256": input_sha256,
+        "ids_checked": input_ids is not None,
         "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     write_bytes_atomic(marker_uri(out_uri, index), json.dumps(marker, indent=2).encode())
@@ -92,12 +106,15 @@ def pending_shards(
     out_uri: str, shard_uris: list[str], rows: list[int], model_sha256: str, input_sha256: list[str] | None = None
 ) -> list[tuple[int, str, int]]:
     """``(index, input uri, rows)`` of the shards not yet committed for this model (and, when
-    ``input_sha256`` is given, for the inputs' current content)."""
+    ``input_sha256`` is given, for the inputs' current content): one listing, the markers fetched together."""
     forget_listing(out_uri)
     hashes = input_sha256 if input_sha256 is not None else [None] * len(shard_uris)
+    files = part_files(out_uri)
+    present = [i for i in range(len(shard_uris)) if len(files.get(i, [])) == 2]
+    markers = read_markers(out_uri, present)
     return [
         (i, u, r) for i, (u, r, h) in enumerate(zip(shard_uris, rows, hashes))
-        if not is_committed(out_uri, i, u, r, model_sha256, h)
+        if not _matches(markers.get(i), u, r, model_sha256, h)
     ]
 
 
@@ -128,8 +145,9 @@ def read_predictions(out_uri: str, model_sha256: str | None = None) -> pa.Table:
     tables = []
     parts = sorted(part_files(out_uri))
     forget_listing(out_uri)
+    markers = read_markers(out_uri, parts)
     for index in parts:
-        marker = read_marker(out_uri, index)
+        marker = markers.get(index)
         if marker is None or (model_sha256 is not None and marker.get("model_sha256") != model_sha256):
             continue
         tables.append(read_shard(part_uri(out_uri, index)).cast(PRED_SCHEMA))
@@ -137,30 +155,26 @@ def read_predictions(out_uri: str, model_sha256: str | None = None) -> pa.Table:
 
 
 def verify_exactly_once(out_uri: str, shard_uris: list[str], input_rows: list[int] | None = None) -> int:
-    """Check that the prediction shards hold each input row's id exactly once; returns the row count."""
+    """Check, from the markers alone, that every input shard has its prediction shard, committed with the
+    shard's exactly-once check passed and its row count; returns the row count. (Ids are unique across a
+    dataset's shards, so a shard-by-shard check covers the whole.)"""
     forget_listing(out_uri)
-    pred_ids, in_ids = [], []
+    files = part_files(out_uri)
+    markers = read_markers(out_uri, [i for i in range(len(shard_uris)) if len(files.get(i, [])) == 2])
+    total = 0
     for i, uri in enumerate(shard_uris):
-        try:
-            ids = read_shard(part_uri(out_uri, i), ["id"]).column("id")
-        except (RaysemiError, FileNotFoundError):
-            raise RaysemiError(f"exactly-once check failed: no prediction shard for {uri}") from None
+        marker = markers.get(i)
+        if marker is None or marker.get("input") != uri:
+            raise RaysemiError(f"exactly-once check failed: no prediction shard for {uri}")
         want = input_rows[i] if input_rows is not None else rio.parquet_rows(uri)
-        if len(ids) != want:
+        if marker.get("rows") != want:
             raise RaysemiError(
-                f"exactly-once check failed: {part_uri(out_uri, i)} holds {len(ids)} rows, its input {uri} {want}"
+                f"exactly-once check failed: {part_uri(out_uri, i)} holds {marker.get('rows')} rows, its input {uri} {want}"
             )
-        pred_ids.append(ids)
-        in_ids.append(read_shard(uri, ["id"]).column("id"))
-    preds = pa.chunked_array([c for a in pred_ids for c in a.chunks], pa.string())
-    inputs = pa.chunked_array([c for a in in_ids for c in a.chunks], pa.string())
-    dup = len(preds) - pc.count_distinct(preds).as_py()
-    if dup:
-        raise RaysemiError(f"exactly-once check failed: {dup} ids have more than one prediction")
-    missing = pc.sum(pc.invert(pc.is_in(inputs, value_set=preds))).as_py() or 0
-    if missing:
-        raise RaysemiError(f"exactly-once check failed: {missing} input rows have no prediction")
-    return len(preds)
+        if not marker.get("ids_checked"):
+            raise RaysemiError(f"exactly-once check failed: {part_uri(out_uri, i)} was committed without its id check")
+        total += want
+    return total
 
 
 def remove_stale(out_uri: str, n: int) -> None:

@@ -15,6 +15,7 @@ import torch
 from raysemi import io as rio
 from raysemi import ray_utils
 from raysemi.config import Config
+from raysemi.data.shards import read_shard
 from raysemi.errors import RaysemiError
 from raysemi.stages.commits import PRED_SCHEMA, commit
 from raysemi.stages.common import autocast
@@ -89,14 +90,17 @@ class ShardPredictor:
             probs.append(pr)
         return predictions_table(ids, preds, confs, probs, len(self.classes))
 
-    def run(self, index: int, shard_uri: str, out_uri: str, rows: int) -> tuple[int, int]:
-        """Predict input shard ``index`` and commit it under ``out_uri``; returns the row count and this
-        process's id. The marker records the sha256 of the input's content (hashed here, on the actor)."""
-        input_sha256 = rio.file_sha256(shard_uri)
+    def run(self, index: int, shard_uri: str, out_uri: str, rows: int,
+            input_sha256: str | None = None) -> tuple[int, int]:
+        """Predict input shard ``index`` and commit it under ``out_uri``, its exactly-once check first (the
+        predictions' ids against the input's); returns the row count and this process's id. The marker
+        records the sha256 of the input's content: the manifest's when given, else hashed here."""
+        input_sha256 = input_sha256 or rio.file_sha256(shard_uri)
         table = self.predict_table(shard_uri)
         if table.num_rows != rows:
             raise RuntimeError(f"the loader gave {table.num_rows} rows of {shard_uri}, which holds {rows}")
-        commit(out_uri, index, shard_uri, table, self.model_sha256, input_sha256)
+        commit(out_uri, index, shard_uri, table, self.model_sha256, input_sha256,
+               input_ids=read_shard(shard_uri, ["id"]).column("id"))
         return table.num_rows, os.getpid()
 
 

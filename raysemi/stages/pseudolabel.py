@@ -121,8 +121,8 @@ class PredictorPool:
             devices.append(device)
         return devices
 
-    def run(self, tasks: list[tuple[int, str, int]], out_uri: str, progress: bool = True) -> int:
-        """Predict and commit ``(index, input uri, rows)`` tasks; returns the rows computed."""
+    def run(self, tasks: list[tuple], out_uri: str, progress: bool = True) -> int:
+        """Predict and commit ``(index, input uri, rows[, input sha256])`` tasks; returns the rows computed."""
         import ray
         queue = deque(tasks)
         inflight: dict = {}  # ObjectRef -> (slot, task)
@@ -134,7 +134,7 @@ class PredictorPool:
         def submit(slot: int) -> None:
             if queue:
                 task = queue.popleft()
-                inflight[self.actors[slot].run.remote(task[0], task[1], out_uri, task[2])] = (slot, task)
+                inflight[self.actors[slot].run.remote(task[0], task[1], out_uri, *task[2:])] = (slot, task)
 
         try:
             for slot in range(len(self.actors)):
@@ -183,14 +183,15 @@ class PredictorPool:
 
 def predict_shards(
     model_uri: str, shard_uris: list[str], out_uri: str, cfg: Config, *, progress: bool = True,
-    predictor: type = ShardPredictor, input_sha256: list[str] | None = None,
+    predictor: type = ShardPredictor, input_sha256: list[str] | None = None, input_rows: list[int] | None = None,
 ) -> PredictionResult:
     """Predict every row of ``shard_uris`` with the classifier at ``model_uri`` into ``out_uri``.
 
     Shards already committed for the same model file are skipped; the rest go to a pool of
     ``pseudolabel.num_actors`` actors of class ``predictor`` (a ``ShardPredictor``). Ends with the exactly-once check (``RaysemiError`` if violated).
-    ``input_sha256``: the inputs' content hashes when the caller knows them (a dataset manifest's); else each
-    input is hashed here. A shard committed from other content (swapped, re-ingested) is recomputed.
+    ``input_sha256`` and ``input_rows``: the inputs' content hashes and row counts when the caller knows them (a
+    dataset manifest's); else each input is hashed here (and by its actor) and its footer read. A shard
+    committed from other content (swapped, re-ingested) is recomputed.
     """
     t0 = time.perf_counter()
     if not shard_uris:
@@ -198,13 +199,14 @@ def predict_shards(
     model_classes(model_uri)
     model_sha = rio.file_sha256(model_uri)
     try:
-        rows = [rio.parquet_rows(u) for u in shard_uris]
+        rows = list(input_rows) if input_rows is not None else [rio.parquet_rows(u) for u in shard_uris]
+        if input_sha256 is None:
+            input_sha256 = [rio.file_sha256(u) for u in shard_uris]
     except FileNotFoundError as err:
         raise RaysemiError(f"pseudolabel: input shard missing ({err})") from None
-    if input_sha256 is None:
-        input_sha256 = [rio.file_sha256(u) for u in shard_uris]
     remove_stale(out_uri, len(shard_uris))
-    todo = pending_shards(out_uri, list(shard_uris), rows, model_sha, list(input_sha256))
+    hashes = {i: h for i, h in enumerate(input_sha256)}
+    todo = [(*t, hashes[t[0]]) for t in pending_shards(out_uri, list(shard_uris), rows, model_sha, list(input_sha256))]
     skipped = len(shard_uris) - len(todo)
     if skipped:
         log.info("%d of %d shards already predicted by this model: skipped", skipped, len(shard_uris))

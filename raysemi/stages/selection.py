@@ -2,6 +2,8 @@
 
 Everything here is deterministic: candidates are ordered by confidence (highest first) with ties broken
 by id (ascending), so the same predictions always give the same selection, whatever their row order.
+The order's key is ``(-confidence, id)``; a selection is a ``SelectionRule`` of thresholds on it, found
+from per-shard summaries (``data.order_stats``), so that the rows themselves never leave their shards.
 
 Shared selection (``prior`` given: a weight per class) gives class ``c`` a quota of
 ``floor(budget * prior[c] / sum(prior))`` slots, filled with its most confident candidates (or all it has,
@@ -16,11 +18,15 @@ class, which plain top-N would then amplify round after round).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from raysemi.data.order_stats import Key, RangeSummary, at_or_below, kth_smallest, summarize
 from raysemi.errors import RaysemiError
 
 log = logging.getLogger("raysemi.pseudolabel")
@@ -47,39 +53,119 @@ def budget_count(budget: float, pool_size: int) -> int:
     return int(budget)
 
 
-def selection_prior(selection: str, labeled_targets, num_classes: int) -> list[float] | None:
-    """The class shares of ``pseudolabel.selection``: None (top-N), uniform, or the labelled counts."""
+def selection_prior(selection: str, labeled_counts: list[int]) -> list[float] | None:
+    """The class shares of ``pseudolabel.selection``: None (top-N), uniform, or the labelled rows' class
+    counts (``labeled_counts``, one per class)."""
     if selection == "top":
         return None
     if selection == "balanced":
-        return [1.0] * num_classes
+        return [1.0] * len(labeled_counts)
     if selection == "prior":
-        counts = np.bincount(np.asarray(labeled_targets, dtype=np.int64), minlength=num_classes)
-        return counts.astype(float).tolist()
+        return [float(n) for n in labeled_counts]
     raise RaysemiError(f"pseudolabel.selection: unknown rule {selection!r} (top, balanced or prior)")
 
 
-def _ordered(table: pa.Table) -> pa.Table:
-    """Most confident first, ties broken by id: a total order, so the selection is reproducible."""
-    idx = pc.sort_indices(table, sort_keys=[("confidence", "descending"), ("id", "ascending")])
-    return table.take(idx)
+SEL = ("negc", "id")  # the selection order's key columns: -confidence, then id
+Limit = Key | str | None  # a key, "all" or None (nothing)
 
 
-def candidates(
-    predictions: pa.Table, pool_ids: set[str] | None, min_confidence: float = 0.0
-) -> pa.Table:
-    """The pool's predictions (``id, pred, confidence``) at or above ``min_confidence``, ordered."""
+def _mask(array) -> np.ndarray:
+    return np.asarray(array.to_numpy(zero_copy_only=False), dtype=bool)
+
+
+def candidates(predictions: pa.Table, num_classes: int, pool: np.ndarray | None = None,
+               min_confidence: float = 0.0) -> pa.Table:
+    """The rows that may be chosen: ``id, pred, confidence, negc, row`` (``row``: the index in
+    ``predictions``) of the pool's predictions at or above ``min_confidence``, in the given order."""
     missing = {"id", "pred", "confidence"} - set(predictions.column_names)
     if missing:
         raise RaysemiError(f"predictions lack the column(s) {', '.join(sorted(missing))}")
     table = predictions.select(["id", "pred", "confidence"]).cast(SELECTION_SCHEMA)
     if table.num_rows != pc.count_distinct(table.column("id")).as_py():
         raise RaysemiError("predictions hold some id more than once: re-run pseudolabel (exactly-once violated)")
-    if pool_ids is not None:
-        table = table.filter(pc.is_in(table.column("id"), value_set=pa.array(sorted(pool_ids), pa.string())))
+    preds = table.column("pred").to_numpy()
+    if len(preds) and (preds.min() < 0 or preds.max() >= num_classes):
+        raise RaysemiError(f"predictions hold class indices outside [0, {num_classes})")
+    table = table.append_column("negc", pc.negate(table.column("confidence")))
+    table = table.append_column("row", pa.array(np.arange(table.num_rows, dtype=np.int64)))
+    keep = np.ones(table.num_rows, dtype=bool) if pool is None else np.asarray(pool, dtype=bool)
     if min_confidence > 0.0:
-        table = table.filter(pc.greater_equal(table.column("confidence"), pa.scalar(min_confidence, pa.float32())))
-    return _ordered(table)
+        keep &= _mask(pc.greater_equal(table.column("confidence"), pa.scalar(min_confidence, pa.float32())))
+    return table if keep.all() else table.filter(pa.array(keep))
+
+
+@dataclass(frozen=True)
+class SelectionRule:
+    """The chosen candidates: per class those at or below ``class_limits[c]`` (shared selection), then any
+    other candidate at or below ``rest_limit`` (the whole choice for plain top-N)."""
+
+    class_limits: tuple[Limit, ...] | None
+    rest_limit: Limit
+
+    def chosen(self, cands: pa.Table) -> np.ndarray:
+        mask = np.zeros(cands.num_rows, dtype=bool)
+        if self.class_limits is not None:
+            pred = cands.column("pred").to_numpy()
+            for c, limit in enumerate(self.class_limits):
+                of_c = pred == c
+                if of_c.any() and limit is not None:
+                    mask[of_c] = at_or_below(cands.filter(pa.array(of_c)), SEL, limit)
+        rest = np.flatnonzero(~mask)
+        if len(rest) and self.rest_limit is not None:
+            mask[rest] = at_or_below(cands.take(pa.array(rest)), SEL, self.rest_limit)
+        return mask
+
+
+def range_summaries(cands: pa.Table, ranges: dict[Any, tuple], class_limits: tuple | None) -> dict[Any, RangeSummary]:
+    """One shard group's summaries for the selection's queries: ``"top"`` (every candidate), a class index
+    (its candidates) or ``"rest"`` (those the ``class_limits`` leave)."""
+    out = {}
+    for q, (lo, hi) in ranges.items():
+        if q == "rest":
+            rows = cands.filter(pa.array(~SelectionRule(class_limits, None).chosen(cands)))
+        elif q == "top":
+            rows = cands
+        else:
+            rows = cands.filter(pc.equal(cands.column("pred"), pa.scalar(q, pa.int16())))
+        out[q] = summarize(rows, SEL, lo, hi)
+    return out
+
+
+SummaryPass = Callable[[dict[Any, tuple], tuple | None], list[dict[Any, RangeSummary]]]
+
+
+def plan_selection(class_counts: list[int], budget: int, prior: list[float] | None,
+                   run_pass: SummaryPass) -> SelectionRule:
+    """The rule choosing ``budget`` of the candidates (``class_counts`` per predicted class), see the module
+    docstring; ``run_pass(ranges, class_limits)`` maps ``range_summaries`` over the shard groups."""
+    if budget < 0:
+        raise RaysemiError(f"pseudolabel.budget={budget} must not be negative")
+    if prior is not None and (len(prior) != len(class_counts) or min(prior) < 0 or sum(prior) <= 0):
+        raise RaysemiError(f"the class prior {prior} does not fit {len(class_counts)} classes")
+    n = sum(class_counts)
+    if budget >= n:
+        return SelectionRule(None, "all" if n else None)
+    if budget == 0:
+        return SelectionRule(None, None)
+    if prior is None:
+        return SelectionRule(None, kth_smallest({"top": budget}, lambda r: run_pass(r, None))["top"])
+    share = np.asarray(prior, dtype=np.float64) / float(sum(prior))
+    # A tiny epsilon: 6 * (1/3) must give quota 2, not 1.999... -> 1.
+    quotas = np.floor(budget * share + 1e-9).astype(np.int64).tolist()
+    limits: list[Limit] = [None if q == 0 else "all" if q >= m else None for q, m in zip(quotas, class_counts)]
+    partial = {c: q for c, (q, m) in enumerate(zip(quotas, class_counts)) if 0 < q < m}
+    for c, key in kth_smallest(partial, lambda r: run_pass(r, None)).items():
+        limits[c] = key
+    left = budget - sum(min(q, m) for q, m in zip(quotas, class_counts))  # remainder + small classes' shortfall
+    rest: Limit = None
+    if left:
+        rest = kth_smallest({"rest": left}, lambda r: run_pass(r, tuple(limits)))["rest"]
+    return SelectionRule(tuple(limits), rest)
+
+
+def class_counts_of(cands: pa.Table, num_classes: int) -> list[int]:
+    """Candidates per predicted class."""
+    return np.bincount(cands.column("pred").to_numpy().astype(np.int64), minlength=num_classes).tolist()
 
 
 def select_pseudo_labels(
@@ -91,58 +177,24 @@ def select_pseudo_labels(
     prior: list[float] | None = None,
     min_confidence: float = 0.0,
 ) -> pa.Table:
-    """The ``budget`` pseudo-labels to add: a table ``id, pred, confidence``, most confident first.
-
-    ``pool_ids`` restricts the choice to those ids (the unlabeled pool; None = every prediction).
-    ``prior`` (a non-negative weight per class) shares the budget among the classes; None = plain top-N.
-    Fewer than ``budget`` rows come back when ``min_confidence`` leaves fewer candidates (a warning
-    says so); see the module docstring for the shared rule.
-    """
+    """The same rule on one table of predictions in memory (one shard): ``id, pred, confidence`` of the
+    ``budget`` pseudo-labels, most confident first. ``pool_ids`` restricts the choice (None = all rows).
+    Fewer rows come back when ``min_confidence`` leaves fewer candidates (a warning says so)."""
     if budget < 0:
         raise RaysemiError(f"pseudolabel.budget={budget} must not be negative")
     if num_classes < 1:
         raise RaysemiError(f"num_classes={num_classes} must be >= 1")
-    table = candidates(predictions, pool_ids, min_confidence)
-    preds = table.column("pred").to_numpy()
-    if len(preds) and (preds.min() < 0 or preds.max() >= num_classes):
-        raise RaysemiError(f"predictions hold class indices outside [0, {num_classes})")
-
-    if prior is None:
-        chosen = table.slice(0, budget)
-    else:
-        if len(prior) != num_classes or min(prior) < 0 or sum(prior) <= 0:
-            raise RaysemiError(f"the class prior {prior} does not fit {num_classes} classes")
-        chosen = table.take(pa.array(_shared_indices(preds, budget, prior), pa.int64()))
-        chosen = _ordered(chosen)
-
+    pool = None
+    if pool_ids is not None:
+        pool = _mask(pc.is_in(predictions.column("id"), value_set=pa.array(sorted(pool_ids), pa.string())))
+    cands = candidates(predictions, num_classes, pool, min_confidence)
+    rule = plan_selection(class_counts_of(cands, num_classes), budget, prior,
+                          lambda ranges, limits: [range_summaries(cands, ranges, limits)])
+    chosen = cands.filter(pa.array(rule.chosen(cands)))
     if chosen.num_rows < budget:
         log.warning(
             "only %d of the budget of %d pseudo-labels pass min_confidence=%.3f (pool: %s candidates)",
-            chosen.num_rows, budget, min_confidence, table.num_rows,
+            chosen.num_rows, budget, min_confidence, cands.num_rows,
         )
-    return chosen
-
-
-def _shared_indices(preds: np.ndarray, budget: int, prior: list[float]) -> np.ndarray:
-    """Row indices (into rows already in confidence order) of a choice of ``budget`` shared by ``prior``."""
-    n = len(preds)
-    if budget >= n:
-        return np.arange(n)
-    share = np.asarray(prior, dtype=np.float64) / float(sum(prior))
-    # A tiny epsilon: 6 * (1/3) must give quota 2, not 1.999... -> 1.
-    quotas = np.floor(budget * share + 1e-9).astype(np.int64)
-    take = np.zeros(n, dtype=bool)
-    for c, quota in enumerate(quotas):
-        if quota:
-            rows = np.flatnonzero(preds == c)  # already most confident first
-            take[rows[:quota]] = True
-    left = budget - int(take.sum())  # the remainder plus the shortfall of small classes
-    if left:
-        rest = np.flatnonzero(~take)  # still in confidence order
-        take[rest[:left]] = True
-    return np.flatnonzero(take)
-
-
-def class_counts(selection: pa.Table, num_classes: int) -> list[int]:
-    """How many pseudo-labels each class got (for the log and the run report)."""
-    return np.bincount(selection.column("pred").to_numpy().astype(np.int64), minlength=num_classes).tolist()
+    order = pc.sort_indices(chosen, sort_keys=[(c, "ascending") for c in SEL])
+    return chosen.take(order).select(SELECTION_SCHEMA.names)

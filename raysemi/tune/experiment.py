@@ -48,18 +48,18 @@ def prepare_base(cfg: Config, space: Space, out: str, use_cache: bool,
 
 def preflight(space: Space, base: Config) -> None:
     """What would fail every trial, found before any trial starts: the dataset, the backbone, the budget."""
-    from raysemi.data.labels import label_split
+    from raysemi.data.labels import pool_rows
     from raysemi.pipeline import check_dataset
     from raysemi.stages import pretrain
     from raysemi.stages.selection import check_budget
 
-    check_dataset(base)
+    manifest = check_dataset(base)
     if base.run.mode != "supervised":
         pretrain.check_inputs(base)
     if base.run.mode == "full":
         rounds = max_value(space, base, "pseudolabel.rounds")
         if rounds:
-            pool = len(label_split(base.data.path, base.data).pool_ids)
+            pool = pool_rows(base.data.path, manifest, base.data)
             check_budget(max_value(space, base, "pseudolabel.budget") * rounds, pool)
 
 

@@ -1,77 +1,88 @@
-"""A round's training set: the named rows copied out of the dataset, labels and weights, one-hot targets."""
+"""A round's training set: the chosen rows copied out of the dataset by tasks, in equal parts, images read by
+row group; labels, weights, one-hot targets; the labelled parts listed again for their copies."""
 
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from raysemi.data.shards import DatasetError, read_manifest, read_split
-from raysemi.data.trainset import write_trainset
+from raysemi.config import DataConfig
+from raysemi.data.labels import label_split
+from raysemi.data.shards import DatasetError, read_manifest, read_shard, table_bytes
+from raysemi.data.trainset import (
+    LabeledRows,
+    SourceShard,
+    TrainSet,
+    plan_parts,
+    read_images,
+    read_trainset,
+    write_trainset,
+)
+from raysemi.io import write_bytes_atomic
+
+
+def train_shards(root: str) -> list[SourceShard]:
+    manifest = read_manifest(root)
+    return [SourceShard(u, "train", s.rows) for u, s in
+            zip(manifest.shard_uris(root, "train"), manifest.splits["train"].shards)]
 
 
 @pytest.fixture(scope="module")
-def rows(demo_dataset):
-    train = read_split(demo_dataset, "train", ["id", "label"]).to_pylist()
-    labelled = [r for r in train if r["label"] is not None][:12]
-    unlabelled = [r for r in train if r["label"] is None][:4]
-    picked = {r["id"]: (r["label"], 1.0) for r in labelled}
-    picked.update({r["id"]: (0, 0.5) for r in unlabelled})  # pseudo-labels: class 0, weight 0.5
-    return picked
+def labels(demo_dataset):
+    return label_split(demo_dataset, DataConfig(path=demo_dataset, label_fraction=0.3), read_manifest(demo_dataset))
 
 
-def test_rows_are_found_with_their_labels_and_weights(demo_dataset, rows, tmp_path):
+def test_the_chosen_labels_are_copied_with_their_images_in_equal_parts(demo_dataset, labels, tmp_path):
     manifest = read_manifest(demo_dataset)
-    ts = write_trainset(demo_dataset, manifest, rows, str(tmp_path / "ts"), num_shards=3)
+    out = str(tmp_path / "ts")
+    ts = write_trainset(LabeledRows(labels.rule, 3), train_shards(demo_dataset), out, min_parts=4)
+    assert len(ts.uris) == 4 and max(ts.rows) - min(ts.rows) <= 1 and ts.total == labels.n_labeled
+    assert ts.class_counts == labels.labeled_counts and not ts.soft
+    assert read_trainset(out) == ts  # described last: a resumed run finds it
+    table = pq.read_table(out)
+    source = pa.concat_tables([read_shard(u) for u in manifest.shard_uris(demo_dataset, "train")])
+    by_id = {r["id"]: r for r in source.select(["id", "image", "label"]).to_pylist()}
+    for row in table.to_pylist():
+        assert row["image"] == by_id[row["id"]]["image"] and row["label"] == by_id[row["id"]]["label"]
+        assert row["weight"] == 1.0
+    chosen = {i for u in manifest.shard_uris(demo_dataset, "train") for t in [read_shard(u, ["id", "label"])]
+              for i in t.filter(pa.array(labels.rule.chosen(t))).column("id").to_pylist()}
+    assert sorted(table.column("id").to_pylist()) == sorted(chosen)
+
+
+def test_one_hot_targets_and_copies_of_the_labelled_parts(demo_dataset, labels, tmp_path):
+    ts = write_trainset(LabeledRows(labels.rule, 3, soft=True), train_shards(demo_dataset), str(tmp_path / "ts"), 2)
     table = pq.read_table(tmp_path / "ts")
-    assert sorted(table.column("id").to_pylist()) == sorted(rows) and len(ts.uris) == 3
-    assert ts.total == len(rows) and sum(ts.rows) == len(rows) and not ts.soft
-    got = {r["id"]: (r["label"], r["weight"]) for r in table.select(["id", "label", "weight"]).to_pylist()}
-    assert got == rows
-    assert all(len(b) > 0 for b in table.column("image").to_pylist())
-    assert ts.class_counts == np.bincount([y for y, _ in rows.values()], minlength=manifest.num_classes).tolist()
+    assert np.array_equal(np.array(table.column("target").to_pylist()),
+                          np.eye(3)[np.array(table.column("label").to_pylist())])
+    pseudo = TrainSet(["p0", "p1"], [5, 6], [1, 4, 6], soft=True)
+    both = ts.plus(pseudo, copies=3)
+    assert both.uris == ts.uris * 3 + ["p0", "p1"] and both.total == 3 * ts.total + 11 and both.soft
+    assert both.class_counts == [3 * a + b for a, b in zip(ts.class_counts, [1, 4, 6])]
 
 
-def test_soft_targets_are_one_hot_unless_given(demo_dataset, rows, tmp_path):
-    manifest = read_manifest(demo_dataset)
-    first = sorted(rows)[0]
-    given = {first: [0.2, 0.5, 0.3]}
-    ts = write_trainset(demo_dataset, manifest, rows, str(tmp_path / "ts"), num_shards=2, targets=given)
-    table = pq.read_table(tmp_path / "ts")
-    assert ts.soft
-    for r in table.select(["id", "label", "target"]).to_pylist():
-        want = given.get(r["id"]) or np.eye(manifest.num_classes)[r["label"]].tolist()
-        assert np.allclose(r["target"], want)
+def test_an_empty_choice_is_refused(demo_dataset, tmp_path):
+    from raysemi.data.labels import LabelRule
 
-
-def test_missing_ids_and_an_empty_set_are_refused(demo_dataset, rows, tmp_path):
-    manifest = read_manifest(demo_dataset)
-    with pytest.raises(DatasetError, match="2 training rows were not found"):
-        write_trainset(demo_dataset, manifest, {**rows, "nope1": (0, 1.0), "nope2": (1, 1.0)}, str(tmp_path / "a"), 2)
-    val_id = read_split(demo_dataset, "val", ["id"]).column("id")[0].as_py()
-    with pytest.raises(DatasetError, match="1 training rows were not found"):  # val rows are not train rows
-        write_trainset(demo_dataset, manifest, {**rows, val_id: (0, 1.0)}, str(tmp_path / "b"), 2)
     with pytest.raises(DatasetError, match="empty"):
-        write_trainset(demo_dataset, manifest, {}, str(tmp_path / "c"), 2)
+        write_trainset(LabeledRows(LabelRule(0, (None, None, None)), 3), train_shards(demo_dataset),
+                       str(tmp_path / "c"), 2)
 
 
-def test_repeats_write_copies_and_count_them(demo_dataset, rows, tmp_path):
-    manifest = read_manifest(demo_dataset)
-    first = sorted(rows)[0]
-    ts = write_trainset(demo_dataset, manifest, rows, str(tmp_path / "ts"), num_shards=3, repeats={first: 3})
-    table = pq.read_table(str(tmp_path / "ts"))
-    ids = table.column("id").to_pylist()
-    assert ts.total == len(rows) + 2 and ids.count(first) == 3
-    assert sum(ts.class_counts) == ts.total
-    assert ts.class_counts[rows[first][0]] == sum(1 for v in rows.values() if v[0] == rows[first][0]) + 2
+def test_parts_cut_the_chosen_rows_evenly_across_shard_boundaries():
+    plan = plan_parts([5, 0, 3, 10], 4)
+    assert plan == [[(0, 0, 4)], [(0, 4, 5), (2, 0, 3), (3, 0, 1)], [(3, 1, 5)], [(3, 5, 10)]]  # 4, 5, 4, 5 rows
+    assert plan_parts([2], 5) == [[(0, 0, 1)], [(0, 1, 2)]]  # never an empty part
 
 
-def test_labeled_repeats_reach_the_share():
-    from raysemi.pipeline import labeled_repeats
-
-    assert labeled_repeats(267, 719, 0.5) == 3  # 801 true-label rows next to 719 pseudo-labels
-    assert labeled_repeats(267, 719, 0.0) == 1
-    assert labeled_repeats(267, 0, 0.5) == 1  # round 0: nothing to balance
-    assert labeled_repeats(1000, 100, 0.5) == 1  # never fewer than one copy
-    n = labeled_repeats(48, 514, 0.75)
-    assert abs(48 * n / (48 * n + 514) - 0.75) < 0.02
+def test_images_come_from_only_the_row_groups_that_hold_the_rows(tmp_path):
+    n = 1500  # three row groups of 512 (table_bytes)
+    table = pa.table({"id": [f"r{i}" for i in range(n)], "image": [f"img{i}".encode() for i in range(n)]})
+    uri = str(tmp_path / "s.parquet")
+    write_bytes_atomic(uri, table_bytes(table))
+    assert pq.ParquetFile(uri).metadata.num_row_groups == 3
+    rows = np.array([3, 511, 512, 1499])
+    assert read_images(uri, rows).to_pylist() == [f"img{i}".encode() for i in rows]
+    assert read_images(uri, np.array([1024, 1030])).to_pylist() == [b"img1024", b"img1030"]

@@ -77,12 +77,12 @@ def held_predictor(index: int, gate):
     (never commits), so that the test can kill that process from outside; a restarted one runs normally."""
 
     class HeldPredictor(predictor.ShardPredictor):
-        def run(self, i, shard_uri, out_uri, rows):
+        def run(self, i, shard_uri, out_uri, rows, *rest):
             if i == index and not os.path.exists(gate):
                 with open(gate, "w") as fh:
                     fh.write("held")
                 time.sleep(120)  # killed long before; if not, the test's timeout says so
-            return super().run(i, shard_uri, out_uri, rows)
+            return super().run(i, shard_uri, out_uri, rows, *rest)
 
     return HeldPredictor
 
@@ -175,12 +175,12 @@ def failing_predictor(flags, times: int):
     """A ``ShardPredictor`` whose first ``times`` tasks of every shard raise (a passing S3 error)."""
 
     class FailingPredictor(predictor.ShardPredictor):
-        def run(self, i, shard_uri, out_uri, rows):
+        def run(self, i, shard_uri, out_uri, rows, *rest):
             tries = len(list(flags.glob(f"{i}-*")))
             if tries < times:
                 (flags / f"{i}-{tries}").write_text("failed")
                 raise OSError(f"S3 hiccup on shard {i}")
-            return super().run(i, shard_uri, out_uri, rows)
+            return super().run(i, shard_uri, out_uri, rows, *rest)
 
     return FailingPredictor
 
@@ -276,18 +276,24 @@ def _fake(ids: list[str]) -> pa.Table:
 def test_exactly_once_check_catches_violations(tmp_path):
     root = str(tmp_path / "ds")
     uris = make_dataset(root, shards=2, rows=3)
-    ids = [read_shard(u, ["id"]).column("id").to_pylist() for u in uris]
+    ids = [read_shard(u, ["id"]).column("id") for u in uris]
     out = str(tmp_path / "pred")
-    commits.commit(out, 0, uris[0], _fake(ids[0]), "sha")
-    commits.commit(out, 1, uris[1], _fake(ids[1]), "sha")
+    commits.commit(out, 0, uris[0], _fake(ids[0].to_pylist()), "sha", input_ids=ids[0])
+    commits.commit(out, 1, uris[1], _fake(ids[1].to_pylist()), "sha", input_ids=ids[1])
     assert commits.verify_exactly_once(out, uris) == 6
     assert commits.is_committed(out, 1, uris[1], 3, "sha") and not commits.is_committed(out, 1, uris[1], 3, "other")
 
-    commits.commit(out, 1, uris[1], _fake([ids[1][0], ids[1][1], ids[0][0]]), "sha")  # a duplicate, a missing id
-    with pytest.raises(RaysemiError, match="1 ids have more than one prediction"):
-        commits.verify_exactly_once(out, uris)
-    commits.commit(out, 1, uris[1], _fake(ids[1][:2]), "sha")
+    # The shard's own check, at commit: a duplicate and a missing id (or another order) never commit.
+    before = Path(commits.marker_uri(out, 1)).read_bytes()
+    wrong = [ids[1][0].as_py(), ids[1][1].as_py(), ids[0][0].as_py()]
+    with pytest.raises(RaysemiError, match="do not hold its ids in order"):
+        commits.commit(out, 1, uris[1], _fake(wrong), "sha", input_ids=ids[1])
+    assert Path(commits.marker_uri(out, 1)).read_bytes() == before
+    commits.commit(out, 1, uris[1], _fake(ids[1].to_pylist()[:2]), "sha", input_ids=ids[1].slice(0, 2))
     with pytest.raises(RaysemiError, match="holds 2 rows"):
+        commits.verify_exactly_once(out, uris)
+    commits.commit(out, 1, uris[1], _fake(ids[1].to_pylist()), "sha")  # no id check: not trusted
+    with pytest.raises(RaysemiError, match="without its id check"):
         commits.verify_exactly_once(out, uris)
     os.remove(commits.part_uri(out, 1))
     with pytest.raises(RaysemiError, match="no prediction shard"):

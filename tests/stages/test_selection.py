@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import random
 
+import numpy as np
 import pyarrow as pa
 import pytest
 
@@ -12,7 +13,6 @@ from raysemi.errors import RaysemiError
 from raysemi.stages.selection import (
     budget_count,
     check_budget,
-    class_counts,
     select_pseudo_labels,
     selection_prior,
 )
@@ -40,6 +40,10 @@ ROWS = [
     ("g", 2, 0.85),
     ("h", 2, 0.50),
 ]
+
+
+def class_counts(selection: pa.Table, num_classes: int) -> list[int]:
+    return np.bincount(selection.column("pred").to_numpy().astype(np.int64), minlength=num_classes).tolist()
 
 
 def ids(table: pa.Table) -> list[str]:
@@ -129,7 +133,7 @@ def test_empty():
 
 def test_prior_shares_follow_the_labelled_counts():
     # Labelled counts 2:1:1 -> a budget of 4 gives quotas 2, 1, 1.
-    prior = selection_prior("prior", [0, 0, 1, 2], 3)
+    prior = selection_prior("prior", [2, 1, 1])
     assert prior == [2.0, 1.0, 1.0]
     sel = select_pseudo_labels(preds(ROWS), None, 4, 3, prior=prior)
     assert class_counts(sel, 3) == [2, 1, 1]
@@ -140,8 +144,8 @@ def test_prior_shares_follow_the_labelled_counts():
 
 
 def test_selection_rules_and_bad_priors():
-    assert selection_prior("top", [0, 1], 2) is None
-    assert selection_prior("balanced", [0, 0, 0], 3) == [1.0, 1.0, 1.0]
+    assert selection_prior("top", [1, 1]) is None
+    assert selection_prior("balanced", [3, 0, 0]) == [1.0, 1.0, 1.0]
     with pytest.raises(RaysemiError, match="does not fit 3 classes"):
         select_pseudo_labels(preds(ROWS), None, 4, 3, prior=[1.0, 1.0])
     with pytest.raises(RaysemiError, match="does not fit"):
@@ -155,3 +159,41 @@ def test_budget_as_fraction_or_count():
     assert budget_count(0.001, 10) == 1  # never zero on a non-empty pool
     assert budget_count(500.0, 2400) == 500
     assert budget_count(0.5, 0) == 0
+
+
+# ------------------------------------------------ the rule over many shards = the in-memory reference
+
+
+def reference_selection(table: pa.Table, budget: int, prior: list[float] | None) -> set[str]:
+    """The selection as it was written before it moved to shards: a full sort, then quotas in order."""
+    rows = sorted(zip((-np.asarray(table.column("confidence").to_numpy())).tolist(),
+                      table.column("id").to_pylist(), table.column("pred").to_pylist()))
+    if prior is None or budget >= len(rows):
+        return {r[1] for r in rows[:budget]}
+    share = np.asarray(prior) / sum(prior)
+    quotas = np.floor(budget * share + 1e-9).astype(int)
+    take = np.zeros(len(rows), bool)
+    for c, q in enumerate(quotas):
+        idx = [i for i, r in enumerate(rows) if r[2] == c][:q]
+        take[idx] = True
+    rest = np.flatnonzero(~take)[: budget - int(take.sum())]
+    take[rest] = True
+    return {rows[i][1] for i in np.flatnonzero(take)}
+
+
+@pytest.mark.parametrize("prior", [None, [1.0, 1.0, 1.0], [5.0, 1.0, 0.5]])
+@pytest.mark.parametrize("budget", [1, 777, 2999, 5000])
+def test_the_rule_over_shards_chooses_what_the_full_sort_chooses(prior, budget):
+    from raysemi.stages.selection import candidates, class_counts_of, plan_selection, range_summaries
+
+    rng = np.random.default_rng(budget)
+    n = 5000
+    conf = (rng.integers(0, 40, n) / 40).astype(np.float32)  # many ties: the id breaks them
+    table = preds([(f"x{i:05d}", int(rng.choice(3, p=[0.7, 0.25, 0.05])), float(c))
+                   for i, c in zip(rng.permutation(n), conf)])
+    parts = [candidates(table.slice(a, 613), 3) for a in range(0, n, 613)]  # 9 shards
+    rule = plan_selection([sum(x) for x in zip(*(class_counts_of(p, 3) for p in parts))], budget, prior,
+                          lambda ranges, limits: [range_summaries(p, ranges, limits) for p in parts])
+    chosen = {i for p in parts for i in p.filter(pa.array(rule.chosen(p))).column("id").to_pylist()}
+    assert chosen == reference_selection(table, budget, prior)
+    assert len(chosen) == min(budget, n)
