@@ -59,9 +59,10 @@ BUDGET = 0.25
 # ---------------------------------------------------------------- data
 
 
-def generate(root: str, rows: int, seed: int = 0) -> None:
+def generate(root: str, rows: int, seed: int = 0, input_root: str | None = None) -> None:
     """A dataset of ``rows`` train rows (half labelled) in shards of ``ROWS_PER_SHARD``, a one-shard val and
-    test split, and one committed prediction shard per train shard under ``<root>/predictions``."""
+    test split, and one committed prediction shard per train shard under ``<root>/predictions`` (its marker
+    naming the input under ``input_root``: where the dataset will be read from, default ``root``)."""
     import numpy as np
     import pyarrow as pa
 
@@ -99,7 +100,7 @@ def generate(root: str, rows: int, seed: int = 0) -> None:
                     "confidence": pa.array(probs.max(1), pa.float32()),
                     "probs": pa.array(list(probs), pa.list_(pa.float32())),
                 })
-                commits.commit(pred_root, index, f"{root}/{shard.path}", pred, "0" * 64, shard.sha256,
+                commits.commit(pred_root, index, f"{input_root or root}/{shard.path}", pred, "0" * 64, shard.sha256,
                                input_ids=table.column("id"))
         splits[split] = info
     write_manifest(root, Manifest(classes=CLASSES, splits=splits, synthetic=True))
@@ -299,9 +300,12 @@ def main() -> None:
                     s3env = {**env, "AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "bench",
                              "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1",
                              "AWS_EC2_METADATA_DISABLED": "true"}
+                    staged = f"{tmp}/s3-{rows}"  # the same rows, its markers naming the inputs by their S3 URIs
+                    generate(staged, rows, input_root="s3://scale/ds")
                     subprocess.run([sys.executable, "-c", (
                         "import s3fs, sys; fs = s3fs.S3FileSystem(); fs.mkdir('scale'); "
-                        "fs.put(sys.argv[1], 'scale/ds', recursive=True)"), root], env=s3env, check=True)
+                        "fs.put(sys.argv[1], 'scale/ds', recursive=True)"), staged], env=s3env, check=True)
+                    subprocess.run(["rm", "-rf", staged], check=False)
                     print(f"{rows:,} rows on S3 ({endpoint}):", flush=True)
                     results["runs"].append({"rows": rows, "storage": "s3", "steps": measure(
                         "s3://scale/ds", f"s3://scale/work-{rows}", s3env, log)})

@@ -158,7 +158,10 @@ def plan_parts(counts: list[int], num_parts: int) -> list[list[tuple[int, int, i
     parts = []
     for a, b in itertools.pairwise(bounds):
         pieces = []
-        for s in range(len(counts)):
+        first = int(np.searchsorted(starts, a, side="right")) - 1  # the shard holding row a
+        for s in range(max(first, 0), len(counts)):
+            if starts[s] >= b:
+                break
             lo, hi = max(a, starts[s]), min(b, starts[s + 1])
             if lo < hi:
                 pieces.append((s, int(lo - starts[s]), int(hi - starts[s])))

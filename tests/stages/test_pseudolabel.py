@@ -18,7 +18,16 @@ from PIL import Image
 
 from raysemi import io as rio
 from raysemi.config import load_config
-from raysemi.data.shards import SCHEMA, Manifest, SplitInfo, image_id, read_shard, write_manifest, write_shard
+from raysemi.data.shards import (
+    SCHEMA,
+    Manifest,
+    SplitInfo,
+    image_id,
+    read_manifest,
+    read_shard,
+    write_manifest,
+    write_shard,
+)
 from raysemi.errors import RaysemiError
 from raysemi.io import filesystem, join
 from raysemi.models.checkpoint import build_classifier, save_classifier
@@ -298,3 +307,35 @@ def test_exactly_once_check_catches_violations(tmp_path):
     os.remove(commits.part_uri(out, 1))
     with pytest.raises(RaysemiError, match="no prediction shard"):
         commits.verify_exactly_once(out, uris)
+
+
+@pytest.mark.ray
+def test_raysemi_pseudolabel_writes_the_selection_of_the_pool(ray_session, demo_dataset, cfg, tmp_path):
+    """``raysemi pseudolabel``: the pool's predictions, then the budget chosen by tasks into ``selected/``: the
+    rows the in-memory selection picks from the same predictions."""
+    from raysemi.data.labels import label_split
+    from raysemi.data.synthetic import class_names
+    from raysemi.pipeline import pseudolabel_only
+    from raysemi.stages.pool import pool_shards
+    from raysemi.stages.selection import select_pseudo_labels, selection_prior
+
+    run = cfg.replace(**{"data.path": demo_dataset, "data.label_fraction": 0.2, "pseudolabel.budget": 0.3,
+                         "pseudolabel.selection": "prior", "pseudolabel.num_actors": 1})
+    model = str(tmp_path / "model.safetensors")
+    torch.manual_seed(0)
+    save_classifier(model, build_classifier(run, 3), run, class_names(3))
+    out = str(tmp_path / "pl")
+    message = pseudolabel_only(run, model, out)
+    got = pa.concat_tables([read_shard(str(p)) for p in sorted((tmp_path / "pl" / "selected").glob("part-*.parquet"))])
+
+    manifest = read_manifest(demo_dataset)
+    labels = label_split(demo_dataset, run.data, manifest)
+    pool_ids = set()
+    for shard in pool_shards(demo_dataset, manifest):
+        t = read_shard(shard.uri, ["id", "label"])
+        pool_ids |= set(t.filter(pa.array(labels.rule.pool(t, shard.split))).column("id").to_pylist())
+    budget = round(0.3 * labels.pool_rows)
+    want = select_pseudo_labels(commits.read_predictions(out), pool_ids, budget, 3,
+                                prior=selection_prior("prior", labels.labeled_counts))
+    assert sorted(got.column("id").to_pylist()) == sorted(want.column("id").to_pylist())
+    assert got.num_rows == budget and f"{budget} selected" in message
