@@ -162,6 +162,7 @@ RUN = Layout(
      "reliability.png", "events.out.tfevents.*", "ray", "pretrain", "finetune", "round=*", "predictions",
      "evaluate-*", _TMP),
 )
+TRAINSET = Layout("training set", ("part-*.parquet", "_trainset.json", _TMP))  # inside a run's folders
 SYNTHETIC_IMAGES = Layout(
     "synthetic images", ("README.txt", "unlabeled_truth.csv", "synthetic_*", "unlabeled"),
     children={"synthetic_*": Layout("synthetic class", ("p*_*.png",)),

@@ -67,11 +67,13 @@ def min_parts(cfg: Config) -> int:
     return max(2 * cfg.ray.num_workers, 4)
 
 
-def labeled_trainset(cfg: Config, manifest: Manifest, labels: LabelSplit, out: str) -> TrainSet:
-    """The chosen labels as a training set under ``<out>/trainset``, written once per run (round 0's; a
-    resumed run finds it complete there). With soft targets the parts hold one-hot targets too."""
+def labeled_trainset(cfg: Config, manifest: Manifest, labels: LabelSplit, out: str, resume: bool = False
+                     ) -> TrainSet:
+    """The chosen labels as a training set under ``<out>/trainset``, written once per run (round 0's; with
+    ``resume``, one an interrupted run completed there is reused). With soft targets the parts hold one-hot
+    targets too."""
     uri = join(out, "trainset")
-    done = read_trainset(uri)
+    done = read_trainset(uri) if resume else None
     if done is not None:
         return done
     soft = cfg.pseudolabel.soft_targets
@@ -169,7 +171,7 @@ def run_pipeline(cfg: Config, *, resume: bool = False, overwrite: bool = False, 
     classes = manifest.classes
     history: list[dict[str, Any]] = []
     models: list[str] = []
-    labeled = labeled_trainset(cfg, manifest, labels, join(cfg.run.output_dir, "round=0"))
+    labeled = labeled_trainset(cfg, manifest, labels, join(cfg.run.output_dir, "round=0"), resume)
 
     for r in range(rounds + 1):
         t0 = time.time()

@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 from raysemi.data.labels import LabelRule
 from raysemi.data.shards import DatasetError, Mapper, local_map, read_shard, shard_groups, table_bytes
 from raysemi.io import filesystem, join, open_exact, read_json, write_bytes_atomic, write_json
+from raysemi.outputs import TRAINSET, clear
 
 TRAINSET_SCHEMA = pa.schema(
     [("id", pa.string()), ("image", pa.binary()), ("label", pa.int16()), ("weight", pa.float32())]
@@ -191,6 +192,7 @@ def write_trainset(source: RowSource, shards: list[SourceShard], out_uri: str, m
         raise DatasetError("the training set is empty: no rows were chosen")
     num_parts = min(total, min_parts * max(1, math.ceil(size / (PART_BYTES * min_parts))))
     plan = plan_parts(counts, num_parts)
+    clear(out_uri, TRAINSET)  # an earlier set's parts (more of them, other rows) and description
     uris = [join(out_uri, f"part-{j:05d}.parquet") for j in range(len(plan))]
     tasks = [(source, [(shards[s], a, b) for s, a, b in pieces], uri) for pieces, uri in zip(plan, uris)]
     rows = map_fn(write_part, tasks)

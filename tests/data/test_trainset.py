@@ -86,3 +86,14 @@ def test_images_come_from_only_the_row_groups_that_hold_the_rows(tmp_path):
     rows = np.array([3, 511, 512, 1499])
     assert read_images(uri, rows).to_pylist() == [f"img{i}".encode() for i in rows]
     assert read_images(uri, np.array([1024, 1030])).to_pylist() == [b"img1024", b"img1030"]
+
+
+def test_a_second_set_in_the_same_folder_replaces_the_first(demo_dataset, labels, tmp_path):
+    out = tmp_path / "ts"
+    first = write_trainset(LabeledRows(labels.rule, 3), train_shards(demo_dataset), str(out), min_parts=6)
+    (out / "notes.txt").write_text("mine")
+    second = write_trainset(LabeledRows(labels.rule, 3), train_shards(demo_dataset), str(out), min_parts=2)
+    assert len(first.uris) == 6 and len(second.uris) == 2
+    assert sorted(p.name for p in out.iterdir()) == ["_trainset.json", "notes.txt", "part-00000.parquet",
+                                                     "part-00001.parquet"]
+    assert read_trainset(str(out)) == second
