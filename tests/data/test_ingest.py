@@ -478,3 +478,46 @@ def test_covid_local_and_s3(covid_dir, tmp_path, s3_bucket):
     for split in shards.SPLITS:  # same shard files (paths, rows, sha256 of the bytes) in both places
         assert local.splits[split].shards == remote.splits[split].shards
     assert json.loads(local.to_json())["splits"] == json.loads(remote.to_json())["splits"]
+    same_rows_as_before_on(str(tmp_path / "covid"))
+
+
+def same_rows_as_before_on(root: str) -> None:
+    """On a real set: the label choice, the pool and a round's selection (on stand-in predictions with many
+    ties) are the rows the sorted-list implementations chose (the recorded figures stay valid)."""
+    import pyarrow as pa
+    import torch
+
+    from raysemi.config import DataConfig
+    from raysemi.data.labels import label_split
+    from raysemi.data.shards import local_map, read_manifest, read_shard
+    from raysemi.stages import commits, pool
+    from raysemi.stages.selection import select_pseudo_labels, selection_prior
+    from tests.data.test_labels import reference
+
+    manifest = read_manifest(root)
+    train = shards.read_split(root, "train", ["id", "label"])
+    ids, labels = train.column("id").to_pylist(), train.column("label").to_pylist()
+    for fraction, per_class in ((0.1, None), (None, 10)):
+        data = DataConfig(path=root, label_fraction=fraction, labels_per_class=per_class)
+        split = label_split(root, data, manifest)
+        kept = set(train.filter(pa.array(split.rule.chosen(train))).column("id").to_pylist())
+        assert kept == reference(ids, labels, fraction, per_class, 0)
+    pool_ids = set(ids) - kept
+    rng = np.random.default_rng(0)
+    pred_uri = f"{root}/stand-in-predictions"
+    for index, shard in enumerate(pool.pool_shards(root, manifest)):
+        t = read_shard(shard.uri, ["id"])
+        probs = torch.softmax(torch.from_numpy(rng.integers(0, 5, (t.num_rows, 3)).astype(np.float32)), 1).numpy()
+        preds = pa.table({"id": t.column("id"), "pred": pa.array(probs.argmax(1), pa.int16()),
+                          "confidence": pa.array(probs.max(1)), "probs": pa.array(list(probs), pa.list_(pa.float32()))})
+        commits.commit(pred_uri, index, shard.uri, preds, "m" * 64, input_ids=t.column("id"))
+    assert split.pool_rows == len(pool_ids)
+    shards_ = pool.pool_shards(root, manifest, pred_uri)
+    prior = selection_prior("prior", split.labeled_counts)
+    rule, _ = pool.select(shards_, pool.PoolView(split.rule, 3, 0.0), 600, prior, local_map)
+    chosen = set()
+    for shard in shards_:
+        cands = pool.PoolView(split.rule, 3, 0.0).candidates(shard)
+        chosen |= set(cands.filter(pa.array(rule.chosen(cands))).column("id").to_pylist())
+    want = select_pseudo_labels(commits.read_predictions(pred_uri), pool_ids, 600, 3, prior=prior)
+    assert chosen == set(want.column("id").to_pylist()) and len(chosen) == 600
