@@ -20,7 +20,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from raysemi import ray_utils
+from raysemi import ray_tasks
 from raysemi.config import load_config
 from raysemi.data.labels import label_split
 from raysemi.data.shards import read_manifest
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"bench/oracle_round.py: error: {run} is not a finished full run with a round 1")
     cfg = load_config(run / "config.yaml", [f"run.output_dir={out}", f"run.name=oracle-{run.name}"])
     manifest = read_manifest(cfg.data.path)
-    tasks = ray_utils.task_mapper(cfg.ray.address)
+    tasks = ray_tasks.task_mapper(cfg.ray.address)
     labels = label_split(cfg.data.path, cfg.data, manifest, tasks)
     pl, classes = cfg.pseudolabel, manifest.classes
     shards = pool.pool_shards(cfg.data.path, manifest, str(run / "predictions" / "round=1"))

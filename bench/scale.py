@@ -132,7 +132,7 @@ def _requests(log: str | None) -> int:
 
 def run_step(step: str, root: str, work: str, moto_log: str | None) -> dict[str, Any]:
     """Build the step's inputs and start Ray (not measured), then run the step alone (measured)."""
-    from raysemi import ray_utils
+    from raysemi import ray_tasks, ray_utils
     from raysemi.config import DataConfig
     from raysemi.data.labels import label_split
     from raysemi.data.shards import read_manifest
@@ -149,7 +149,7 @@ def run_step(step: str, root: str, work: str, moto_log: str | None) -> dict[str,
     state: dict[str, Any] = {}
     maps = [0]
     ray_utils.init_ray(None)
-    remote = ray_utils.task_mapper(None)
+    remote = ray_tasks.task_mapper(None)
 
     def tasks(fn, args):
         maps[0] += 1

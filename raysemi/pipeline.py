@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from raysemi import io as rio
-from raysemi import ray_utils
+from raysemi import ray_tasks, ray_utils
 from raysemi.config import Config, config_to_yaml
 from raysemi.data.labels import LabelSplit, label_split
 from raysemi.data.shards import DatasetError, Manifest, read_manifest
@@ -79,7 +79,7 @@ def labeled_trainset(cfg: Config, manifest: Manifest, labels: LabelSplit, out: s
     soft = cfg.pseudolabel.soft_targets
     shards = [s for s in pool.pool_shards(cfg.data.path, manifest) if s.split == "train"]
     ts = write_trainset(LabeledRows(labels.rule, manifest.num_classes, soft), shards, uri, min_parts(cfg),
-                        ray_utils.task_mapper(cfg.ray.address))
+                        ray_tasks.task_mapper(cfg.ray.address))
     return TrainSet(ts.uris, ts.rows, ts.class_counts, soft=False)  # round 0 trains on hard labels
 
 
@@ -94,7 +94,7 @@ def pseudo_trainset(cfg: Config, manifest: Manifest, labels: LabelSplit, model: 
                    input_sha256=[h for sp in pool.POOL_SPLITS for h in manifest.shard_hashes(sp)])
     view = pool.PoolView(labels.rule, k, pl.min_confidence)
     prior = selection_prior(pl.selection, labels.labeled_counts)
-    tasks = ray_utils.task_mapper(cfg.ray.address)
+    tasks = ray_tasks.task_mapper(cfg.ray.address)
     rule, candidates = pool.select(shards, view, budget, prior, tasks)
     source = pool.PseudoRows(view, rule, cfg.finetune.pseudo_weight, pl.temperature if pl.soft_targets else None)
     counted = count_rows(source, shards, tasks)
@@ -143,7 +143,7 @@ def run_pipeline(cfg: Config, *, resume: bool = False, overwrite: bool = False, 
     """
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     manifest = check_dataset(cfg)
-    labels = label_split(cfg.data.path, cfg.data, manifest, ray_utils.task_mapper(cfg.ray.address))
+    labels = label_split(cfg.data.path, cfg.data, manifest, ray_tasks.task_mapper(cfg.ray.address))
     pl = cfg.pseudolabel
     rounds = pl.rounds if cfg.run.mode == "full" else 0
     per_round = budget_count(pl.budget, labels.pool_rows)
@@ -247,7 +247,7 @@ def run_pipeline(cfg: Config, *, resume: bool = False, overwrite: bool = False, 
 def finetune_only(cfg: Config, init: str | None, overwrite: bool = False) -> str:
     """``raysemi finetune``: round 0 alone (the labelled rows), from ``init`` or random weights."""
     manifest = check_dataset(cfg)
-    labels = label_split(cfg.data.path, cfg.data, manifest, ray_utils.task_mapper(cfg.ray.address))
+    labels = label_split(cfg.data.path, cfg.data, manifest, ray_tasks.task_mapper(cfg.ray.address))
     finetune.check_init(cfg, manifest.num_classes, init)
     out = join(cfg.run.output_dir, "finetune")
     guard_output(out, "a classifier", join(out, finetune.WEIGHTS), overwrite=overwrite)
@@ -261,7 +261,7 @@ def pseudolabel_only(cfg: Config, model: str, out: str | None = None) -> str:
     """``raysemi pseudolabel``: predictions for the whole pool, then the top-``budget`` selection, written
     as ``selected/part-NNNNN.parquet`` (``id, pred, confidence``) by Ray tasks, one per group of shards."""
     manifest = read_manifest(cfg.data.path)
-    labels = label_split(cfg.data.path, cfg.data, manifest, ray_utils.task_mapper(cfg.ray.address))
+    labels = label_split(cfg.data.path, cfg.data, manifest, ray_tasks.task_mapper(cfg.ray.address))
     budget = budget_count(cfg.pseudolabel.budget, labels.pool_rows)
     check_budget(budget, labels.pool_rows)
     out = out or join(cfg.run.output_dir, "predictions/manual")
@@ -270,7 +270,7 @@ def pseudolabel_only(cfg: Config, model: str, out: str | None = None) -> str:
                             input_sha256=[h for sp in pool.POOL_SPLITS for h in manifest.shard_hashes(sp)])
     pl = cfg.pseudolabel
     view = pool.PoolView(labels.rule, manifest.num_classes, pl.min_confidence)
-    tasks = ray_utils.task_mapper(cfg.ray.address)
+    tasks = ray_tasks.task_mapper(cfg.ray.address)
     rule, _ = pool.select(shards, view, budget, selection_prior(pl.selection, labels.labeled_counts), tasks)
     chosen = pool.write_selected(shards, view, rule, join(out, "selected"), tasks)
     return (f"{result.rows} predictions in {out} ({result.shards_computed} shards computed, "

@@ -204,35 +204,6 @@ def actor_scheduling(rc: RayConfig) -> dict[str, str]:
     return {"scheduling_strategy": "SPREAD"}
 
 
-_REMOTES: dict[Any, Any] = {}
-
-
-def task_mapper(address: str | None = None):
-    """A ``data.shards.Mapper`` that runs its calls as Ray tasks on the cluster of ``address``."""
-    return functools.partial(map_tasks, address=address)
-
-
-def map_tasks(fn, args: list[tuple], address: str | None = None, num_cpus: float = 1.0) -> list[Any]:
-    """``[fn(*a) for a in args]`` as Ray tasks (outside any placement group, retried when their worker dies),
-    results in order. A task that raised a ``RaysemiError`` raises it here; any other error, in one line."""
-    import ray
-
-    init_ray(address)
-    key = (fn, num_cpus)
-    if key not in _REMOTES:
-        _REMOTES[key] = ray.remote(fn).options(num_cpus=num_cpus, max_retries=3, **OUTSIDE_PLACEMENT_GROUP)
-    refs = [_REMOTES[key].remote(*a) for a in args]
-    try:
-        return ray.get(refs)
-    except ray.exceptions.RayTaskError as err:
-        for r in refs:
-            ray.cancel(r)
-        if isinstance(err.cause, RaysemiError):
-            raise err.cause from None
-        lines = [ln.strip() for ln in str(err.cause or err).strip().splitlines() if ln.strip()]
-        raise RaysemiError(f"{getattr(fn, '__name__', 'a task')} failed: {lines[-1] if lines else err}") from None
-
-
 def storage_for(uri: str) -> tuple[str, Any]:
     """``storage_path`` and ``storage_filesystem`` for Ray Train from a local path or URI. Remote storage goes
     through the same fsspec filesystem as the data (so the same AWS environment and endpoint apply)."""

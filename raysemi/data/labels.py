@@ -124,7 +124,7 @@ def pool_rows(root: str, manifest: Manifest, data: DataConfig) -> int:
 
 def label_split(root: str, data: DataConfig, manifest: Manifest, map_fn: Mapper = local_map) -> LabelSplit:
     """Apply the label budget of ``data`` to the train split of the dataset at ``root``; the per-row work
-    (rank keys of the train rows) runs through ``map_fn`` (Ray tasks: ``ray_utils.task_mapper``)."""
+    (rank keys of the train rows) runs through ``map_fn`` (Ray tasks: ``ray_tasks.task_mapper``)."""
     counts, keep = _train_counts(root, manifest, data)
     limits: list[str | None] = ["all" if k == n else None for k, n in zip(keep, counts)]
     partial = {c: k for c, (k, n) in enumerate(zip(keep, counts)) if 0 < k < n}

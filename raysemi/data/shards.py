@@ -190,7 +190,7 @@ def remove_dataset(root: str) -> None:
 MAX_TASKS = 256  # tasks per map over a dataset's shards: bounds the per-task summaries the caller holds
 
 # Runs ``fn(*args)`` for each tuple of a list and returns the results in order: ``local_map`` in this
-# process, or ``ray_utils.task_mapper`` on the cluster. The per-row work of a map is what ``fn`` does.
+# process, or ``ray_tasks.task_mapper`` on the cluster. The per-row work of a map is what ``fn`` does.
 Mapper = Callable[[Callable[..., Any], list[tuple]], list[Any]]
 
 

@@ -11,7 +11,7 @@ read the small columns of both (``id, label`` and ``id, pred, confidence``), and
    give the pseudo-label precision;
 4. write the training-set parts (``data.trainset``): each task reads only its rows' images.
 
-The chosen rows are exactly those of ``selection.select_pseudo_labels`` over all predictions at once.
+The chosen rows are exactly those the rule picks from all predictions sorted at once (tests compare the two).
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ At the end every input row's id must appear in exactly one prediction row, or ``
 
 Every row of every input shard gets a prediction (the few labeled rows too: it is cheap), so the
 caller filters the pool (null labels plus labels held back) when choosing pseudo-labels with
-``select_pseudo_labels`` (``raysemi.stages.selection``).
+``stages.pool.select`` (the rule of ``stages.selection``, applied shard by shard).
 """
 
 from __future__ import annotations

@@ -491,8 +491,9 @@ def same_rows_as_before_on(root: str) -> None:
     from raysemi.data.labels import label_split
     from raysemi.data.shards import local_map, read_manifest, read_shard
     from raysemi.stages import commits, pool
-    from raysemi.stages.selection import select_pseudo_labels, selection_prior
+    from raysemi.stages.selection import selection_prior
     from tests.data.test_labels import reference
+    from tests.stages.test_selection import select_pseudo_labels
 
     manifest = read_manifest(root)
     train = shards.read_split(root, "train", ["id", "label"])

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from raysemi import ray_utils
+from raysemi import ray_tasks
 from raysemi.config import DataConfig
 from raysemi.data.labels import label_split
 from raysemi.data.shards import (
@@ -27,7 +27,8 @@ from raysemi.io import filesystem, join
 from raysemi.losses import sharpen
 from raysemi.metrics import pseudo_label_precision
 from raysemi.stages import commits, pool
-from raysemi.stages.selection import select_pseudo_labels, selection_prior
+from raysemi.stages.selection import selection_prior
+from tests.stages.test_selection import select_pseudo_labels
 
 CLASSES = ["a", "b", "c"]
 
@@ -152,9 +153,9 @@ def test_on_the_cluster_the_driver_reads_no_image_and_few_requests_per_shard(ray
     root = f"{s3_bucket}/ds"
     pred_uri = make_round(root, rows=1200, per_shard=100)
     manifest = read_manifest(root)
-    split = label_split(root, DataConfig(path=root, label_fraction=0.1), manifest, ray_utils.task_mapper())
+    split = label_split(root, DataConfig(path=root, label_fraction=0.1), manifest, ray_tasks.task_mapper())
     shards = pool.pool_shards(root, manifest, pred_uri)
-    tasks = ray_utils.task_mapper()
+    tasks = ray_tasks.task_mapper()
     reads, requests = DriverReads(monkeypatch), S3Requests(root)
 
     # A round's driver side after the actors committed: the pending check, the exactly-once check from the

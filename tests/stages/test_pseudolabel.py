@@ -317,7 +317,8 @@ def test_raysemi_pseudolabel_writes_the_selection_of_the_pool(ray_session, demo_
     from raysemi.data.synthetic import class_names
     from raysemi.pipeline import pseudolabel_only
     from raysemi.stages.pool import pool_shards
-    from raysemi.stages.selection import select_pseudo_labels, selection_prior
+    from raysemi.stages.selection import selection_prior
+    from tests.stages.test_selection import select_pseudo_labels
 
     run = cfg.replace(**{"data.path": demo_dataset, "data.label_fraction": 0.2, "pseudolabel.budget": 0.3,
                          "pseudolabel.selection": "prior", "pseudolabel.num_actors": 1})

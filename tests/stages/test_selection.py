@@ -7,15 +7,56 @@ import random
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 
 from raysemi.errors import RaysemiError
 from raysemi.stages.selection import (
+    SEL,
+    SELECTION_SCHEMA,
     budget_count,
+    candidates,
     check_budget,
-    select_pseudo_labels,
+    class_counts_of,
+    plan_selection,
+    range_summaries,
     selection_prior,
 )
+
+log = logging.getLogger("raysemi.pseudolabel")
+
+
+def select_pseudo_labels(
+    predictions: pa.Table,
+    pool_ids: set[str] | None,
+    budget: int,
+    num_classes: int,
+    *,
+    prior: list[float] | None = None,
+    min_confidence: float = 0.0,
+) -> pa.Table:
+    """The selection rule on one table of predictions in memory (one shard), as ``stages.pool`` applies it
+    shard by shard: ``id, pred, confidence`` of the ``budget`` pseudo-labels, most confident first. ``pool_ids`` restricts the choice (None = all rows).
+    Fewer rows come back when ``min_confidence`` leaves fewer candidates (a warning says so)."""
+    if budget < 0:
+        raise RaysemiError(f"pseudolabel.budget={budget} must not be negative")
+    if num_classes < 1:
+        raise RaysemiError(f"num_classes={num_classes} must be >= 1")
+    pool = None
+    if pool_ids is not None:
+        pool = np.asarray(pc.is_in(predictions.column("id"), value_set=pa.array(sorted(pool_ids), pa.string())))
+    cands = candidates(predictions, num_classes, pool, min_confidence)
+    rule = plan_selection(class_counts_of(cands, num_classes), budget, prior,
+                          lambda ranges, limits: [range_summaries(cands, ranges, limits)])
+    chosen = cands.filter(pa.array(rule.chosen(cands)))
+    if chosen.num_rows < budget:
+        log.warning(
+            "only %d of the budget of %d pseudo-labels pass min_confidence=%.3f (pool: %s candidates)",
+            chosen.num_rows, budget, min_confidence, cands.num_rows,
+        )
+    order = pc.sort_indices(chosen, sort_keys=[(c, "ascending") for c in SEL])
+    return chosen.take(order).select(SELECTION_SCHEMA.names)
+
 
 
 def preds(rows: list[tuple[str, int, float]]) -> pa.Table:
