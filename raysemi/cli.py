@@ -176,7 +176,7 @@ def _add_ingest(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--follow-symlinks", action="store_true",
                    help="read files that symbolic links point to outside the source folder (default: quarantined, "
-                        "listed in the manifest with the reason)")
+                        "listed in quarantine.parquet with the reason)")
     d = p.add_argument_group("DICOM sources (see README: From your PACS export)")
     d.add_argument("--labels", metavar="CSV",
                    help="label CSV for a DICOM tree: 'label' + one key column (path, SOPInstanceUID or "

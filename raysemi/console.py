@@ -82,7 +82,7 @@ class PlainProgress:
     total (a tenth by default) but not within ``min_interval_s`` of the previous one, at least one every
     ``every_s`` seconds, and one at the end (a loop of a few seconds prints only that one)."""
 
-    def __init__(self, total: int, desc: str, unit: str = "it", step: float = 0.1, every_s: float = 30.0,
+    def __init__(self, total: int | None, desc: str, unit: str = "it", step: float = 0.1, every_s: float = 30.0,
                  min_interval_s: float = 5.0) -> None:
         self.total, self.desc, self.unit = total, desc, unit
         self.n, self.postfix = 0, ""
@@ -96,7 +96,7 @@ class PlainProgress:
         rate = self.n / elapsed if elapsed > 0 else 0.0
         pct = f" ({self.n / self.total:.0%})" if self.total else ""
         post = f"  {self.postfix}" if self.postfix else ""
-        log.info("%s: %d/%d %s%s  %.1f %s/s  elapsed %s%s", self.desc, self.n, self.total, self.unit, pct,
+        log.info("%s: %d/%s %s%s  %.1f %s/s  elapsed %s%s", self.desc, self.n, self.total or "?", self.unit, pct,
                  rate, self.unit, duration(elapsed), post)
         self._last = time.monotonic()
 
@@ -106,7 +106,7 @@ class PlainProgress:
         if (self.n >= self._next and since >= self._min_interval_s) or since >= self._every_s:
             while self._next <= self.n:
                 self._next += self._step
-            if self.n < self.total:
+            if self.total is None or self.n < self.total:
                 self._emit()
 
     def set_postfix_str(self, s: str) -> None:
@@ -124,7 +124,7 @@ class PlainProgress:
         self.close()
 
 
-def progress(total: int, desc: str, unit: str = "it", enabled: bool = True):
+def progress(total: int | None, desc: str, unit: str = "it", enabled: bool = True):
     """A progress reporter for ``total`` items: tqdm on a terminal, ``PlainProgress`` lines otherwise, and a
     silent tqdm when ``enabled`` is false."""
     from tqdm import tqdm

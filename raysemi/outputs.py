@@ -181,7 +181,7 @@ DEMO = Layout(
 )
 PREDICT = Layout(
     "predictions",
-    ("run.json", "summary.json", "predictions.parquet", "predictions.csv", "failed.csv", "inputs", "predictions",
+    ("run.json", "summary.json", "predictions.parquet", "predictions.csv", "failed.csv", "inputs", "results", "predictions",
      _TMP),
 )
 TUNE = Layout(

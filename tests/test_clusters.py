@@ -490,7 +490,7 @@ def test_ingest_commands_work_on_each_public_layout(tmp_path, s3_bucket):
     m = read_manifest(f"{s3_bucket}/datasets/covid19")
     assert m.classes == ["COVID", "Normal", "Viral_Pneumonia"]  # Lung_Opacity left out, as in the paper
     assert sum(s.rows for s in m.splits.values()) == used  # the masks did not become images
-    assert not m.quarantine and m.duplicates == 0
+    assert not m.quarantined and m.duplicates == 0
     assert all(m.splits[s].rows > 0 for s in ("train", "val", "test"))
 
     total = _fake_kvasir(tmp_path)

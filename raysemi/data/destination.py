@@ -14,6 +14,7 @@ from raysemi.data.shards import SPLITS, DatasetError
 from raysemi.outputs import DATASET, MARKER, check_marked, guard_output
 
 PART = re.compile(r"part-\d+\.parquet(\.tmp-[0-9a-f]+)?$")
+STAGING = "_staging-"  # an ingest's working folder in the destination (``ingest.py``), removed when it ends
 
 
 def _inside(child: Path, parent: Path) -> bool:
@@ -66,10 +67,18 @@ def remove_if_empty(dest: str, created: bool) -> None:
         path.rmdir()
 
 
-def clear_parts(dest: str) -> None:
-    """Remove shard files (and temporaries) under the split folders: leftovers of an unfinished ingest."""
+def clear_parts(dest: str, keep: str | None = None) -> None:
+    """Remove shard files (and temporaries) under the split folders, and staging folders: leftovers of an
+    unfinished ingest (but ``keep``, the running ingest's own staging folder)."""
     fs, root = rio.filesystem(dest)
     fs.invalidate_cache()
+    try:
+        staged = [n for n in fs.ls(root, detail=False) if n.rstrip("/").rsplit("/", 1)[-1].startswith(STAGING)
+                  and (keep is None or n.rstrip("/") != rio.filesystem(keep)[1].rstrip("/"))]
+    except (FileNotFoundError, NotADirectoryError):
+        staged = []
+    for name in staged:
+        fs.rm(name, recursive=True)
     for split in SPLITS:
         sdir = f"{root.rstrip('/')}/{split}"
         try:

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 from raysemi.data.shards import DatasetError
 
 if TYPE_CHECKING:
-    from raysemi.data.dicom_render import DicomRef
+    pass
 
 FRAMES = ("first", "middle", "all")
 GROUP_BY = {"patient": "PatientID", "study": "StudyInstanceUID"}
@@ -232,10 +232,11 @@ def names_patient(folder: str, names: tuple[str, ...]) -> bool:
     return (len(pid) >= 2 and f == pid) or (bool(parts) and all(p in f for p in parts))
 
 
-def manifest_entry(opts: DicomOptions, stats: dict[str, Any], rendered: list[DicomRef]) -> dict[str, Any]:
-    """What the manifest says about a DICOM ingest: the rules applied and the counts, nothing identifying."""
-    from collections import Counter
-
+def manifest_entry(
+    opts: DicomOptions, stats: dict[str, Any], rules: dict[str, int], syntaxes: dict[str, int]
+) -> dict[str, Any]:
+    """What the manifest says about a DICOM ingest: the rules applied and the counts (of the frames stored,
+    per rendering rule and transfer syntax), nothing identifying."""
     key = GROUP_BY[opts.group_by]
     return {
         "group_key": key,
@@ -250,8 +251,8 @@ def manifest_entry(opts: DicomOptions, stats: dict[str, Any], rendered: list[Dic
         "keep_tags": list(opts.keep_tags),
         "pipeline": "modality LUT (rescale) -> VOI LUT or window (file, or --window) -> output range to 0..255 "
         "-> MONOCHROME1 inverted -> 8-bit PNG",
-        "rules": dict(sorted(Counter(r.rules for r in rendered).items())),
-        "transfer_syntaxes": dict(sorted(Counter(r.syntax for r in rendered).items())),
+        "rules": dict(sorted(rules.items())),
+        "transfer_syntaxes": dict(sorted(syntaxes.items())),
         "decoders": decoder_versions(),
         **stats,
     }

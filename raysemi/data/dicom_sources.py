@@ -156,7 +156,8 @@ def scan_dicom(
     workers: int | None,
 ) -> tuple[list[Item], list[str], set[str]]:
     if labels is None:
-        base, classes, provided = scan_folder(root, None, say_names=False)
+        scan = scan_folder(root, None, say_names=False)
+        base, classes, provided = list(scan.items), scan.classes, scan.provided
         items = _expand_dicom(base, opts, hasher, stats, max_pixels=max_pixels, workers=workers, class_folders=True)
         kept = {it.label for it in items if it.label is not None}
         return items, [c for c in classes if c in kept] or classes, provided
@@ -181,5 +182,5 @@ def scan_dicom(
 
 
 def scan_dicom_unlabeled(udir: Path, opts, hasher, stats, *, max_pixels: int, workers: int | None) -> list[Item]:
-    base = scan_unlabeled(udir, None, prefix="unlabeled:")
+    base = list(scan_unlabeled(udir, None, prefix="unlabeled:"))
     return _expand_dicom(base, opts, hasher, stats, max_pixels=max_pixels, workers=workers)

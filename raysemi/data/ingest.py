@@ -1,42 +1,53 @@
-"""``raysemi ingest``: an image folder, a MedMNIST-style ``.npz``, a CSV or a DICOM tree -> validated,
-deduplicated, group-split Parquet shards with a manifest (the data contract in ``shards.py``).
+"""``raysemi ingest``: an image folder, a MedMNIST-style ``.npz`` or a CSV (local or on S3), or a local DICOM
+tree -> validated, deduplicated, group-split Parquet shards with a manifest (the data contract in ``shards.py``).
 
-The steps, each in its own module: scan the source (``sources.py``; DICOM reading and rendering in
-``dicom.py``), check the destination (``destination.py``), validate every image (here), dedup, carve
-val/test by group and plan the shards (``partition.py``), write them (``shard_writer.py``), then the manifest.
-DICOM frames are rendered once at validation into a temporary folder (removed at the end) and read back
-when their shard is written; their id is the sha256 of the stored PNG.
+The steps: scan the source as a stream (``sources.py``; DICOM headers in ``dicom_sources.py``), check the
+destination (``destination.py``), then, as tasks of a ``Mapper`` (in this process, or Ray tasks spread over
+the cluster: ``ray_tasks.task_mapper``), a bounded window of chunks at a time:
 
-Everything that can be checked is checked before anything is written (source, format, keys, paths,
-destination writable, bucket exists); every image is decoded once (``validate.check_image``); failures go to
-the manifest's quarantine list; exact copies (same sha256) are stored once and counted. A failure while
-writing removes the shards written so far; the manifest is written last, so a partial dataset never looks
-complete. Ids are the sha256 of the original bytes, stable across re-ingests.
+1. stage: every input of a chunk read once, validated (decoded) once, written with what is to be stored to a
+   staging folder in the destination (``ingest_chunks.stage_chunk``);
+2. plan: dedup, carve val/test by group, plan the shards (``partition.py``) over the small columns of every
+   staged part, in one task; the quarantine list goes to ``quarantine.parquet``;
+3. scatter the kept rows of each staged part by destination shard, then gather each shard in planned order;
+4. the manifest, last, with per-shard and per-class counts and the quarantine's counts by reason.
+
+The driver holds a window of chunks of the scan and per-chunk / per-shard numbers, never a list of every
+input. Everything that can be checked up front is (source, format, keys, paths, destination writable, bucket
+exists); a failure removes the shards written so far and the staging folder; the manifest is written last,
+so a partial dataset never looks complete. Ids are the sha256 of the original bytes, stable across re-ingests.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
-import os
 import re
-import tempfile
 import uuid
-from collections import Counter, defaultdict
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from raysemi import io as rio
-from raysemi.data import dicom, dicom_render, shards
+from raysemi.console import progress as progress_bar
+from raysemi.data import dicom, shards
 from raysemi.data.destination import check_destination, clear_parts, remove_if_empty
 from raysemi.data.dicom import DicomOptions
 from raysemi.data.dicom_sources import scan_dicom, scan_dicom_unlabeled
-from raysemi.data.partition import carve_group_splits, dedup, plan_shards
-from raysemi.data.shard_writer import progress_bar, read_item, write_shards
-from raysemi.data.shards import SPLITS, DatasetError, Manifest, SplitInfo
+from raysemi.data.ingest_chunks import (
+    Staged,
+    default_threads,
+    gather_shard,
+    plan_dataset,
+    scatter_chunk,
+    stage_chunk,
+)
+from raysemi.data.shards import QUARANTINE, SPLITS, DatasetError, Manifest, Mapper, SplitInfo, local_map
 from raysemi.data.sources import (
     FORMATS,
     Item,
+    Scan,
     detect_format,
     quarantine_escaping,
     scan_csv,
@@ -45,77 +56,42 @@ from raysemi.data.sources import (
     scan_unlabeled,
     source_trees,
 )
-from raysemi.data.validate import DEFAULT_MAX_PIXELS, Checked, check_image, encode_array
+from raysemi.data.validate import DEFAULT_MAX_PIXELS
 from raysemi.outputs import DATASET, mark
 
 __all__ = ["FORMATS", "DicomOptions", "ingest", "summarize"]  # FORMATS: re-exported from sources
 
 log = logging.getLogger(__name__)
 
-def _render_dicom(it: Item, window: tuple[float, float] | None, spill: Path) -> Item:
-    """Render a DICOM frame to an 8-bit PNG in the spill folder; ``it.path`` then points at it."""
-    try:
-        arr, conversion = dicom_render.render(it.dicom, window)
-    except dicom.DicomReject as bad:
-        it.check = Checked(reason=bad.reason)
-        return it
-    data = encode_array(arr)
-    it.sha, it.nbytes = shards.image_id(data), len(data)
-    target = spill / f"{it.sha}.png"
-    if not target.exists():  # identical frames render to one file; the rename makes concurrent writes safe
-        tmp = spill / f"{it.sha}.{uuid.uuid4().hex[:8]}.tmp"
-        tmp.write_bytes(data)
-        os.replace(tmp, target)
-    it.path, it.keep = target, None
-    mode = "L" if arr.ndim == 2 else "RGB"
-    it.check = Checked(conversion=conversion, mode=mode, size=(arr.shape[1], arr.shape[0]))
-    return it
+CHUNK_ROWS = 1024  # inputs per staging task
+IN_FLIGHT = 32  # chunks handed to the mapper at once: bounds the scan the driver holds
 
 
-def _validate(it: Item, max_pixels: int, dicom_run: tuple | None = None) -> Item:
-    if it.check is not None:
-        return it  # quarantined by the scan (DICOM headers)
-    if it.dicom is not None:
-        return _render_dicom(it, *dicom_run)
-    try:
-        data = read_item(it)
-    except OSError as err:
-        it.check = Checked(reason=f"unreadable: {type(err).__name__}")
-        return it
-    it.sha = shards.image_id(data)
-    it.check = check_image(data, max_pixels=max_pixels)
-    if it.check.ok:
-        it.nbytes = len(it.check.data)
-        it.keep = it.check.data if (it.path is None or it.check.conversion) else None
-        it.check = Checked(conversion=it.check.conversion, mode=it.check.mode, size=it.check.size)
-        it.array = None
-    return it
+@dataclass
+class _Source:
+    kind: str
+    scan: Scan
+    sources: list  # the source (and the unlabeled folder), as shown
+    stats: dict | None  # DICOM counts, None for images
+    opts: DicomOptions | None
 
 
-def _collect(
-    source: str,
-    fmt: str,
-    regex: re.Pattern | None,
-    unlabeled: str | None,
-    *,
-    opts: DicomOptions | None,
-    labels: str | None,
-    hasher: dicom.Hasher | None,
-    max_pixels: int,
-    workers: int | None,
-    stack: contextlib.ExitStack,
-):
-    """Scan the source (and the unlabeled folder): every input as an item, nothing decoded yet (DICOM:
-    headers read). Returns (kind, items, classes, provided splits, source paths, DICOM stats or None,
-    DICOM options or None)."""
-    if rio.is_remote(str(source)):
-        raise DatasetError(f"source {source} must be a local path (copy it down first)")
-    src = Path(source).expanduser().resolve()
+def _local(p: str) -> Path | str:
+    return p if rio.is_remote(p) else Path(p).expanduser().resolve()
+
+
+def _open_source(
+    source: str, fmt: str, regex: re.Pattern | None, unlabeled: str | None, *, opts: DicomOptions | None,
+    labels: str | None, hasher: dicom.Hasher, max_pixels: int, workers: int | None, stack: contextlib.ExitStack,
+) -> _Source:
+    """Check the source (and the unlabeled folder) and start scanning it: nothing decoded yet (DICOM: the
+    headers are read here, the tree being local)."""
+    src = _local(source)
     kind = detect_format(src, fmt)
-    udir = Path(unlabeled).expanduser().resolve() if unlabeled else None
-    if udir is not None and not udir.is_dir():
+    udir = _local(unlabeled) if unlabeled else None
+    if udir is not None and not (rio.exists(udir) if isinstance(udir, str) else udir.is_dir()):
         raise DatasetError(f"unlabeled folder {unlabeled} does not exist")
-    udicom = udir is not None and dicom.looks_like_dicom(udir)
+    udicom = isinstance(udir, Path) and dicom.looks_like_dicom(udir)
     if kind != "dicom" and not udicom and opts is not None:
         raise DatasetError("DICOM options (--frames, --window, --keep-tags, ...) apply to DICOM sources only")
     if labels and kind != "dicom":
@@ -133,42 +109,67 @@ def _collect(
         if label_csv is not None and not label_csv.is_file():
             raise DatasetError(f"labels CSV {labels} does not exist")
         items, classes, provided = scan_dicom(src, opts, hasher, stats, labels=label_csv, **dicom_kw)
+        if stats["files"] == 0:
+            raise DatasetError(f"no DICOM files in {source} (none has the DICOM preamble 'DICM' at byte 128)")
+        if not classes:
+            raise DatasetError(f"no labelled DICOM files in {source}")
+        scan = Scan(iter(items), classes, provided)
     else:
-        scan = {
-            "folder": lambda: scan_folder(src, regex),
-            "npz": lambda: scan_npz(src),
-            "csv": lambda: scan_csv(src, regex),
-        }
-        items, classes, provided = scan[kind]()
+        scan = {"folder": lambda: scan_folder(src, regex), "npz": lambda: scan_npz(src),
+                "csv": lambda: scan_csv(src, regex)}[kind]()
     sources = [src]
     if udir is not None:
-        if udicom:
-            items += scan_dicom_unlabeled(udir, opts, hasher, stats, **dicom_kw)
-        else:
-            items += scan_unlabeled(udir, regex, prefix="unlabeled:")
+        extra = scan_dicom_unlabeled(udir, opts, hasher, stats, **dicom_kw) if udicom else \
+            scan_unlabeled(udir, regex, prefix="unlabeled:")
+        scan = Scan(itertools.chain(scan.items, extra), scan.classes, scan.provided)
         sources.append(udir)
-    if stats is not None and stats["files"] == 0 and kind == "dicom":
-        raise DatasetError(f"no DICOM files in {source} (none has the DICOM preamble 'DICM' at byte 128)")
-    if not items:
+    return _Source(kind, scan, sources, stats, opts)
+
+
+def _chunks(items: Iterator[Item], rows: int) -> Iterator[list[Item]]:
+    while chunk := list(itertools.islice(items, rows)):
+        yield quarantine_escaping(chunk)  # links out of the source folder: listed with the reason, never read
+
+
+def _stage_all(
+    src: _Source, staging: str, regex: re.Pattern | None, map_fn: Mapper, *, max_pixels: int, workers: int | None,
+    progress: bool, source: str,
+) -> tuple[int, int, int]:
+    """Stage the scan, a window of chunks at a time; the scan's own checks once it is exhausted. Returns
+    (chunks, inputs, inputs whose name the group regex does not match)."""
+    window = (src.opts.window if src.opts else None)
+    tags = src.opts.keep_tags if src.opts is not None else ()
+    threads = workers or default_threads()
+    chunks = inputs = grouped = missing = 0
+    example = None
+    with progress_bar(None, "validate", unit="img", enabled=progress) as bar:
+        pending: list[tuple] = []
+
+        def flush() -> None:
+            nonlocal missing, example
+            done: list[Staged] = map_fn(stage_chunk, pending)
+            for st in done:
+                missing += st.missing
+                example = example or st.missing_example
+                bar.update(st.rows)
+            pending.clear()
+
+        for chunk in _chunks(src.scan.items, CHUNK_ROWS):
+            inputs += len(chunk)
+            grouped += sum(it.group is not None for it in chunk)
+            pending.append((chunk, chunks, staging, max_pixels, window, tags, threads))
+            chunks += 1
+            if len(pending) >= IN_FLIGHT:
+                flush()
+        if pending:
+            flush()
+    if missing:
+        raise DatasetError(f"CSV {source} names {missing} missing file(s), e.g. {example}")
+    if not inputs:
         raise DatasetError(f"no image files found in {source}")
-    if kind == "dicom" and not classes:
-        raise DatasetError(f"no labelled DICOM files in {source}")
-    if regex is not None and kind != "npz" and all(it.group is None for it in items):
-        raise DatasetError(f"group regex {regex.pattern!r} matches none of the {len(items)} file names")
-    return kind, items, classes, provided, sources, stats, opts
-
-
-def _validate_all(
-    items: list[Item], max_pixels: int, workers: int | None, progress: bool, dicom_run: tuple | None = None
-) -> None:
-    # Threads: Pillow releases the GIL while decoding (a process pool measured no faster on 224px JPEGs).
-    with (
-        ThreadPoolExecutor(workers or min(8, os.cpu_count() or 2)) as pool,
-        progress_bar(len(items), "validate", progress) as bar,
-    ):
-        for f in as_completed([pool.submit(_validate, it, max_pixels, dicom_run) for it in items]):
-            f.result()
-            bar.update()
+    if regex is not None and src.kind != "npz" and grouped == 0:
+        raise DatasetError(f"group regex {regex.pattern!r} matches none of the {inputs} file names")
+    return chunks, inputs, (inputs - grouped if regex is not None and src.kind != "npz" else 0)
 
 
 def ingest(
@@ -191,12 +192,14 @@ def ingest(
     dicom_options: DicomOptions | None = None,
     labels: str | None = None,
     follow_symlinks: bool = False,
+    map_fn: Mapper = local_map,
 ) -> Manifest:
-    """Ingest ``source`` (folder / .npz / .csv / DICOM tree, local) into the dataset at ``dest`` (local path
-    or s3://).
+    """Ingest ``source`` (folder / .npz / .csv, local or s3://; a DICOM tree, local) into the dataset at
+    ``dest`` (local path or s3://).
 
     Raises ``DatasetError`` (one line) for bad input; writes no manifest unless everything succeeded.
-    ``synthetic`` marks the manifest as synthetic data; ``workers`` sets the decode threads.
+    ``synthetic`` marks the manifest as synthetic data; ``workers`` sets the decode threads of a task;
+    ``map_fn`` runs the per-chunk and per-shard tasks (``local_map``: in this process).
     ``dicom_options`` (frames, window, group key, salt, kept tags...; defaults when None) and ``labels`` (a
     CSV keyed on path, SOPInstanceUID or StudyInstanceUID) apply to DICOM sources only.
     A symbolic link out of the source folder (or the unlabeled one) is quarantined unread, with its reason,
@@ -212,120 +215,124 @@ def ingest(
         raise DatasetError(f"bad group regex {group_regex!r}: {err}") from None
     opts = dicom_options.checked() if dicom_options is not None else None
     hasher = dicom.Hasher(opts.salt if opts else None)
-    # The stack holds, for DICOM only, pydicom silenced and the folder of rendered frames, until the end.
+    # The stack holds, for DICOM only, pydicom silenced, until the end.
     with contextlib.ExitStack() as stack:
-        trees = [Path(p).expanduser().resolve() for p in (source, unlabeled) if p]
-        trees = [t if t.is_dir() else t.parent for t in trees]  # a CSV's paths are relative to its folder
+        trees = [_local(p) for p in (source, unlabeled) if p]
+        trees = [t if t.is_dir() else t.parent for t in trees if isinstance(t, Path)]  # a CSV's paths: its folder
         stack.enter_context(source_trees(None if follow_symlinks else trees))
-        kind, items, classes, provided, sources, stats, opts = _collect(
-            source, fmt, regex, unlabeled, opts=opts, labels=labels, hasher=hasher,
-            max_pixels=max_pixels, workers=workers, stack=stack,
-        )
-        quarantine_escaping(items)  # links out of the source folder: listed with the reason, never read
-        dicom_run = None
+        src = _open_source(source, fmt, regex, unlabeled, opts=opts, labels=labels, hasher=hasher,
+                           max_pixels=max_pixels, workers=workers, stack=stack)
         # An export's own folder can be named after its patient: for DICOM, paths are stored only on request.
-        shown = [str(p) for p in sources]
-        if stats is not None and not opts.keep_paths:
-            shown = ["(DICOM export; path not stored without --keep-paths)"] * len(sources)
-        if stats is not None:
-            dicom_run = (opts.window, Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="raysemi-dicom-"))))
-        created = check_destination(dest, overwrite, sources)
+        shown = [str(p) for p in src.sources]
+        if src.stats is not None and not src.opts.keep_paths:
+            shown = ["(DICOM export; path not stored without --keep-paths)"] * len(src.sources)
+        created = check_destination(dest, overwrite, [p for p in src.sources if isinstance(p, Path)])
+        staging = rio.join(dest, f"_staging-{uuid.uuid4().hex[:8]}")
         try:
-            _validate_all(items, max_pixels, workers, progress, dicom_run)
-            kept, quarantine, duplicates = dedup(items)
-            if not kept:
-                bad = quarantine[0]
-                raise DatasetError(
-                    f"no valid images in {source}: all {len(items)} were rejected "
-                    f"(e.g. {bad['source']}: {bad['reason']})"
-                )
-            carve = {
-                s: f for s, f in (("val", val_fraction), ("test", test_fraction)) if s not in provided and f > 0
-            }
-            carve_group_splits(kept, carve, seed)
-            by_split = {s: [it for it in kept if it.split == s] for s in SPLITS}
-            sides = defaultdict(set)
-            for it in kept:
-                if it.group is not None and it.split != "unlabeled":
-                    sides[it.group].add(it.split)
-            spanning = sum(1 for v in sides.values() if len(v) > 1)  # only possible with splits from the source
-            if spanning:
-                log.warning("%d groups appear in more than one of the source's own splits", spanning)
-            plan = [
-                (s, i, rows)
-                for s in SPLITS
-                for i, rows in enumerate(plan_shards(by_split[s], shard_mb, min_shards, seed))
-            ]
-            try:
-                if overwrite and shards.dataset_exists(dest):
-                    # only now: a source that fails validation leaves the old one intact
-                    shards.remove_dataset(dest)
-                mark(dest, DATASET)
-                clear_parts(dest)
-                tags = opts.keep_tags if opts is not None else ()
-                written = write_shards(dest, plan, {c: i for i, c in enumerate(classes)}, progress, tags)
-                splits = {}
-                for s in SPLITS:
-                    counts = Counter(it.label for it in by_split[s] if it.label is not None)
-                    splits[s] = SplitInfo(
-                        rows=len(by_split[s]),
-                        labeled=sum(counts.values()),
-                        label_counts={c: counts.get(c, 0) for c in classes} if s != "unlabeled" else {},
-                        shards=[written[(s, i)] for s2, i, _ in plan if s2 == s],
-                    )
-                manifest = Manifest(
-                    classes=classes,
-                    splits=splits,
-                    quarantine=quarantine,
-                    duplicates=duplicates,
-                    source=shown[0],
-                    synthetic=synthetic,
-                    extra={
-                        "format": kind,
-                        "inputs": len(items),
-                        "converted": dict(
-                            sorted(Counter(it.check.conversion for it in kept if it.check.conversion).items())
-                        ),
-                        "splits_from_source": sorted(provided),
-                        "carved": carve,
-                        "group_regex": group_regex,
-                        "groups_across_splits": spanning,
-                        "groups_unmatched": sum(1 for it in items if regex is not None and it.group is None),
-                        "unlabeled_dir": shown[1] if unlabeled else None,
-                        "dicom": None
-                        if stats is None
-                        else dicom.manifest_entry(opts, stats, [it.dicom for it in kept if it.dicom is not None]),
-                        "seed": seed,
-                        "shard_mb": shard_mb,
-                        "min_shards": min_shards,
-                        "max_pixels": max_pixels,
-                    },
-                )
-                shards.write_manifest(dest, manifest)  # last: only a complete dataset has one
-            except BaseException as err:
-                left = _undo_partial(dest)
-                problem = None if isinstance(err, DatasetError) or not isinstance(err, Exception) else \
-                    rio.storage_problem(err)
-                if problem is not None:  # the storage failed (S3 down, silent, refusing; a disk error)
-                    raise DatasetError(f"writing {dest} failed: {problem}; {left}") from err
-                if not left.startswith("no shard"):
-                    log.warning("%s", left)
-                raise
+            if not rio.is_remote(dest):
+                Path(staging, "staged").mkdir(parents=True)
+            manifest = _build(src, dest, staging, regex, map_fn, shown, source=source, shard_mb=shard_mb,
+                              min_shards=min_shards, val_fraction=val_fraction, test_fraction=test_fraction,
+                              group_regex=group_regex, unlabeled=unlabeled, seed=seed, overwrite=overwrite,
+                              max_pixels=max_pixels, progress=progress, synthetic=synthetic, workers=workers)
         except OSError as err:
+            _remove_staging(staging)
             remove_if_empty(dest, created)
             raise DatasetError(f"writing {dest} failed: {rio.storage_problem(err)}") from err
         except BaseException:
+            _remove_staging(staging)
             remove_if_empty(dest, created)
             raise
-        log.info(
-            "ingested %s -> %s: %d stored, %d quarantined, %d duplicates",
-            shown[0],
-            dest,
-            len(kept),
-            len(quarantine),
-            duplicates,
-        )
+        _remove_staging(staging)
+        log.info("ingested %s -> %s: %d stored, %d quarantined, %d duplicates", shown[0], dest,
+                 sum(s.rows for s in manifest.splits.values()), manifest.quarantined_total, manifest.duplicates)
         return manifest
+
+
+def _build(src: _Source, dest: str, staging: str, regex, map_fn: Mapper, shown: list[str], *, source: str,
+           shard_mb: float, min_shards: int, val_fraction: float, test_fraction: float, group_regex: str | None,
+           unlabeled: str | None, seed: int, overwrite: bool, max_pixels: int, progress: bool, synthetic: bool,
+           workers: int | None) -> Manifest:
+    """Stage, plan, and (once nothing can fail for the input's sake) replace any earlier dataset and write."""
+    chunks, inputs, unmatched = _stage_all(src, staging, regex, map_fn, max_pixels=max_pixels, workers=workers,
+                                progress=progress, source=source)
+    classes = list(src.scan.classes)
+    carve = {s: f for s, f in (("val", val_fraction), ("test", test_fraction))
+             if s not in src.scan.provided and f > 0}
+    quarantine_uri = rio.join(staging, QUARANTINE)
+    plan = map_fn(plan_dataset, [(staging, chunks, quarantine_uri, carve, seed, shard_mb, min_shards)])[0]
+    if plan.kept == 0:
+        where, why = plan.first_failure
+        raise DatasetError(f"no valid images in {source}: all {inputs} were rejected (e.g. {where}: {why})")
+    if plan.groups_across_splits:
+        log.warning("%d groups appear in more than one of the source's own splits", plan.groups_across_splits)
+    try:
+        if overwrite and shards.dataset_exists(dest):
+            shards.remove_dataset(dest)  # only now: a source that fails validation leaves the old one intact
+        mark(dest, DATASET)
+        clear_parts(dest, keep=staging)
+        tags = src.opts.keep_tags if src.opts is not None else ()
+        map_fn(scatter_chunk, [(staging, c, plan.row_groups.get(c), tags) for c in range(chunks)])
+        jobs = [(s, i, n) for s in SPLITS for i, n in enumerate(plan.sizes[s])]
+        written = map_fn(gather_shard, [(staging, dest, s, i, n, classes, tags) for s, i, n in jobs])
+        fs, _ = rio.filesystem(dest)
+        fs.copy(rio.filesystem(quarantine_uri)[1], rio.filesystem(rio.join(dest, QUARANTINE))[1])
+        splits = {}
+        for s in SPLITS:
+            counts = plan.label_counts.get(s, {})
+            splits[s] = SplitInfo(
+                rows=sum(plan.sizes[s]),
+                labeled=sum(counts.values()),
+                label_counts={c: counts.get(c, 0) for c in classes} if s != "unlabeled" else {},
+                shards=[w for (s2, _, _), w in zip(jobs, written) if s2 == s],
+            )
+        manifest = Manifest(
+            classes=classes,
+            splits=splits,
+            quarantined=plan.quarantined,
+            duplicates=plan.duplicates,
+            source=shown[0],
+            synthetic=synthetic,
+            extra={
+                "format": src.kind,
+                "inputs": inputs,
+                "converted": plan.converted,
+                "splits_from_source": sorted(src.scan.provided),
+                "carved": carve,
+                "group_regex": group_regex,
+                "groups_across_splits": plan.groups_across_splits,
+                "groups_unmatched": unmatched,
+                "unlabeled_dir": shown[1] if unlabeled else None,
+                "dicom": None if src.stats is None
+                else dicom.manifest_entry(src.opts, src.stats, plan.dicom_rules, plan.dicom_syntaxes),
+                "seed": seed,
+                "shard_mb": shard_mb,
+                "min_shards": min_shards,
+                "max_pixels": max_pixels,
+            },
+        )
+        shards.write_manifest(dest, manifest)  # last: only a complete dataset has one
+        return manifest
+    except BaseException as err:
+        left = _undo_partial(dest)
+        problem = None if isinstance(err, DatasetError) or not isinstance(err, Exception) else \
+            rio.storage_problem(err)
+        if problem is not None:  # the storage failed (S3 down, silent, refusing; a disk error)
+            raise DatasetError(f"writing {dest} failed: {problem}; {left}") from err
+        if not left.startswith("no shard"):
+            log.warning("%s", left)
+        raise
+
+
+def _remove_staging(staging: str) -> None:
+    """Remove the staging folder; when the storage is what failed, the next ingest there removes it."""
+    fs, path = rio.filesystem(staging)
+    try:
+        fs.rm(path, recursive=True)
+    except FileNotFoundError:
+        pass
+    except Exception as err:  # the original error is the one to report
+        log.warning("could not remove the staging folder %s (%s)", staging, type(err).__name__)
 
 
 def _undo_partial(dest: str) -> str:
@@ -351,9 +358,8 @@ def summarize(manifest: Manifest) -> str:
         lines.append(
             f"  {name:<9} {s.rows:>7,} rows in {len(s.shards)} shards" + (f" ({per})" if per else "")
         )
-    reasons = Counter(q["reason"].split(" (")[0] for q in manifest.quarantine)
-    detail = "; ".join(f"{r}: {n}" for r, n in reasons.most_common())
-    lines.append(f"quarantined: {len(manifest.quarantine)}" + (f" ({detail})" if detail else ""))
+    detail = "; ".join(f"{r}: {n}" for r, n in manifest.quarantined.items())
+    lines.append(f"quarantined: {manifest.quarantined_total}" + (f" ({detail})" if detail else ""))
     lines.append(f"duplicates dropped: {manifest.duplicates}")
     converted = manifest.extra.get("converted") or {}
     if converted:

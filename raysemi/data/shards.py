@@ -22,8 +22,11 @@ import pyarrow.parquet as pq
 from raysemi.errors import RaysemiError
 from raysemi.io import filesystem, join, open_exact, storage_errors, write_bytes_atomic
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the quarantine list moved to quarantine.parquet, its counts by reason stay here
+READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
+QUARANTINE = "quarantine.parquet"  # beside the manifest: source, reason of every input not stored
+QUARANTINE_SCHEMA = pa.schema([pa.field("source", pa.string()), pa.field("reason", pa.string())])
 SPLITS = ("train", "val", "test", "unlabeled")
 
 SCHEMA = pa.schema(
@@ -66,7 +69,7 @@ class SplitInfo:
 class Manifest:
     classes: list[str]
     splits: dict[str, SplitInfo]
-    quarantine: list[dict[str, str]] = field(default_factory=list)  # {"source", "reason"}
+    quarantined: dict[str, int] = field(default_factory=dict)  # reason kind -> inputs (the rows: QUARANTINE)
     duplicates: int = 0  # exact copies (same sha256) dropped at ingest
     source: str = ""
     synthetic: bool = False
@@ -77,6 +80,10 @@ class Manifest:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def quarantined_total(self) -> int:
+        return sum(self.quarantined.values())
 
     def shard_uris(self, root: str, split: str) -> list[str]:
         if split not in self.splits:
@@ -93,8 +100,10 @@ class Manifest:
     @classmethod
     def from_json(cls, text: str) -> Manifest:
         raw = json.loads(text)
-        if raw.get("format_version") != FORMAT_VERSION:
-            raise DatasetError(f"manifest format {raw.get('format_version')!r} is not {FORMAT_VERSION}")
+        if raw.get("format_version") not in READABLE_VERSIONS:
+            raise DatasetError(f"manifest format {raw.get('format_version')!r} is not one of {READABLE_VERSIONS}")
+        if "quarantine" in raw:  # format 1 listed every quarantined input in the manifest
+            raw["quarantined"] = reason_counts(q["reason"] for q in raw.pop("quarantine"))
         splits = {
             name: SplitInfo(
                 rows=s["rows"],
@@ -106,6 +115,33 @@ class Manifest:
         }
         raw["splits"] = splits
         return cls(**raw)
+
+
+def reason_kind(reason: str) -> str:
+    """A quarantine reason without its particulars: "over pixel limit (9000 x 9000)" -> "over pixel limit"."""
+    return reason.split(" (")[0]
+
+
+def reason_counts(reasons) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for r in reasons:
+        counts[reason_kind(r)] = counts.get(reason_kind(r), 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def read_quarantine(root: str) -> pa.Table:
+    """Every input of the dataset at ``root`` that was not stored, with its reason (empty when none was)."""
+    fs, path = filesystem(root)
+    qpath = f"{path.rstrip('/')}/{QUARANTINE}"
+    try:
+        with fs.open(qpath, "rb") as fh:
+            return pq.read_table(fh)
+    except FileNotFoundError:
+        manifest = read_manifest(root)
+        if manifest.quarantined_total:
+            raise DatasetError(f"{root}/{QUARANTINE} is missing ({manifest.quarantined_total} inputs were quarantined)") \
+                from None
+        return QUARANTINE_SCHEMA.empty_table()
 
 
 def dataset_exists(root: str) -> bool:

@@ -19,6 +19,7 @@ plus format detection. Validation, dedup, splitting and writing are ``ingest.py`
 from __future__ import annotations
 
 import csv
+import itertools
 import os
 import re
 from collections.abc import Iterator
@@ -29,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from raysemi import io as rio
 from raysemi.data import dicom, dicom_render
 from raysemi.data.shards import SPLITS, DatasetError
 from raysemi.data.validate import Checked
@@ -52,6 +54,8 @@ class Item:
     dicom: dicom_render.DicomRef | None = None  # a DICOM frame to render (``path`` then points at the rendering)
     sort_key: str = ""  # row order when ``source`` is a salted hash (so order does not depend on the salt)
     group_sort: str | None = None  # the same for the group
+    uri: str | None = None  # where to read it when it is on an object store (then ``path`` is None)
+    named: bool = False  # named by a CSV: a missing file stops the ingest (a listed one is just quarantined)
 
 
 # The source trees a symbolic link may point into (ingest sets them unless --follow-symlinks); None: any.
@@ -96,29 +100,83 @@ def _visible(name: str) -> bool:
     return not name.startswith((".", "_"))
 
 
-def _subdirs(root: Path) -> list[Path]:
-    return sorted(p for p in root.iterdir() if p.is_dir() and _visible(p.name))
+Root = Path | str  # a local folder, or a folder on an object store as a URI ("s3://bucket/prefix")
 
 
-def list_files(root: Path) -> list[Path]:
-    """Every visible file under ``root``, through symbolic links to folders too (each real folder once). Under
-    ``source_trees``, a link that leaves them is listed itself, not entered, for the caller to quarantine."""
+def _remote(root: Root) -> bool:
+    return isinstance(root, str) and rio.is_remote(root)
+
+
+def _name(p: Root) -> str:
+    return p.name if isinstance(p, Path) else p.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _child(root: Root, name: str) -> Root:
+    return root / name if isinstance(root, Path) else rio.join(root, name)
+
+
+def _is_dir(p: Root) -> bool:
+    if isinstance(p, Path):
+        return p.is_dir()
+    fs, path = rio.filesystem(p)
+    return fs.isdir(path)
+
+
+def _subdirs(root: Root) -> list[Root]:
+    if isinstance(root, Path):
+        return sorted(p for p in root.iterdir() if p.is_dir() and _visible(p.name))
+    fs, path = rio.filesystem(root)
+    names = [e["name"].rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(path, detail=True) if e["type"] == "directory"]
+    return [rio.join(root, n) for n in sorted(names) if _visible(n)]
+
+
+def walk_files(root: Root) -> Iterator[Root]:
+    """Every visible file under ``root``, in sorted order, one folder at a time (nothing is listed whole).
+    Locally, through symbolic links to folders too (each real folder once); under ``source_trees``, a link
+    that leaves them is yielded itself, not entered, for the caller to quarantine."""
+    if _remote(root):
+        fs, path = rio.filesystem(root)
+        scheme = root.split("://", 1)[0]
+        for dirpath, dirnames, filenames in fs.walk(path, detail=False):
+            dirnames[:] = sorted(d for d in dirnames if _visible(d))  # walked top-down: prunes and orders
+            for f in sorted(filenames):
+                if not f.startswith("."):
+                    yield f"{scheme}://{dirpath.rstrip('/')}/{f}"
+        return
     if escapes(root):  # a class or unlabeled folder that is itself such a link
-        return [root]
-    out = []
+        yield root
+        return
     seen = {os.path.realpath(root)}
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         keep = []
         for d in sorted(d for d in dirnames if _visible(d)):
             full = Path(dirpath) / d
             if escapes(full):
-                out.append(full)
+                yield full
             elif os.path.realpath(full) not in seen:  # a link back up the tree: entered once
                 seen.add(os.path.realpath(full))
                 keep.append(d)
         dirnames[:] = keep
-        out += [Path(dirpath) / f for f in sorted(filenames) if not f.startswith(".")]
-    return out
+        for f in sorted(filenames):
+            if not f.startswith("."):
+                yield Path(dirpath) / f
+
+
+def list_files(root: Path) -> list[Path]:
+    """``walk_files`` as a list (for sources that are read whole: DICOM headers, ``predict``'s listing)."""
+    return list(walk_files(root))
+
+
+def _rel(f: Root, root: Root) -> str:
+    if isinstance(f, Path):
+        return f.relative_to(root).as_posix()
+    return f[len(str(root).rstrip("/")) + 1:]
+
+
+def _item(f: Root, source: str, label: str | None, group: str | None, split: str | None) -> Item:
+    if isinstance(f, Path):
+        return Item(source, label, group, split, path=f)
+    return Item(source, label, group, split, uri=f)
 
 
 def _group_of(name: str, regex: re.Pattern | None) -> str | None:
@@ -128,48 +186,58 @@ def _group_of(name: str, regex: re.Pattern | None) -> str | None:
     return None if m is None else (m.group(1) if regex.groups else m.group(0))
 
 
-def scan_folder(root: Path, regex, say_names: bool = True) -> tuple[list[Item], list[str], set[str]]:
+@dataclass
+class Scan:
+    """A source being scanned: ``items`` is streamed (an iterator, one folder or CSV row at a time).
+    ``classes`` and ``provided`` (the splits the source names) are final once ``items`` is exhausted."""
+
+    items: Iterator[Item]
+    classes: list[str]
+    provided: set[str]
+
+
+def scan_folder(root: Root, regex, say_names: bool = True) -> Scan:
     subdirs = _subdirs(root)
-    split_dirs = [p for p in subdirs if p.name.lower() in _SPLIT_DIRS]
-    items: list[Item] = []
+    split_dirs = [p for p in subdirs if _name(p).lower() in _SPLIT_DIRS]
     if split_dirs:
-        others = [p.name for p in subdirs if p not in split_dirs and p.name != "unlabeled"]
+        others = [_name(p) for p in subdirs if p not in split_dirs and _name(p) != "unlabeled"]
         if others:
             # A DICOM export's folders can be named after patients: count them, do not print them.
             what = ", ".join(others) if say_names else f"{len(others)} of them"
             raise DatasetError(f"{root} mixes split folders (train/val/test) with other folders: {what}")
-        layout = [(_SPLIT_DIRS[p.name.lower()], p) for p in split_dirs]
+        layout = [(_SPLIT_DIRS[_name(p).lower()], p) for p in split_dirs]
     else:
         layout = [(None, root)]
-    classes: set[str] = set()
-    for split, base in layout:
-        for cdir in _subdirs(base):
-            if split is None and cdir.name == "unlabeled":
-                continue
-            classes.add(cdir.name)
-            for f in list_files(cdir):
-                rel = f.relative_to(root).as_posix()
-                items.append(Item(rel, cdir.name, _group_of(f.name, regex), split, path=f))
-    if (root / "unlabeled").is_dir():
-        items += scan_unlabeled(root / "unlabeled", regex, prefix="unlabeled/")
+    per_split = [(split, [c for c in _subdirs(base) if not (split is None and _name(c) == "unlabeled")])
+                 for split, base in layout]
+    classes = sorted({_name(c) for _, cdirs in per_split for c in cdirs})
     if not classes:
         raise DatasetError(f"{root} has no class subfolders (expected {root}/<class>/<image files>)")
-    return items, sorted(classes), {s for s, _ in layout if s}
+    unlabeled = _child(root, "unlabeled")
+
+    def items() -> Iterator[Item]:
+        for split, cdirs in per_split:
+            for cdir in cdirs:
+                for f in walk_files(cdir):
+                    yield _item(f, _rel(f, root), _name(cdir), _group_of(_name(f), regex), split)
+        if _is_dir(unlabeled):
+            yield from scan_unlabeled(unlabeled, regex, prefix="unlabeled/")
+
+    return Scan(items(), classes, {s for s, _ in layout if s})
 
 
-def scan_unlabeled(root: Path, regex, prefix: str) -> list[Item]:
-    return [
-        Item(
-            f"{prefix}{f.relative_to(root).as_posix()}", None, _group_of(f.name, regex), "unlabeled", path=f
-        )
-        for f in list_files(root)
-    ]
+def scan_unlabeled(root: Root, regex, prefix: str) -> Iterator[Item]:
+    for f in walk_files(root):
+        yield _item(f, f"{prefix}{_rel(f, root)}", None, _group_of(_name(f), regex), "unlabeled")
 
 
-def scan_npz(path: Path) -> tuple[list[Item], list[str], set[str]]:
+def scan_npz(path: Root) -> Scan:
+    fs, local = rio.filesystem(str(path))
     try:
-        npz = np.load(path, allow_pickle=False)
-        keys = set(npz.files)
+        with fs.open(local, "rb") as fh:
+            npz = np.load(fh, allow_pickle=False)
+            keys = set(npz.files)
+            arrays = {k: npz[k] for k in keys}  # an .npz is read whole (MedMNIST-sized sources)
     except Exception as err:
         raise DatasetError(f"{path} is not a readable .npz file ({err})") from None
     if "train_images" not in keys:
@@ -180,7 +248,7 @@ def scan_npz(path: Path) -> tuple[list[Item], list[str], set[str]]:
     for split in SPLITS:
         if f"{split}_images" not in keys:
             continue
-        images = npz[f"{split}_images"]
+        images = arrays[f"{split}_images"]
         if (
             images.dtype != np.uint8
             or images.ndim not in (3, 4)
@@ -193,7 +261,7 @@ def scan_npz(path: Path) -> tuple[list[Item], list[str], set[str]]:
         if split != "unlabeled":
             if f"{split}_labels" not in keys:
                 raise DatasetError(f"{path} has '{split}_images' but no '{split}_labels' key")
-            labels = np.asarray(npz[f"{split}_labels"])
+            labels = np.asarray(arrays[f"{split}_labels"])
             if labels.ndim == 2 and labels.shape[1] == 1:
                 labels = labels[:, 0]
             if labels.ndim != 1 or labels.shape[0] != images.shape[0] or labels.dtype.kind not in "iu":
@@ -210,7 +278,7 @@ def scan_npz(path: Path) -> tuple[list[Item], list[str], set[str]]:
             items.append(Item(f"npz:{split}:{i}", label, None, split, array=images[i]))
     names_key = next((k for k in ("label_names", "classes") if k in keys), None)
     if names_key:
-        classes = [str(c) for c in np.asarray(npz[names_key]).ravel()]
+        classes = [str(c) for c in np.asarray(arrays[names_key]).ravel()]
         if len(classes) <= max_label:
             raise DatasetError(
                 f"{path}: '{names_key}' names {len(classes)} classes but a label is {max_label}"
@@ -220,68 +288,96 @@ def scan_npz(path: Path) -> tuple[list[Item], list[str], set[str]]:
     for it in items:
         if it.label is not None:
             it.label = classes[it.label]
-    return items, classes, provided
+    return Scan(iter(items), classes, provided)
 
 
-def scan_csv(path: Path, regex) -> tuple[list[Item], list[str], set[str]]:
+def scan_csv(path: Root, regex) -> Scan:
+    """Rows ``path,label[,group[,split]]`` streamed; a path is relative to the CSV's folder. A file the CSV
+    names that does not exist is found when it is read (``Item.named``): ingest then stops with a count."""
+    fs, local = rio.filesystem(str(path))
     try:
-        with open(path, newline="", encoding="utf-8-sig") as fh:
-            rows = [r for r in csv.reader(fh) if r and any(c.strip() for c in r) and not r[0].startswith("#")]
+        fh = fs.open(local, "r", newline="", encoding="utf-8-sig")
+        rows = (r for r in csv.reader(fh) if r and any(c.strip() for c in r) and not r[0].startswith("#"))
+        first_row = next(rows, None)
     except (OSError, UnicodeDecodeError, csv.Error) as err:
         raise DatasetError(f"cannot read CSV {path}: {err}") from None
     cols = {"path": 0, "label": 1, "group": 2, "split": None}
-    first = [c.strip().lower() for c in rows[0]] if rows else []
+    first = [c.strip().lower() for c in first_row] if first_row else []
     if "path" in first:
         cols = {k: (first.index(k) if k in first else None) for k in cols}
         if cols["label"] is None:
             raise DatasetError(f"CSV {path} has a header without a 'label' column")
-        rows = rows[1:]
-    if not rows:
+        first_row = next(rows, None)
+    if first_row is None:
         raise DatasetError(f"CSV {path} has no rows")
-    base = path.parent
-    items, missing, labels = [], [], set()
-    for n, row in enumerate(rows, start=1):
+    base = path.parent if isinstance(path, Path) else path.rstrip("/").rsplit("/", 1)[0]
+    scan = Scan(iter(()), [], set())
+    labels: set[str] = set()
 
-        def cell(key, row=row):
-            i = cols[key]
-            return row[i].strip() if i is not None and i < len(row) else ""
+    def items() -> Iterator[Item]:
+        try:
+            for n, row in enumerate(itertools.chain([first_row], rows), start=1):
+                def cell(key, row=row):
+                    i = cols[key]
+                    return row[i].strip() if i is not None and i < len(row) else ""
 
-        rel = cell("path")
-        if len(row) < 2 or not rel:
-            raise DatasetError(f"CSV {path} row {n} is not 'path,label[,group]': {','.join(row)}")
-        f = Path(rel) if Path(rel).is_absolute() else base / rel
-        if not f.is_file():
-            missing.append(rel)
-            continue
-        label = cell("label") or None
-        split = cell("split").lower() or None
-        if split is not None and split not in SPLITS:
-            raise DatasetError(f"CSV {path} row {n}: unknown split {split!r}")
-        if label is None or split == "unlabeled":
-            label, split = None, "unlabeled"
-        group = cell("group") or _group_of(f.name, regex)
-        if label is not None:
-            labels.add(label)
-        items.append(Item(rel, label, group, split, path=f))
-    if missing:
-        raise DatasetError(f"CSV {path} names {len(missing)} missing file(s), e.g. {missing[0]}")
-    numeric = all(re.fullmatch(r"-?\d+", x) for x in labels)
-    classes = sorted(labels, key=(lambda x: int(x)) if numeric else None)
-    return items, classes, {it.split for it in items if it.split in ("train", "val", "test")}
+                rel = cell("path")
+                if len(row) < 2 or not rel:
+                    raise DatasetError(f"CSV {path} row {n} is not 'path,label[,group]': {','.join(row)}")
+                label = cell("label") or None
+                split = cell("split").lower() or None
+                if split is not None and split not in SPLITS:
+                    raise DatasetError(f"CSV {path} row {n}: unknown split {split!r}")
+                if label is None or split == "unlabeled":
+                    label, split = None, "unlabeled"
+                f = _resolve(base, rel)
+                group = cell("group") or _group_of(_name(f), regex)
+                if label is not None:
+                    labels.add(label)
+                if split in ("train", "val", "test"):
+                    scan.provided.add(split)
+                it = _item(f, rel, label, group, split)
+                it.named = True
+                yield it
+        except (UnicodeDecodeError, csv.Error) as err:
+            raise DatasetError(f"cannot read CSV {path}: {err}") from None
+        finally:
+            fh.close()
+        numeric = all(re.fullmatch(r"-?\d+", x) for x in labels)
+        scan.classes[:] = sorted(labels, key=(lambda x: int(x)) if numeric else None)
+
+    scan.items = items()
+    return scan
 
 
-def detect_format(source: Path, fmt: str) -> str:
+def _resolve(base: Root, rel: str) -> Root:
+    if rio.is_remote(rel):
+        return rel
+    if isinstance(base, Path):
+        return Path(rel) if Path(rel).is_absolute() else base / rel
+    return rio.join(base, rel)
+
+
+def detect_format(source: Root, fmt: str) -> str:
+    """The source's format: ``fmt``, or (``auto``) told from what ``source`` is (a local path or a URI)."""
     if fmt not in FORMATS:
         raise DatasetError(f"unknown format {fmt!r} (expected one of: {', '.join(FORMATS)})")
-    if not source.exists():
+    if _remote(source):
+        fs, path = rio.filesystem(source)
+        is_dir, exists = fs.isdir(path), fs.exists(path)
+        if fmt == "dicom":
+            raise DatasetError(f"a DICOM source must be a local folder: {source} (copy it down first)")
+    else:
+        is_dir, exists = source.is_dir(), source.exists()
+    if not exists:
         raise DatasetError(f"source {source} does not exist")
-    if fmt == "dicom" and not source.is_dir():
+    if fmt == "dicom" and not is_dir:
         raise DatasetError(f"a DICOM source must be a folder: {source}")
     if fmt != "auto":
         return fmt
-    if source.is_dir():
-        return "dicom" if dicom.looks_like_dicom(source) else "folder"
-    suffix = source.suffix.lower()
-    if suffix in (".npz", ".csv"):
-        return suffix[1:]
+    if is_dir:
+        return "dicom" if not _remote(source) and dicom.looks_like_dicom(source) else "folder"
+    suffix = _name(source).rsplit(".", 1)[-1].lower() if "." in _name(source) else ""
+    if suffix in ("npz", "csv"):
+        return suffix
     raise DatasetError(f"unknown source format: {source} (expected an image folder, a .npz or a .csv file)")

@@ -429,11 +429,12 @@ def test_pacs_export_end_to_end_without_identifying_bytes(tmp_path, capsys, capl
     d = m.extra["dicom"]
     assert m.extra["format"] == "dicom" and m.classes == ["normal", "pneumonia"]
     # Every image stored or quarantined with a reason; skipped files counted.
-    reasons = [q["reason"] for q in m.quarantine]
+    quarantine = shards.read_quarantine(str(dest)).to_pylist()
+    reasons = [q["reason"] for q in quarantine]
     for prefix, n in truth["bad"].items():
         assert sum(r.startswith(prefix) for r in reasons) == n, (prefix, reasons)
     stored = sum(s.rows for s in m.splits.values())
-    assert stored + m.duplicates == truth["good"] and len(m.quarantine) == sum(truth["bad"].values())
+    assert stored + m.duplicates == truth["good"] and len(quarantine) == m.quarantined_total == sum(truth["bad"].values())
     assert d["skipped"] == {"DICOMDIR": 1, "not DICOM": 1}
     assert d["files"] == truth["good"] + sum(truth["bad"].values())
     assert d["missing_group_key"]["quarantined"] == 1
@@ -575,8 +576,9 @@ def test_corrupt_pixel_data_is_quarantined_not_fatal(tmp_path):
     save(bad, tmp_path / "src" / "a" / "bad.dcm")
     m = ingest(str(tmp_path / "src"), str(tmp_path / "ds"), progress=False, min_shards=1, val_fraction=0,
                test_fraction=0)
-    assert m.splits["train"].rows == 1 and len(m.quarantine) == 1
-    assert m.quarantine[0]["reason"].startswith("decode failed: ")
+    quarantine = shards.read_quarantine(str(tmp_path / "ds")).to_pylist()
+    assert m.splits["train"].rows == 1 and len(quarantine) == 1 == m.quarantined_total
+    assert quarantine[0]["reason"].startswith("decode failed: ")
     assert good.exists()
 
 
@@ -639,4 +641,5 @@ def test_dicom_to_s3_matches_local(tmp_path, s3_bucket):
     remote = ingest(str(tmp_path / "export"), f"{s3_bucket}/dicom", dicom_options=opts, progress=False)
     for split in shards.SPLITS:
         assert local.splits[split].shards == remote.splits[split].shards
-    assert json.loads(local.to_json())["quarantine"] == json.loads(remote.to_json())["quarantine"]
+    assert local.quarantined == remote.quarantined
+    assert shards.read_quarantine(str(tmp_path / "ds")) == shards.read_quarantine(f"{s3_bucket}/dicom")

@@ -236,13 +236,15 @@ def test_symlinks_out_of_the_source_are_listed_not_read(tmp_path):
     stored = {r["id"] for s in ("train", "val", "test") for r in rows(str(tmp_path / "ds"), s)}
     assert hashlib.sha256(inside).hexdigest() in stored
     assert hashlib.sha256(secret).hexdigest() not in stored and len(stored) == 21
-    assert sorted((q["source"], q["reason"]) for q in m.quarantine) == [
+    quarantine = shards.read_quarantine(str(tmp_path / "ds")).to_pylist()
+    assert sorted((q["source"], q["reason"]) for q in quarantine) == [
         ("a/escape.png", OUTSIDE_LINK), ("b/linkdir", OUTSIDE_LINK)]
     assert "symbolic link out of the source folder" in summarize(m)
 
     m = ingest(str(src), str(tmp_path / "ds2"), progress=False, min_shards=1, follow_symlinks=True)
     stored = {r["id"] for s in ("train", "val", "test") for r in rows(str(tmp_path / "ds2"), s)}
-    assert hashlib.sha256(secret).hexdigest() in stored and len(stored) == 23 and m.quarantine == []
+    assert hashlib.sha256(secret).hexdigest() in stored and len(stored) == 23 and m.quarantined == {}
+    assert shards.read_quarantine(str(tmp_path / "ds2")).num_rows == 0
 
 
 def test_duplicates_are_stored_once(tmp_path):
@@ -253,10 +255,12 @@ def test_duplicates_are_stored_once(tmp_path):
     shutil.copy(src / "a" / "img002.png", src / "b" / "zzz_conflict.png")  # other label: quarantined
     m = ingest(str(src), str(tmp_path / "ds"), progress=False)
     stored = sum(s.rows for s in m.splits.values())
-    assert (stored, m.duplicates, len(m.quarantine)) == (10, 2, 1)
-    assert m.quarantine[0]["source"] == "b/zzz_conflict.png"
-    assert m.quarantine[0]["reason"].startswith("duplicate with conflicting label")
-    assert stored + m.duplicates + len(m.quarantine) == m.extra["inputs"] == 13
+    quarantine = shards.read_quarantine(str(tmp_path / "ds")).to_pylist()
+    assert (stored, m.duplicates, len(quarantine), m.quarantined_total) == (10, 2, 1, 1)
+    assert quarantine[0]["source"] == "b/zzz_conflict.png"
+    assert quarantine[0]["reason"].startswith("duplicate with conflicting label")
+    assert m.quarantined == {"duplicate with conflicting label": 1}
+    assert stored + m.duplicates + len(quarantine) == m.extra["inputs"] == 13
     ids = [r["id"] for s in ("train", "val", "test") for r in rows(str(tmp_path / "ds"), s)]
     assert len(ids) == len(set(ids)) == 10
 
@@ -294,7 +298,8 @@ def test_bad_inputs_raise_and_leave_no_manifest(tmp_path):
     (dest / "train" / "my-labels.csv").write_text("mine")
     m = ingest(str(src), str(dest), progress=False, overwrite=True, min_shards=1)
     parts = sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*.parquet"))
-    assert parts == sorted(s.path for sp in m.splits.values() for s in sp.shards)  # old shards are gone
+    # Old shards are gone; the quarantine list (empty here) sits beside the manifest.
+    assert parts == sorted(["quarantine.parquet", *(s.path for sp in m.splits.values() for s in sp.shards)])
     assert (dest / "NOTES.md").read_text() == "mine" and (dest / "train" / "my-labels.csv").read_text() == "mine"
     # A dataset raysemi cannot tell it wrote (no marker: an older raysemi, or the user's own files) is refused.
     (dest / ".raysemi-output").unlink()
@@ -413,7 +418,7 @@ def test_s3_server_frozen_mid_ingest_fails_in_a_bounded_time(own_s3, tmp_path, m
     fs, root = rio.filesystem(f"{bucket}/ds")
     fs.invalidate_cache()
     assert sorted(p[len(root) + 1:] for p in fs.find(root) if p.endswith(".parquet")) == \
-        sorted(sh.path for sp in m.splits.values() for sh in sp.shards)
+        sorted(["quarantine.parquet", *(sh.path for sp in m.splits.values() for sh in sp.shards)])  # no staging left
 
 
 def test_failure_midway_leaves_nothing(tmp_path, monkeypatch):
@@ -462,7 +467,7 @@ def test_covid_local_and_s3(covid_dir, tmp_path, s3_bucket):
     local = ingest(str(covid_dir), str(tmp_path / "covid"), progress=False)
     remote = ingest(str(covid_dir), f"{s3_bucket}/covid", progress=False)
     assert local.classes == sorted(unique) == ["COVID", "Normal", "Viral_Pneumonia"]
-    assert local.quarantine == [] and files == 3330
+    assert local.quarantined == {} and files == 3330
     stored = Counter()
     for split in ("train", "val", "test"):
         stored.update(local.splits[split].label_counts)

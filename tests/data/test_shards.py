@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 
 import pyarrow as pa
 import pytest
@@ -82,11 +83,17 @@ def test_folder_without_manifest_is_not_a_dataset(tmp_path, s3_bucket):
 
 def test_manifest_json_errors(tmp_path):
     m = Manifest(
-        classes=["x"], splits={"train": SplitInfo()}, quarantine=[{"source": "a", "reason": "zero bytes"}]
+        classes=["x"], splits={"train": SplitInfo()}, quarantined={"zero bytes": 1}
     )
     assert Manifest.from_json(m.to_json()) == m
+    # Format 1 listed the quarantined inputs in the manifest: read as their counts by reason.
+    old = json.loads(m.to_json())
+    old.pop("quarantined")
+    old.update(format_version=1, quarantine=[{"source": "a", "reason": "zero bytes"},
+                                             {"source": "b", "reason": "over pixel limit (9 x 9)"}])
+    assert Manifest.from_json(json.dumps(old)).quarantined == {"over pixel limit": 1, "zero bytes": 1}
     (tmp_path / "manifest.json").write_text(
-        m.to_json().replace('"format_version": 1', '"format_version": 99')
+        m.to_json().replace('"format_version": 2', '"format_version": 99')
     )
     with pytest.raises(DatasetError, match="format 99"):
         shards.read_manifest(str(tmp_path))

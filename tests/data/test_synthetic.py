@@ -84,7 +84,7 @@ def test_refuses_foreign_folder_and_bad_args(tmp_path):
 def test_make_demo_dataset(tmp_path):
     m = make_demo_dataset(str(tmp_path), per_class=30, unlabeled=40, size=32)
     assert m.synthetic and m.classes == class_names(3)
-    assert m.splits["unlabeled"].rows == 40 and m.quarantine == [] and m.duplicates == 0
+    assert m.splits["unlabeled"].rows == 40 and m.quarantined == {} and m.duplicates == 0
     assert sum(m.splits[s].rows for s in ("train", "val", "test")) == 90
     assert shards.read_manifest(str(tmp_path / "dataset")) == m
     sides = defaultdict(set)

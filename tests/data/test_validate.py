@@ -137,12 +137,14 @@ def test_corpus_through_ingest(tmp_path):
     m = ingest(str(src), str(tmp_path / "ds"), progress=False, min_shards=1)
 
     expected_bad = {n: r for n, (_, r, _, _) in CORPUS.items() if r}
-    reasons = {q["source"]: q["reason"] for q in m.quarantine}
+    quarantine = shards.read_quarantine(str(tmp_path / "ds")).to_pylist()
+    assert m.quarantined_total == len(quarantine)
+    reasons = {q["source"]: q["reason"] for q in quarantine}
     conflict = reasons.pop(f"{other.name}/copy-of-good.png")
     assert conflict.startswith("duplicate with conflicting label")
     assert {Path(k).name: r for k, r in reasons.items()} == expected_bad
     stored = sum(s.rows for s in m.splits.values())
-    assert stored + len(m.quarantine) + m.duplicates == len(CORPUS) + 2 == m.extra["inputs"]
+    assert stored + len(quarantine) + m.duplicates == len(CORPUS) + 2 == m.extra["inputs"]
     assert m.duplicates == 1 and stored == len(CORPUS) - len(expected_bad)
     assert m.extra["converted"] == {
         "16-bit grey PNG -> 8-bit L PNG": 1,
