@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -51,12 +52,18 @@ def _dicom_options(args: argparse.Namespace):
 
 def cmd_ingest(args: argparse.Namespace) -> int:
     from raysemi.data.ingest import ingest, summarize
+    from raysemi.data.shards import local_map
+
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    if address:  # under `ray job submit` too: RAY_ADDRESS names the cluster the job runs on
+        from raysemi.ray_tasks import task_mapper
 
     manifest = ingest(
         args.source, args.dest, fmt=args.format, shard_mb=args.shard_mb, min_shards=args.min_shards,
         val_fraction=args.val_fraction, test_fraction=args.test_fraction, group_regex=args.group_regex,
         unlabeled=args.unlabeled, seed=args.seed, overwrite=args.overwrite, progress=not args.quiet,
         dicom_options=_dicom_options(args), labels=args.labels, follow_symlinks=args.follow_symlinks,
+        map_fn=task_mapper(address) if address else local_map,
     )
     print(summarize(manifest))
     print(f"dataset written to {args.dest}")
@@ -174,6 +181,9 @@ def _add_ingest(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace a dataset already at DEST")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--address", help="Ray cluster whose nodes read, validate and write, as tasks (default: "
+                   "$RAY_ADDRESS when set, else this process); SOURCE and DEST must then be reachable from every "
+                   "node: s3:// or a shared file system")
     p.add_argument("--follow-symlinks", action="store_true",
                    help="read files that symbolic links point to outside the source folder (default: quarantined, "
                         "listed in quarantine.parquet with the reason)")

@@ -48,8 +48,8 @@ from raysemi.data.sources import (
     FORMATS,
     Item,
     Scan,
+    current_trees,
     detect_format,
-    quarantine_escaping,
     scan_csv,
     scan_folder,
     scan_npz,
@@ -128,7 +128,7 @@ def _open_source(
 
 def _chunks(items: Iterator[Item], rows: int) -> Iterator[list[Item]]:
     while chunk := list(itertools.islice(items, rows)):
-        yield quarantine_escaping(chunk)  # links out of the source folder: listed with the reason, never read
+        yield chunk
 
 
 def _stage_all(
@@ -140,6 +140,7 @@ def _stage_all(
     window = (src.opts.window if src.opts else None)
     tags = src.opts.keep_tags if src.opts is not None else ()
     threads = workers or default_threads()
+    trees = current_trees()  # links out of the source folders: quarantined by the task, never read
     chunks = inputs = grouped = missing = 0
     example = None
     with progress_bar(None, "validate", unit="img", enabled=progress) as bar:
@@ -157,7 +158,7 @@ def _stage_all(
         for chunk in _chunks(src.scan.items, CHUNK_ROWS):
             inputs += len(chunk)
             grouped += sum(it.group is not None for it in chunk)
-            pending.append((chunk, chunks, staging, max_pixels, window, tags, threads))
+            pending.append((chunk, chunks, staging, max_pixels, window, tags, threads, trees))
             chunks += 1
             if len(pending) >= IN_FLIGHT:
                 flush()

@@ -19,6 +19,7 @@ import itertools
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -28,7 +29,7 @@ import pyarrow.parquet as pq
 from raysemi import io as rio
 from raysemi.data import dicom, dicom_render, partition, shards
 from raysemi.data.shards import ShardInfo
-from raysemi.data.sources import Item
+from raysemi.data.sources import Item, quarantine_escaping
 from raysemi.data.validate import Checked, check_image, encode_array
 
 SMALL = ("source", "sort_key", "label", "group", "group_sort", "split", "sha", "nbytes", "reason", "conversion",
@@ -93,9 +94,11 @@ class Staged:
 
 def stage_chunk(
     items: list[Item], chunk: int, staging: str, max_pixels: int, window: tuple[float, float] | None = None,
-    tags: tuple[str, ...] = (), threads: int = 8,
+    tags: tuple[str, ...] = (), threads: int = 8, trees: tuple[Path, ...] | None = None,
 ) -> Staged:
-    """Validate one chunk of inputs and write it as a staged part (see the module docstring)."""
+    """Validate one chunk of inputs and write it as a staged part (see the module docstring). A file that a
+    symbolic link leads to out of ``trees`` (the source folders; None: anywhere) is quarantined unread."""
+    quarantine_escaping(items, trees)
     schema = pa.schema([*STAGED, *(pa.field(t, pa.string()) for t in tags)])
     fs, path = rio.filesystem(staged_uri(staging, chunk))
     failed, missing, example = 0, 0, None

@@ -75,23 +75,29 @@ def source_trees(roots: list[Path] | None) -> Iterator[None]:
         _TREES.reset(token)
 
 
-def escapes(path: Path) -> bool:
-    """Whether ``path``, inside the source trees (``source_trees``) as written, leads out of them through a
-    symbolic link. (A path written outside them, e.g. ``../x.png`` in a CSV, is the user's own choice.)"""
-    trees = _TREES.get()
+def current_trees() -> tuple[Path, ...] | None:
+    """The source trees set by ``source_trees`` (for a task that checks links in another process)."""
+    return _TREES.get()
+
+
+def escapes(path: Path, trees: tuple[Path, ...] | None = None) -> bool:
+    """Whether ``path``, inside the source trees (``source_trees``, or ``trees``) as written, leads out of them
+    through a symbolic link. (A path written outside them, e.g. ``../x.png`` in a CSV, is the user's own choice.)"""
+    trees = trees if trees is not None else _TREES.get()
     if trees is None:
         return False
+    roots = [str(t) for t in trees]
 
-    def inside(p: Path) -> bool:
-        return any(p == t or t in p.parents for t in trees)
+    def inside(p: str) -> bool:
+        return any(p == t or p.startswith(t.rstrip(os.sep) + os.sep) for t in roots)
 
-    return inside(Path(os.path.abspath(path))) and not inside(Path(os.path.realpath(path)))
+    return inside(os.path.abspath(path)) and not inside(os.path.realpath(path))
 
 
-def quarantine_escaping(items: list[Item]) -> list[Item]:
+def quarantine_escaping(items: list[Item], trees: tuple[Path, ...] | None = None) -> list[Item]:
     """``items``, those whose file escapes the source trees quarantined (``OUTSIDE_LINK``) before any read."""
     for it in items:
-        if it.path is not None and it.check is None and it.dicom is None and escapes(it.path):
+        if it.path is not None and it.check is None and it.dicom is None and escapes(it.path, trees):
             it.check = Checked(reason=OUTSIDE_LINK)
     return items
 
@@ -139,6 +145,7 @@ def walk_files(root: Root) -> Iterator[Root]:
         scheme = root.split("://", 1)[0]
         for dirpath, dirnames, filenames in fs.walk(path, detail=False):
             dirnames[:] = sorted(d for d in dirnames if _visible(d))  # walked top-down: prunes and orders
+            fs.invalidate_cache(dirpath)  # one level's listing at a time: the cache would hold every key
             for f in sorted(filenames):
                 if not f.startswith("."):
                     yield f"{scheme}://{dirpath.rstrip('/')}/{f}"
@@ -167,7 +174,8 @@ def list_files(root: Path) -> list[Path]:
     return list(walk_files(root))
 
 
-def _rel(f: Root, root: Root) -> str:
+def relative_path(f: Root, root: Root) -> str:
+    """The path of ``f`` (from ``walk_files(root)``) relative to ``root``, with ``/``."""
     if isinstance(f, Path):
         return f.relative_to(root).as_posix()
     return f[len(str(root).rstrip("/")) + 1:]
@@ -219,7 +227,7 @@ def scan_folder(root: Root, regex, say_names: bool = True) -> Scan:
         for split, cdirs in per_split:
             for cdir in cdirs:
                 for f in walk_files(cdir):
-                    yield _item(f, _rel(f, root), _name(cdir), _group_of(_name(f), regex), split)
+                    yield _item(f, relative_path(f, root), _name(cdir), _group_of(_name(f), regex), split)
         if _is_dir(unlabeled):
             yield from scan_unlabeled(unlabeled, regex, prefix="unlabeled/")
 
@@ -228,7 +236,7 @@ def scan_folder(root: Root, regex, say_names: bool = True) -> Scan:
 
 def scan_unlabeled(root: Root, regex, prefix: str) -> Iterator[Item]:
     for f in walk_files(root):
-        yield _item(f, f"{prefix}{_rel(f, root)}", None, _group_of(_name(f), regex), "unlabeled")
+        yield _item(f, f"{prefix}{relative_path(f, root)}", None, _group_of(_name(f), regex), "unlabeled")
 
 
 def scan_npz(path: Root) -> Scan:

@@ -1,14 +1,20 @@
 """``raysemi predict MODEL SOURCE OUT``: classify new images with an exported classifier.
 
 SOURCE is an image folder, an ``s3://`` prefix of images, a CSV of paths or an ingested dataset (one split
-or all): ``data/image_inputs.py`` lists it. Images that are not in a dataset are staged first (read and
-validated once, the bad ones listed with their reason: ``data/image_staging.py``); then the pseudo-label
-actor pool (``stages/pseudolabel.predict_shards``) predicts every shard exactly once, committed per shard,
-with as many actors as the cluster's CPUs (or GPUs, with ``pseudolabel.gpus_per_actor``) hold unless told.
+or all): ``data/image_inputs.py`` lists it, streaming the paths into Parquet listing parts under OUT/inputs.
+Images that are not in a dataset are staged first by Ray tasks (read and validated once, the bad ones listed
+with their reason, exact copies stored once: ``data/image_staging.py``); then the pseudo-label actor pool
+(``stages/pseudolabel.predict_shards``) predicts every shard exactly once, committed per shard, with as many
+actors as the cluster's CPUs (or GPUs, with ``pseudolabel.gpus_per_actor``) hold unless told; then tasks join
+paths and predictions chunk by chunk and the driver streams their parts into the result files.
+
+The driver holds per-chunk summaries (rows, shard hash) and reads no image: it walks SOURCE (one folder's
+names at a time), and copies the result parts batch by batch.
 
     OUT/run.json              what is predicted (model sha256, source, split, listing fingerprint): first
-    OUT/inputs/               staged shards and their chunk records (not for a dataset)
+    OUT/inputs/               listing parts, staged shards, their chunk records and dedup keys (not for a dataset)
     OUT/predictions/          prediction shards and their commit markers
+    OUT/results/              the result parts of the tasks, while the result files are written
     OUT/predictions.parquet   \\
     OUT/predictions.csv        > the results (``stages/classify_output.py``), summary.json last
     OUT/failed.csv, summary.json
@@ -20,29 +26,32 @@ shards are reused, so nothing is computed twice) or ``overwrite`` (remove it fir
 
 from __future__ import annotations
 
+import io
 import logging
 import time
 from pathlib import Path
 
-import pyarrow as pa
+import numpy as np
 
 from raysemi import io as rio
-from raysemi import ray_utils
+from raysemi import ray_tasks, ray_utils
 from raysemi.config import Config
-from raysemi.data.image_inputs import Listing, list_source
-from raysemi.data.image_staging import stage_images
-from raysemi.data.shards import read_shard
+from raysemi.data.image_inputs import Listing, committed_listing, list_source, stream_listing
+from raysemi.data.image_staging import Staged, map_batched, stage_listing
+from raysemi.data.shards import Mapper
 from raysemi.errors import RaysemiError
 from raysemi.outputs import PREDICT, check_marked, guard_output, mark
 from raysemi.stages.classify_output import (
     FINAL,
+    RESULTS,
     SUMMARY,
-    counts,
-    failed_rows,
-    prediction_rows,
+    dataset_results,
+    merge_counts,
+    result_schema,
+    staged_results,
     write_results,
 )
-from raysemi.stages.commits import PRED_SCHEMA, pending_shards, read_predictions
+from raysemi.stages.commits import pending_shards
 from raysemi.stages.predictor import ShardPredictor, model_classes
 from raysemi.stages.pseudolabel import predict_shards
 
@@ -51,6 +60,7 @@ log = logging.getLogger("raysemi.predict")
 RECORD = "run.json"
 INPUTS = "inputs"
 PREDICTIONS_DIR = "predictions"
+DATASET_GROUP = 16  # dataset shards per result task
 _IDENTITY = {"source": "another source", "split": "another split", "model_sha256": "another model",
              "fingerprint": "another listing of the source (files added or removed since)"}
 
@@ -79,7 +89,7 @@ def _check_out(out: str, listing: Listing) -> None:
 def _remove_earlier(out: str) -> None:
     """The summary first, the record last, so that a half-removed OUT never looks finished."""
     fs, path = rio.filesystem(out)
-    for name in (SUMMARY, *FINAL, INPUTS, PREDICTIONS_DIR, RECORD):
+    for name in (SUMMARY, *FINAL, RESULTS, INPUTS, PREDICTIONS_DIR, RECORD):
         target = f"{path.rstrip('/')}/{name}"
         if fs.exists(target):
             fs.rm(target, recursive=True)
@@ -91,8 +101,8 @@ def _guard(out: str, record: dict, resume: bool, overwrite: bool) -> bool:
     earlier = rio.exists(rio.join(out, RECORD))
     if earlier and resume and not overwrite:
         old = rio.read_json(rio.join(out, RECORD))
-        for key, what in _IDENTITY.items():
-            if old.get(key) != record[key]:
+        for key, what in _IDENTITY.items():  # a streamed listing's fingerprint: checked once streamed
+            if old.get(key) != record[key] and record[key] is not None:
                 raise RaysemiError(f"{out} holds predictions of {what}: pass --overwrite to replace them")
     keep = guard_output(out, "earlier predictions (run.json)", earlier, resume=resume, overwrite=overwrite)
     if earlier and not keep:
@@ -111,23 +121,45 @@ def cluster_actors(cfg: Config) -> int:
     return max(1, int(min(fits))) if fits else 1
 
 
-def _dataset_index(listing: Listing) -> pa.Table:
-    parts = []
-    for split, uri, _ in listing.shards:
-        t = read_shard(uri, ["id", "source"])
-        parts.append(pa.table({
-            "path": t.column("source"), "id": t.column("id"), "reason": pa.nulls(t.num_rows, pa.string()),
-            "split": pa.array([split] * t.num_rows, pa.string()),
-        }))
-    return pa.concat_tables(parts)
+def _stream(listing: Listing, out: str, resumed: bool) -> Listing:
+    """The streamed listing of SOURCE under OUT/inputs: on resume, the earlier one when SOURCE still lists the
+    same (one walk to tell), else a new one (one walk, written as it goes)."""
+    dest = rio.join(out, INPUTS)
+    if resumed:
+        now = stream_listing(listing, None)
+        earlier = committed_listing(listing, dest)
+        if earlier is not None and earlier.fingerprint() == now.fingerprint():
+            return earlier
+        if now.fingerprint() != rio.read_json(rio.join(out, RECORD)).get("fingerprint"):
+            return now  # refused by the caller: another listing, and nothing written
+    return stream_listing(listing, dest)
+
+
+def _results(cfg: Config, listing: Listing, staged: Staged | None, out: str, pred_out: str, classes: list[str],
+             min_confidence: float, mapper: Mapper) -> tuple[int, list[dict]]:
+    """The result parts, one task per group of chunks (or dataset shards); (parts, their counts)."""
+    fs, path = rio.filesystem(rio.join(out, RESULTS))
+    if fs.exists(path):
+        fs.rm(path, recursive=True)  # an earlier run's parts: every part is written again
+    if staged is None:
+        shards = [(i, s, u) for i, (s, u, _) in enumerate(listing.shards)]
+        groups = [shards[i : i + DATASET_GROUP] for i in range(0, len(shards), DATASET_GROUP)]
+        args = [(out, grp, pred_out, classes, min_confidence, g) for g, grp in enumerate(groups)]
+        return len(groups), map_batched(mapper, dataset_results, args)
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(staged.part_of(), dtype=np.int32))
+    rio.write_bytes_atomic(rio.join(staged.dest, "parts.npy"), buf.getvalue())
+    args = [(out, staged.dest, pred_out, a, b, classes, min_confidence, g) for g, (a, b) in enumerate(staged.groups)]
+    return len(args), map_batched(mapper, staged_results, args)
 
 
 def run(
     cfg: Config, model: str, source: str, out: str, *, split: str = "all", min_confidence: float = 0.5,
     actors: int | None = None, resume: bool = False, overwrite: bool = False, progress: bool = True,
-    predictor: type = ShardPredictor,
+    predictor: type = ShardPredictor, mapper: Mapper | None = None,
 ) -> dict:
-    """Predict every image of ``source`` into ``out`` (see the module docstring); returns the summary."""
+    """Predict every image of ``source`` into ``out`` (see the module docstring); returns the summary.
+    ``mapper`` runs the per-image tasks: Ray tasks on the cluster unless given (``local_map``: in this process)."""
     t0 = time.perf_counter()
     model, out = _absolute(model), _absolute(out)
     classes = check_model(model)
@@ -139,51 +171,51 @@ def run(
     _check_out(out, listing)
     record = {
         "model": model, "model_sha256": rio.file_sha256(model), "source": listing.source, "kind": listing.kind,
-        "split": split, "fingerprint": listing.fingerprint(), "classes": classes,
+        "split": split, "fingerprint": None if listing.streamed else listing.fingerprint(), "classes": classes,
     }
     resumed = _guard(out, record, resume, overwrite)
-    if not resumed:
-        try:
+    try:
+        if not resumed:
             mark(out, PREDICT)
+        if listing.streamed:
+            listing = _stream(listing, out, resumed)
+            record["fingerprint"] = listing.fingerprint()
+        if resumed and rio.read_json(rio.join(out, RECORD)).get("fingerprint") != record["fingerprint"]:
+            raise RaysemiError(f"{out} holds predictions of {_IDENTITY['fingerprint']}: pass --overwrite to replace them")
+        if not resumed:
             rio.write_json(rio.join(out, RECORD), record)
-        except OSError as err:
-            raise RaysemiError(f"cannot write to {out}: {type(err).__name__}: {err}") from None
+    except OSError as err:
+        raise RaysemiError(f"cannot write to {out}: {type(err).__name__}: {err}") from None
 
-    reused_chunks = 0
-    hashes = None  # staged inputs: hashed by predict_shards
-    if listing.kind == "dataset":
-        uris = [u for _, u, _ in listing.shards]
-        hashes = [h for _, _, h in listing.shards]
-        index = _dataset_index(listing)
+    mapper = mapper or ray_tasks.task_mapper(cfg.ray.address)
+    staged = None
+    if listing.streamed:  # read and validated by tasks; the driver sees one summary per chunk
+        staged = stage_listing(listing, mapper=mapper, progress=progress)
+        uris, rows, hashes = staged.shard_uris, staged.shard_rows, staged.shard_hashes
     else:
-        staged = stage_images(listing.images, rio.join(out, INPUTS), progress=progress)
-        uris, index, reused_chunks = staged.shard_uris, staged.index, staged.reused
+        uris, rows, hashes = [u for _, u, _ in listing.shards], listing.shard_rows, [h for _, _, h in listing.shards]
     pred_out = rio.join(out, PREDICTIONS_DIR)
     stats = {"shards": {"total": len(uris), "computed": 0, "reused": 0}, "actor_restarts": 0, "images_per_s": 0.0}
     if uris:
-        todo = pending_shards(pred_out, uris, [rio.parquet_rows(u) for u in uris], record["model_sha256"], hashes)
+        todo = pending_shards(pred_out, uris, rows, record["model_sha256"], hashes)
         n = actors or (cluster_actors(cfg) if todo else 1)
         result = predict_shards(model, uris, pred_out, cfg.replace(**{"pseudolabel.num_actors": n}),
-                                progress=progress, predictor=predictor, input_sha256=hashes)
+                                progress=progress, predictor=predictor, input_sha256=hashes, input_rows=rows)
         stats = {
             "shards": {"total": result.shards_total, "computed": result.shards_computed,
                        "reused": result.shards_skipped},
             "actor_restarts": result.actor_restarts, "images_per_s": round(result.images_per_s, 2),
             "actors": n,
         }
-        preds = read_predictions(pred_out, record["model_sha256"])
-    else:  # every image failed: nothing to predict, no actor to start
-        preds = PRED_SCHEMA.empty_table()
-    table = prediction_rows(index, preds, classes)
-    failed = failed_rows(index)
+    groups, parts = _results(cfg, listing, staged, out, pred_out, classes, min_confidence, mapper)
+    counted = merge_counts(parts, classes, min_confidence)
     summary = {
         "model": model, "model_sha256": record["model_sha256"], "source": listing.source, "kind": listing.kind,
         "split": split if listing.kind == "dataset" else None, "classes": classes,
-        "images": index.num_rows, "ignored": listing.ignored,
-        **counts(table, failed, classes, min_confidence),
-        "run": {**stats, "inputs_chunks_reused": reused_chunks, "resumed": resumed,
+        "images": listing.rows, "ignored": listing.ignored, **counted,
+        "run": {**stats, "inputs_chunks_reused": staged.reused if staged else 0, "resumed": resumed,
                 "seconds": round(time.perf_counter() - t0, 2)},
     }
-    write_results(out, table, failed, summary)
-    log.info("predict: %d images predicted, %d failed -> %s", table.num_rows, failed.num_rows, out)
+    write_results(out, groups, result_schema(classes, staged is None), summary)
+    log.info("predict: %d images predicted, %d failed -> %s", counted["predicted"], counted["failed"], out)
     return summary

@@ -1,8 +1,8 @@
 """Evaluation: a classifier's predictions on a split, the metrics, and ``raysemi evaluate``.
 
-Prediction runs as one Ray task (with a GPU when ``ray.use_gpu``), so a driver on a CPU head node does
-not do the inference; val/test splits are small next to the unlabelled pool, which goes through the
-actor pool of ``stages.pseudolabel`` instead.
+Prediction and metrics run as one Ray task (with a GPU when ``ray.use_gpu``), so a driver on a CPU head node
+neither does the inference nor holds a row's probabilities: the task returns the metrics. Val/test splits are
+small next to the unlabelled pool, which goes through the actor pool of ``stages.pseudolabel`` instead.
 """
 
 from __future__ import annotations
@@ -42,23 +42,30 @@ def predict_split_local(model_uri: str, cfg: Config, split: str) -> tuple[list[s
         return predict_probs(model, loader, device, cfg.finetune.precision)
 
 
-def predict_split(model_uri: str, cfg: Config, split: str) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """``predict_split_local`` as a Ray task on a worker with the configured resources."""
-    import ray
-
-    ray_utils.init_ray(cfg.ray.address)
-    task = ray.remote(predict_split_local).options(
-        num_cpus=cfg.ray.cpus_per_worker, num_gpus=1 if cfg.ray.use_gpu else 0, **ray_utils.OUTSIDE_PLACEMENT_GROUP
-    )
-    return ray.get(task.remote(model_uri, cfg, split))
-
-
-def split_metrics(model_uri: str, cfg: Config, split: str, classes: list[str]) -> dict[str, Any]:
-    _, y, probs = predict_split(model_uri, cfg, split)
+def split_metrics_local(model_uri: str, cfg: Config, split: str, classes: list[str]) -> dict[str, Any]:
+    """The metrics of ``split`` (its labelled rows), computed where its predictions are: only the summary
+    (counts, curves' points, scores) leaves the process, never a row's probabilities."""
+    _, y, probs = predict_split_local(model_uri, cfg, split)
     keep = y >= 0
     if not keep.any():
         raise RaysemiError(f"split {split!r} of {cfg.data.path} has no labelled rows to evaluate on")
     return classification_metrics(y[keep], probs[keep], classes)
+
+
+def split_metrics(model_uri: str, cfg: Config, split: str, classes: list[str]) -> dict[str, Any]:
+    """``split_metrics_local`` as a Ray task on a worker with the configured resources."""
+    import ray
+
+    ray_utils.init_ray(cfg.ray.address)
+    task = ray.remote(split_metrics_local).options(
+        num_cpus=cfg.ray.cpus_per_worker, num_gpus=1 if cfg.ray.use_gpu else 0, **ray_utils.OUTSIDE_PLACEMENT_GROUP
+    )
+    try:
+        return ray.get(task.remote(model_uri, cfg, split, classes))
+    except ray.exceptions.RayTaskError as err:
+        if isinstance(err.cause, RaysemiError):
+            raise err.cause from None
+        raise
 
 
 def publish_report(report: dict[str, Any], out_dir: str) -> str:

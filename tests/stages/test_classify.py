@@ -7,24 +7,30 @@ import io
 import json
 import os
 import signal
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 import pytest
 import torch
+from PIL import Image
 
 from raysemi import io as rio
 from raysemi.cli import main
 from raysemi.config import load_config
+from raysemi.data import image_staging, shards, validate
 from raysemi.data.augment import decode_rgb, eval_transform
-from raysemi.data.shards import read_shard
+from raysemi.data.shards import image_id, local_map, read_shard
+from raysemi.data.validate import check_image
 from raysemi.errors import RaysemiError
 from raysemi.models.checkpoint import load_classifier
-from raysemi.stages import classify, commits
-from raysemi.stages.classify_output import FAILED, PREDICTIONS, PREDICTIONS_CSV, SUMMARY
+from raysemi.stages import classify, classify_output, commits
+from raysemi.stages.classify_output import FAILED, PREDICTIONS, PREDICTIONS_CSV, SUMMARY, prediction_rows
 from tests.procs import wait_for
 from tests.stages.test_pseudolabel import (
     CLASSES,
@@ -218,7 +224,7 @@ def test_bad_input_is_refused_before_any_actor(cfg, model, tmp_path, monkeypatch
     junk.mkdir()
     (junk / "a.png").write_bytes(b"")
     (junk / "b.jpg").write_bytes(b"\xff\xd8\xff" + b"x" * 40)
-    summary = classify.run(cfg, model, str(junk), out, progress=False)
+    summary = classify.run(cfg, model, str(junk), out, progress=False, mapper=local_map)
     assert (summary["predicted"], summary["failed"], summary["per_class"]) == (0, 2, dict.fromkeys(CLASSES, 0))
     assert results(out)[2].decode().splitlines()[1] == '"a.png","zero bytes"'
     # --resume with another source is refused; --overwrite replaces the earlier run.
@@ -228,9 +234,78 @@ def test_bad_input_is_refused_before_any_actor(cfg, model, tmp_path, monkeypatch
     # --overwrite replaces the earlier run and keeps the user's file in OUT; an OUT raysemi did not mark (the
     # user's own run.json, or an older raysemi's output) is refused, one line.
     Path(out, "my-notes.md").write_text("mine")
-    summary = classify.run(cfg, model, str(junk), out, overwrite=True, progress=False)
+    summary = classify.run(cfg, model, str(junk), out, overwrite=True, progress=False, mapper=local_map)
     assert summary["failed"] == 2 and Path(out, "my-notes.md").read_text() == "mine"
     Path(out, ".raysemi-output").unlink()
     with pytest.raises(RaysemiError, match="holds earlier predictions \\(run.json\\) but no raysemi marker"):
         classify.run(cfg, model, str(junk), out, overwrite=True, progress=False)
     assert Path(out, "run.json").is_file() and Path(out, "my-notes.md").is_file()
+
+
+def old_join(src: Path, paths: list[str], pred_out: str, model_sha: str) -> tuple:
+    """The earlier in-memory result: every path read and checked here, joined with every prediction read back."""
+    ids, reasons = [], []
+    for p in paths:
+        checked = check_image((src / p).read_bytes())
+        ids.append(image_id((src / p).read_bytes()) if checked.ok else None)
+        reasons.append(None if checked.ok else checked.reason)
+    index = pa.table({"path": paths, "id": pa.array(ids, pa.string()), "reason": pa.array(reasons, pa.string())})
+    preds = commits.read_predictions(pred_out, model_sha)
+    bad = index.filter(pc.is_null(index.column("id")))
+    return prediction_rows(index, preds, CLASSES), [(p, r) for p, r in zip(bad.column("path").to_pylist(),
+                                                                          bad.column("reason").to_pylist())]
+
+
+@pytest.mark.ray
+def test_driver_reads_no_image_and_the_streamed_output_is_the_in_memory_join(ray_session, cfg, model, tmp_path,
+                                                                              monkeypatch):
+    """41 files in 14 chunks over 7 staging tasks and 5 dedup buckets, with exact copies within and across
+    chunks and three failures: the driver never reads, decodes or checks an image (all that is patched to fail
+    in this process; the tasks and actors run in others), and the files are the earlier in-memory join's."""
+    src = tmp_path / "new"
+    src.mkdir()
+    rng = np.random.default_rng(3)
+    distinct = [png(rng, size=36) for _ in range(20)]
+    for i in range(38):
+        (src / f"{i:02d}.png").write_bytes(distinct[(i * 7) % 20] if i % 4 else distinct[i % 20])
+    (src / "38.png").write_bytes(distinct[0][:90])
+    (src / "39.jpg").write_bytes(b"")
+    (src / "40.png").write_bytes(b"not a png at all")
+    out = str(tmp_path / "out")
+
+    def banned(*a, **k):
+        raise AssertionError("the driver read or decoded an image")
+
+    real_read, real_sha = rio.read_bytes, rio.file_sha256
+    monkeypatch.setattr(image_staging, "GROUP_ROWS", 6)
+    monkeypatch.setattr(image_staging, "BUCKET_ROWS", 10)
+    for target, name in ((image_staging, "check_image"), (image_staging, "read_image"), (validate, "check_image"),
+                         (Image, "open"), (shards, "read_shard"), (classify_output, "read_shard")):
+        monkeypatch.setattr(target, name, banned)
+    monkeypatch.setattr(rio, "read_bytes", lambda u: banned() if u.endswith((".png", ".jpg")) else real_read(u))
+    monkeypatch.setattr(rio, "file_sha256", lambda u: banned() if "part-" in u else real_sha(u))
+    summary = classify.run(cfg, model, str(src), out, actors=2, progress=False)
+    monkeypatch.undo()
+
+    assert (summary["images"], summary["predicted"], summary["failed"]) == (41, 38, 3)
+    pred_out = rio.join(out, "predictions")
+    stored = commits.read_predictions(pred_out).column("id").to_pylist()
+    assert len(stored) == len(set(stored)) == 20  # every stored id once
+    table, csv_bytes, failed, counted = results(out)
+    paths = sorted(p.name for p in src.iterdir())
+    want, want_failed = old_join(src, paths, pred_out, summary["model_sha256"])
+    assert table.equals(want)
+    first_chunk: dict[str, int] = {}  # 41 images: chunks of 3; a shard per chunk holding a first occurrence
+    for k, p in enumerate(paths):
+        i = dict(zip(want.column("path").to_pylist(), want.column("id").to_pylist())).get(p)
+        if i is not None:
+            first_chunk.setdefault(i, k // 3)
+    assert summary["run"]["shards"]["total"] == len(set(first_chunk.values())) < 14
+    assert pcsv.read_csv(io.BytesIO(csv_bytes)).column("path").to_pylist() == want.column("path").to_pylist()
+    assert [tuple(r.split(",")) for r in failed.decode().splitlines()[1:]] == [(f'"{p}"', f'"{r}"')
+                                                                               for p, r in want_failed]
+    per = Counter(want.column("predicted").to_pylist())
+    assert counted["per_class"] == {c: per.get(c, 0) for c in CLASSES}
+    assert counted["low_confidence"] == int((want.column("confidence").to_numpy() < 0.5).sum())
+    assert counted["failed_reasons"] == dict(Counter(r.split(":")[0] for _, r in want_failed).most_common())
+    assert not rio.exists(rio.join(out, "results"))
