@@ -197,7 +197,7 @@ def main() -> None:
              for r in rows)
     print("\n".join(markdown_table(["target", "images/s", "MB/s", "median s"], cells, align="lrrr")))
     stored = sum(s.rows for s in manifest.splits.values())
-    print(f"\nstored {stored}, quarantined {len(manifest.quarantine)}, duplicates {manifest.duplicates}")
+    print(f"\nstored {stored}, quarantined {manifest.quarantined_total}, duplicates {manifest.duplicates}")
     if dicom_manifest is not None:
         d = dicom_manifest.extra["dicom"]
         print(f"DICOM: rules {d['rules']}; transfer syntaxes {d['transfer_syntaxes']}")
@@ -210,7 +210,7 @@ def main() -> None:
         "dicom_megabytes": round(dicom_mb, 2),
         "repeat": args.repeat,
         "stored": stored,
-        "quarantined": len(manifest.quarantine),
+        "quarantined": manifest.quarantined_total,
         "duplicates": manifest.duplicates,
         "machine": {
             "cpus": os.cpu_count(),

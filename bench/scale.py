@@ -1,4 +1,5 @@
-"""Scale of a pseudo-label round's data plane: the driver's wall time, memory, bytes read and S3 requests.
+"""Scale of the data plane (ingest, a pseudo-label round, predict): the driver's wall time, memory, bytes read
+and S3 requests.
 
 What a round does around the actors' predictions (``raysemi.pipeline``), step by step, on synthetic datasets of
 N rows written by the project's own shard writer (1 KB stand-in images, 1,000 rows per shard, the ``train``
@@ -395,7 +396,7 @@ def write(results: dict[str, Any], out: Path) -> None:
                          f"{s['driver_s3_requests'] / s['input_shards']:.2f}" if s3 else "",
                          f"{s['s3_requests_all'] / s['input_shards']:.1f}" if s3 else ""])
     m = results["machine"]
-    text = (f"# A round's data plane at scale (`bench/scale.py`, revision {results['revision']})\n\n"
+    text = (f"# The data plane at scale: ingest, a round, predict (`bench/scale.py`, revision {results['revision']})\n\n"
             f"{m.get('cpu_model', '?')}, {m['cpus']} cores, bf16 flags: {', '.join(m['bf16_flags']) or 'none'}; "
             f"{results['rows_per_shard']:,} rows per shard, {results['image_bytes']} B images, "
             f"label fraction {results['label_fraction']}, budget {results['budget']} of the pool.\n\n"
