@@ -6,7 +6,8 @@ destination (``destination.py``), then, as tasks of a ``Mapper`` (in this proces
 the cluster: ``ray_tasks.task_mapper``), a bounded window of chunks at a time:
 
 1. stage: every input of a chunk read once, validated (decoded) once, written with what is to be stored to a
-   staging folder in the destination (``ingest_chunks.stage_chunk``);
+   staging folder (in the destination when tasks run on a cluster, else a local temporary one:
+   ``ingest_chunks.stage_chunk``);
 2. plan: dedup, carve val/test by group, plan the shards (``partition.py``) over the small columns of every
    staged part, in one task; the quarantine list goes to ``quarantine.parquet``;
 3. scatter the kept rows of each staged part by destination shard, then gather each shard in planned order;
@@ -24,6 +25,7 @@ import contextlib
 import itertools
 import logging
 import re
+import tempfile
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -32,7 +34,7 @@ from pathlib import Path
 from raysemi import io as rio
 from raysemi.console import progress as progress_bar
 from raysemi.data import dicom, shards
-from raysemi.data.destination import check_destination, clear_parts, remove_if_empty
+from raysemi.data.destination import STAGING, check_destination, clear_parts, remove_if_empty
 from raysemi.data.dicom import DicomOptions
 from raysemi.data.dicom_sources import scan_dicom, scan_dicom_unlabeled
 from raysemi.data.ingest_chunks import (
@@ -228,9 +230,13 @@ def ingest(
         if src.stats is not None and not src.opts.keep_paths:
             shown = ["(DICOM export; path not stored without --keep-paths)"] * len(src.sources)
         created = check_destination(dest, overwrite, [p for p in src.sources if isinstance(p, Path)])
-        staging = rio.join(dest, f"_staging-{uuid.uuid4().hex[:8]}")
+        # In this process the staging folder is a local temporary one (an S3 destination then receives only the
+        # shards); tasks on a cluster share the destination's.
+        local = map_fn is local_map and rio.is_remote(dest)
+        staging = (tempfile.mkdtemp(prefix="raysemi-ingest-") if local
+                   else rio.join(dest, f"{STAGING}{uuid.uuid4().hex[:8]}"))
         try:
-            if not rio.is_remote(dest):
+            if not rio.is_remote(staging):
                 Path(staging, "staged").mkdir(parents=True)
             manifest = _build(src, dest, staging, regex, map_fn, shown, source=source, shard_mb=shard_mb,
                               min_shards=min_shards, val_fraction=val_fraction, test_fraction=test_fraction,
@@ -276,8 +282,11 @@ def _build(src: _Source, dest: str, staging: str, regex, map_fn: Mapper, shown: 
         map_fn(scatter_chunk, [(staging, c, plan.row_groups.get(c), tags) for c in range(chunks)])
         jobs = [(s, i, n) for s in SPLITS for i, n in enumerate(plan.sizes[s])]
         written = map_fn(gather_shard, [(staging, dest, s, i, n, classes, tags) for s, i, n in jobs])
-        fs, _ = rio.filesystem(dest)
-        fs.copy(rio.filesystem(quarantine_uri)[1], rio.filesystem(rio.join(dest, QUARANTINE))[1])
+        fs, target = rio.filesystem(rio.join(dest, QUARANTINE))
+        if rio.is_remote(quarantine_uri) == rio.is_remote(dest):
+            fs.copy(rio.filesystem(quarantine_uri)[1], target)  # on S3, a copy on the server
+        else:  # staged locally for an S3 destination: an upload
+            fs.put_file(quarantine_uri, target)
         splits = {}
         for s in SPLITS:
             counts = plan.label_counts.get(s, {})
