@@ -15,6 +15,7 @@ from raysemi.outputs import DATASET, MARKER, check_marked, guard_output
 
 PART = re.compile(r"part-\d+\.parquet(\.tmp-[0-9a-f]+)?$")
 STAGING = "_staging-"  # an ingest's working folder in the destination (``ingest.py``), removed when it ends
+STAGED = re.compile(rf"{STAGING}[0-9a-f]{{8}}$")  # only such a name: never a folder of the user's
 
 
 def _inside(child: Path, parent: Path) -> bool:
@@ -73,7 +74,7 @@ def clear_parts(dest: str, keep: str | None = None) -> None:
     fs, root = rio.filesystem(dest)
     fs.invalidate_cache()
     try:
-        staged = [n for n in fs.ls(root, detail=False) if n.rstrip("/").rsplit("/", 1)[-1].startswith(STAGING)
+        staged = [n for n in fs.ls(root, detail=False) if STAGED.match(n.rstrip("/").rsplit("/", 1)[-1])
                   and (keep is None or n.rstrip("/") != rio.filesystem(keep)[1].rstrip("/"))]
     except (FileNotFoundError, NotADirectoryError):
         staged = []

@@ -116,3 +116,15 @@ def test_a_failure_in_a_task_leaves_no_dataset_and_no_staging(reference_input, t
     left = sorted(p.name for p in (tmp_path / "ds").iterdir()) if (tmp_path / "ds").exists() else []
     assert "manifest.json" not in left and not [n for n in left if n.startswith("_staging-")]
     shutil.rmtree(tmp_path / "ds", ignore_errors=True)
+
+
+def test_a_killed_ingests_staging_is_removed_and_nothing_else(reference_input, tmp_path):
+    src, _ = reference_input
+    dest = tmp_path / "ds"
+    (dest / "_staging-0123abcd" / "staged").mkdir(parents=True)  # what a killed ingest leaves
+    (dest / "_staging-0123abcd" / "staged" / "part-000000.parquet").write_bytes(b"partial")
+    (dest / "_staging-notes").mkdir()  # the user's own folder, whatever its name
+    (dest / "_staging-notes" / "x.txt").write_text("mine")
+    m = ingest(str(src), str(dest), progress=False)
+    assert m.splits["train"].rows > 0 and not (dest / "_staging-0123abcd").exists()
+    assert (dest / "_staging-notes" / "x.txt").read_text() == "mine"
