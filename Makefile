@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint bench gpu-check install constraints clean
+.PHONY: demo test test-fast lint bench gpu-check install constraints clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
+
+# Every test without Ray, a cluster or a Ray Train run (a few minutes); CI runs the full `make test`.
+test-fast: $(STAMP)
+	$(BIN)/ruff check .
+	RAYSEMI_TEST_TIER=fast $(BIN)/python -m pytest -m "not ray and not slow and not multinode" -p no:cacheprovider
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -3,13 +3,14 @@
     python bench/gpu_check.py [--dry] [--only SECTION ...] [--out FILE]
 
 (1) ``pytest -m gpu``; (2) DALI "mixed" (nvJPEG) decoding + the two BYOL views at 224 px, images/s; (3) the
-BYOL step (``stages.pretrain.byol_step``) of resnet18 and resnet50 at 224 px, bf16 and channels_last: images/s,
+BYOL step (``stages.pretrain.byol_step``) of resnet18 and resnet50 at 224 px, ``precision: auto`` (bf16 on the GPU)
+and channels_last: images/s,
 peak memory; (4) two Ray Train DDP workers on half a GPU each when it has the memory (on one GPU over gloo:
 NCCL refuses two ranks on one device, "Duplicate GPU detected"; with 2+ GPUs, one each over NCCL); (5) a tiny
 ``raysemi run`` on generated demo data with ``ray.use_gpu=true``. Each section is ok, failed (the error's last
 line) or skipped (why), with its seconds; any failure exits 1, and with CUDA a skipped gpu test is a failure.
 ``--dry`` (automatic without CUDA) runs the same code on the CPU at tiny sizes (32 px, resnet18 for the step,
-timm's test_resnet elsewhere, DALI's CPU pipeline, gloo, no GPU; raysemi's autocast is a no-op on CPU) so that
+timm's test_resnet elsewhere, DALI's CPU pipeline, gloo, no GPU; fp32 unless the CPU has bf16 units) so that
 it cannot rot, into ``gpu_check-dry.json``. It attaches to a Ray already up in the process, else starts one.
 """
 
@@ -60,35 +61,37 @@ def _sync(dev: torch.device) -> None:
 
 
 def byol_steps(backbone: str, dev: torch.device, batch: int, size: int, warmup: int, steps: int, seed: int = 0):
-    """``stages.pretrain.byol_step`` (bf16 autocast and channels_last on CUDA) on one random batch, through
+    """``stages.pretrain.byol_step`` (``precision: auto`` and channels_last) on one random batch, through
     the DDP-wrapped online network inside Ray Train: returns the model, seconds of the timed steps, last loss."""
+    from raysemi.compute import compute_for
     from raysemi.config import load_config
     from raysemi.optim import build_optimizer
     from raysemi.stages import pretrain
-    from raysemi.stages.common import grad_scaler, wrap_ddp
+    from raysemi.stages.common import wrap_ddp
     from raysemi.stages.worker import build_replica
 
-    cfg = load_config(None, [f"model.backbone={backbone}", "model.small_image=false", "pretrain.precision=bf16"])
-    model = build_replica(lambda: pretrain.build_model(cfg).train(), 0, False, dev)
+    cfg = load_config(None, [f"model.backbone={backbone}", "model.small_image=false"])
+    compute = compute_for(dev, cfg.pretrain.precision, cfg.pretrain.channels_last)
+    model = compute.model(build_replica(lambda: pretrain.build_model(cfg).train(), 0, False, dev))
     online = wrap_ddp(model.online, dev)
     if dev.type == "cuda":
-        model.to(memory_format=torch.channels_last)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(dev)
     opt = build_optimizer(cfg.pretrain.optimizer, model.online, 0.1, cfg.pretrain.weight_decay)
-    scaler = grad_scaler(dev, cfg.pretrain.precision)
+    scaler = compute.grad_scaler()
     torch.manual_seed(seed)
     x1, x2 = torch.randn(2, batch, 3, size, size, device=dev).unbind(0)
     for i in range(warmup + steps):
         if i == warmup:
             _sync(dev)
             t0 = time.perf_counter()
-        loss = pretrain.byol_step(model, online, x1, x2, opt, scaler, 0.99, cfg, dev)
+        loss = pretrain.byol_step(model, online, x1, x2, opt, scaler, 0.99, compute)
     _sync(dev)
+    loss = float(loss)
     wall = time.perf_counter() - t0
     if not math.isfinite(loss):
         raise CheckError(f"{backbone}: BYOL loss {loss}")
-    return model, wall, loss
+    return model, wall, loss, compute
 
 
 # ---------------------------------------------------------------- the sections
@@ -140,10 +143,9 @@ def byol_step(ctx: dict[str, Any]) -> dict[str, Any]:
     """One BYOL step per backbone on random batches: images/s over the timed steps, peak memory."""
     s, dev, rows = ctx["s"], ctx["device"], []
     for backbone in s["step_models"]:
-        model, wall, loss = byol_steps(backbone, dev, s["step_batch"], s["step_size"], s["warmup"], s["steps"])
+        model, wall, loss, compute = byol_steps(backbone, dev, s["step_batch"], s["step_size"], s["warmup"], s["steps"])
         rows.append({"backbone": backbone, "size": s["step_size"], "batch_size": s["step_batch"], "steps": s["steps"],
-                     "precision": "bf16" if dev.type == "cuda" else "fp32 (autocast is a no-op on CPU)",
-                     "channels_last": dev.type == "cuda", "images_per_s": round(s["steps"] * s["step_batch"] / wall, 1),
+                     "precision": compute.precision, "channels_last": compute.channels_last, "images_per_s": round(s["steps"] * s["step_batch"] / wall, 1),
                      "peak_memory_gib": round(torch.cuda.max_memory_allocated(dev) / 2**30, 2) if ctx["cuda"] else None,
                      "loss": round(loss, 4)})
         del model
@@ -163,7 +165,7 @@ def _ddp_worker(config: dict[str, Any]) -> None:
 
     dev, rank, world = ray_utils.get_device(), ray_utils.world_rank(), ray_utils.world_size()
     b, steps = config["batch"], config["steps"]
-    model, wall, loss = byol_steps(config["backbone"], dev, b, config["size"], 1, steps, seed=1 + rank)
+    model, wall, loss, _ = byol_steps(config["backbone"], dev, b, config["size"], 1, steps, seed=1 + rank)
     checksum = torch.stack([p.detach().double().sum() for p in model.online.parameters()]).sum()
     mine = torch.tensor([wall, float(checksum), torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda"
                          else 0.0], dtype=torch.float64, device=dev)
@@ -241,7 +243,7 @@ def end_to_end(ctx: dict[str, Any]) -> dict[str, Any]:
         "finetune.batch_size=16", "finetune.steps=6", "finetune.eval_every=3", "finetune.warmup_steps=2",
         "pseudolabel.rounds=1", "pseudolabel.budget=0.25", "pseudolabel.num_actors=1", "pseudolabel.batch_size=64",
         "ray.num_workers=1", "ray.max_failures=0",
-        *(["pretrain.precision=bf16", "finetune.precision=bf16", "ray.cpus_per_worker=2", "pseudolabel.cpus_per_actor=1",
+        *(["ray.cpus_per_worker=2", "pseudolabel.cpus_per_actor=1",
            "pseudolabel.gpus_per_actor=0.5"] if cuda else
           ["data.num_threads=1", "ray.cpus_per_worker=0.5", "pseudolabel.cpus_per_actor=0.5"]),
     ]

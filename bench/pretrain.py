@@ -1,6 +1,9 @@
-"""Pretraining throughput: the BYOL loader (DALI pipeline vs torchvision DataLoader), side by side.
+"""Pretraining throughput, side by side in one run: the BYOL loader (DALI pipeline, torchvision DataLoader,
+the DataLoader with its decoded-image cache) and the training steps (fp32 against ``precision: auto``,
+contiguous against channels_last, eager against ``torch.compile``).
 
     python bench/pretrain.py [--source DIR] [--images 1024] [--threads N] [--sizes 224 64] [--repeat 3]
+                             [--config configs/cpu.yaml] [--step-seconds 6]
 
 Both loaders run the same two-view BYOL recipe (``raysemi.data.augment`` / ``raysemi.data.dali``) over the
 same Parquet shards, in one process on the same machine, with the same number of threads: DALI's
@@ -11,6 +14,7 @@ many generated 224x224 greyscale JPEGs. Each loader runs one epoch first, exclud
 build, first decode, page cache); then every loader is timed for ``--epochs`` epochs, ``--repeat`` times,
 interleaved with alternating order; the table shows medians. An "image" is one row, i.e. two views. The
 DataLoader starts its workers each epoch (the loader does not keep them), which is part of its cost.
+``torch+cache`` is timed after its warm-up epoch has filled the cache: every later epoch of a run.
 
 Columns: images/s (wall clock; median and best of the repeats), per thread (median images/s divided by
 the configured threads), images/CPU-s and CPU ms/image (process + worker CPU time from getrusage: what an
@@ -18,7 +22,13 @@ image really costs, and the figure least disturbed by other load on a shared mac
 / wall time; below the thread count when the loader waits or the machine is busy elsewhere). Prints a table
 and writes bench/results/pretrain.json.
 
-Training-step rows (model forward/backward) are added by ``ROW_BUILDERS`` entries next to ``loader_rows``.
+Step rows: the backbone, image size and batch sizes of ``--config`` (the CPU recipe by default) on random
+batches, one process, ``--threads`` torch threads: the BYOL step (raysemi's ``byol_step`` and a plain PyTorch
+loop, the reference of its overhead) and the fine-tuning step, each as before this revision (fp32, contiguous,
+eager), as the default now runs it (``auto``: bf16 where the CPU has bf16 units, else fp32; channels_last),
+compiled, and in explicit bf16 (emulated, about 10x slower, on a CPU without bf16 units). "compile s" is the
+compiled first step's extra time; "pays after" the stage length from which compiling saves time. The JSON
+records the CPU's model and its bf16 flags.
 """
 
 from __future__ import annotations
@@ -46,6 +56,7 @@ import pyarrow as pa  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image, ImageFilter  # noqa: E402
 
+from bench.train_steps import step_overhead, step_rows, step_table  # noqa: E402
 from raysemi import io as rio  # noqa: E402
 from raysemi.config import AugmentConfig  # noqa: E402
 from raysemi.data import shards  # noqa: E402
@@ -103,13 +114,18 @@ def _cpu_seconds() -> float:
     return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
+CACHED = "torch+cache"  # the torch backend with its decoded-image cache (data.decode_cache_mb)
+
+
 def build_byol_loader(uris: list[str], rows: list[int], *, backend: str, size: int, batch_size: int, threads: int,
                       device: torch.device | None = None):
-    """A BYOL-mode loader, warmed up by one full epoch (pipeline build, first decode, page cache). With a CUDA
-    ``device`` DALI decodes there ("mixed"; bench/gpu_check.py)."""
+    """A BYOL-mode loader, warmed up by one full epoch (pipeline build, first decode, page cache; for
+    ``torch+cache`` the epoch that fills the cache). With a CUDA ``device`` DALI decodes there ("mixed";
+    bench/gpu_check.py)."""
     ld = build_loader(
-        uris, mode="byol", size=size, batch_size=batch_size, augment=AugmentConfig(), backend=backend,
-        num_threads=threads, shard_rows=rows, seed=0, device=device,
+        uris, mode="byol", size=size, batch_size=batch_size, augment=AugmentConfig(),
+        backend="torch" if backend == CACHED else backend, num_threads=threads, shard_rows=rows, seed=0,
+        device=device, decode_cache_mb=4096 if backend == CACHED else 0,
     )
     ld.set_epoch(0)
     for _ in ld:
@@ -155,7 +171,7 @@ def loader_row(backend: str, size: int, batch_size: int, threads: int, samples: 
 def loader_rows(args: argparse.Namespace, data: dict[str, Any]) -> list[dict[str, Any]]:
     """DALI vs torchvision BYOL loaders: every (size, backend) warmed up, then timed in interleaved repeats
     (the order alternates), so that load from elsewhere on the machine hits both alike."""
-    backends = ["dali", "torch"] if dali_available() else ["torch"]
+    backends = (["dali"] if dali_available() else []) + ["torch", CACHED]
     configs = [(size, backend) for size in args.sizes for backend in backends]
     loaders = {
         (size, backend): build_byol_loader(
@@ -191,9 +207,13 @@ def machine_info() -> dict[str, Any]:
                 break
     except OSError:
         pass
+    from raysemi.compute import BF16_CPU_FLAGS, cpu_flags, cpu_has_bf16_units
+
     info: dict[str, Any] = {
         "cpus": os.cpu_count(),
         "cpu_model": model,
+        "cpu_bf16_flags": sorted(f for f in cpu_flags() if f in BF16_CPU_FLAGS or f.startswith(("amx", "avx512"))),
+        "cpu_has_bf16_units": cpu_has_bf16_units(),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -235,72 +255,6 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(markdown_table(head, body))
 
 
-def step_table(steps: list[dict[str, Any]]) -> str:
-    """The training-step rows (raysemi's step vs a plain loop) as a Markdown table."""
-    cells = ([r["impl"], f"{r['images_per_s']:.1f}", r["images_per_s_all"]] for r in steps)
-    return "\n".join(markdown_table(["BYOL step", "images/s median", "all repeats"], cells))
-
-
-def _plain_byol_step(model, x1, x2, opt, tau: float) -> float:
-    """A minimal hand-written BYOL update on the same modules: the reference for raysemi's overhead."""
-    import torch.nn.functional as F
-
-    on, tg = model.online, model.target
-    p1 = on.predictor(on.projector(on.backbone(x1)))
-    p2 = on.predictor(on.projector(on.backbone(x2)))
-    with torch.no_grad():
-        z1, z2 = tg.projector(tg.backbone(x1)), tg.projector(tg.backbone(x2))
-    loss = (2 - 2 * F.cosine_similarity(p1, z2, dim=-1)).mean() + (2 - 2 * F.cosine_similarity(p2, z1, dim=-1)).mean()
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    with torch.no_grad():
-        for o, t in ((on.backbone, tg.backbone), (on.projector, tg.projector)):
-            for po, pt in zip(o.parameters(), t.parameters()):
-                pt.mul_(tau).add_(po, alpha=1 - tau)
-            for bo, bt in zip(o.buffers(), t.buffers()):
-                if bt.is_floating_point():
-                    bt.mul_(tau).add_(bo, alpha=1 - tau)
-    return loss.item()
-
-
-def step_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """BYOL training images/s: raysemi's ``byol_step`` vs the plain loop above, same model, batch, threads."""
-    from raysemi.config import load_config
-    from raysemi.optim import build_optimizer
-    from raysemi.stages import pretrain
-    from raysemi.stages.common import grad_scaler
-
-    cfg = load_config(None, ["model.backbone=resnet18", "model.small_image=false", "pretrain.warmup_epochs=0"])
-    device = torch.device("cpu")
-    torch.set_num_threads(args.threads)
-    g = torch.Generator().manual_seed(0)
-    x1 = torch.randn(args.batch_size, 3, 64, 64, generator=g)
-    x2 = torch.randn(args.batch_size, 3, 64, 64, generator=g)
-    runs: dict[str, list[float]] = {"raysemi byol_step": [], "plain PyTorch loop": []}
-    models = {}
-    for name in runs:
-        torch.manual_seed(0)
-        m = pretrain.build_model(cfg).train()
-        models[name] = (m, build_optimizer("lars", m.online, 0.1, 1e-6))
-    scaler = grad_scaler(device, "fp32")
-    steps = 3
-    for rep in range(args.repeat + 1):  # the first round is warm-up
-        for name, (m, opt) in models.items():
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                if name.startswith("raysemi"):
-                    pretrain.byol_step(m, m.online, x1, x2, opt, scaler, 0.99, cfg, device)
-                else:
-                    _plain_byol_step(m, x1, x2, opt, 0.99)
-            if rep:
-                runs[name].append(steps * args.batch_size / (time.perf_counter() - t0))
-    return [{"what": "byol train step", "impl": k, "backbone": "resnet18", "size": 64,
-             "batch_size": args.batch_size, "threads": args.threads,
-             "images_per_s": round(statistics.median(v), 2), "images_per_s_all": [round(x, 2) for x in v]}
-            for k, v in runs.items()]
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--source", default=str(DEFAULT_SOURCE), help="image folder (class subfolders)")
@@ -311,17 +265,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--epochs", type=int, default=1, help="timed epochs per repeat (after one warm-up epoch)")
     ap.add_argument("--repeat", type=int, default=3, help="interleaved repeats; the table shows medians")
     ap.add_argument("--out", default=str(DEFAULT_OUT))
+    ap.add_argument("--config", default=str(REPO / "configs" / "cpu.yaml"),
+                    help="the step rows' backbone, image size and batch sizes")
+    ap.add_argument("--step-seconds", type=float, default=6.0, help="timed seconds per step variant and repeat")
     ap.add_argument("--steps-only", action="store_true",
                     help="measure only the training-step rows and update them in the existing JSON")
     args = ap.parse_args(argv)
     if args.steps_only:
         steps = step_rows(args)
-        overhead = steps[0]["images_per_s"] / steps[1]["images_per_s"]
+        overhead = step_overhead(steps)
         print(step_table(steps))
         print(f"raysemi / plain loop: {overhead:.3f} (target >= 0.95)")
         out = Path(args.out)
         result = json.loads(out.read_text()) if out.is_file() else {"benchmark": "pretrain"}
-        result.update(step_rows=steps, raysemi_step_over_plain_loop=round(overhead, 3))
+        result.update(step_rows=steps, raysemi_step_over_plain_loop=round(overhead, 3), machine=machine_info())
         out.write_text(json.dumps(result, indent=2) + "\n")
         print(f"updated {out}")
         return
@@ -346,7 +303,7 @@ def main(argv: list[str] | None = None) -> None:
     summary = ratios(table_rows)
     print()
     print(format_table(table_rows))
-    overhead = steps[0]["images_per_s"] / steps[1]["images_per_s"]
+    overhead = step_overhead(steps)
     print()
     print(step_table(steps))
     print(f"raysemi / plain loop: {overhead:.3f} (target >= 0.95)")

@@ -10,6 +10,14 @@ load, one warm-up forward pass), which is reported beside them:
 - ``ray data``: ``read_parquet`` -> ``map_batches(callable class, concurrency=N, num_cpus=1)`` ->
   ``write_parquet``; its steady window starts when its last actor has loaded the model and warmed up.
 
+A last section times the forward pass alone (``predictor.predict_batch`` on a random batch of the same size,
+one process, every core): what the precision and layout change, without the decode that the end-to-end rows
+include (at 64 px resnet18's forward is cheaper than decoding the image).
+
+Every variant runs twice (``--computes``): as before this revision (``before``: fp32, contiguous) and as the
+default now runs it (``auto``: bf16 autocast where the CPU has bf16 units, else fp32; channels_last), with the
+ratio per method. The JSON records the CPU's model and its bf16 flags.
+
 Ray starts with one logical CPU more than the machine has: Ray Data's file listing and read tasks need
 a CPU slot of their own and would wait forever behind N actors holding all of them.
 
@@ -36,6 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from raysemi import io as rio  # noqa: E402
+from raysemi.compute import BF16_CPU_FLAGS, compute_for, cpu_flags, cpu_has_bf16_units  # noqa: E402
 from raysemi.config import load_config  # noqa: E402
 from raysemi.data.shards import (  # noqa: E402
     SCHEMA,
@@ -53,6 +62,11 @@ from raysemi.stages import pseudolabel as pl  # noqa: E402
 from raysemi.tables import markdown_table  # noqa: E402
 
 CLASSES = ["a", "b", "c"]
+# The inference settings compared: as before this revision, and the default now.
+COMPUTES = {
+    "before": {"finetune.precision": "fp32", "finetune.channels_last": False},
+    "auto": {"finetune.precision": "auto", "finetune.channels_last": True},
+}
 
 
 def generate(root: str, images: int, shards: int, size: int, seed: int = 0) -> list[str]:
@@ -98,6 +112,40 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+# ---------------------------------------------------------------- the forward pass alone
+
+
+def forward_rows(model: str, base_cfg, batch: int, repeats: int, seconds: float = 5.0) -> list[dict]:
+    """images/s of ``predict_batch`` alone per compute variant, interleaved repeats, medians."""
+    import torch
+
+    from raysemi.models.checkpoint import load_classifier
+
+    runners = {}
+    for name, sets in COMPUTES.items():
+        cfg = base_cfg.replace(**sets)
+        net, model_cfg, _ = load_classifier(model)
+        compute = compute_for(torch.device("cpu"), cfg.finetune.precision, cfg.finetune.channels_last)
+        compute.model(net).eval()
+        x = torch.randn(batch, 3, model_cfg.data.image_size, model_cfg.data.image_size)
+        predictor.predict_batch(net, x, compute)  # warm-up
+        runners[name] = (net, x, compute)
+    samples: dict[str, list[float]] = {n: [] for n in runners}
+    for rep in range(repeats):
+        for name in runners if rep % 2 == 0 else list(runners)[::-1]:
+            net, x, compute = runners[name]
+            n, t0 = 0, time.perf_counter()
+            while time.perf_counter() - t0 < seconds:
+                predictor.predict_batch(net, x, compute)
+                n += 1
+            samples[name].append(n * batch / (time.perf_counter() - t0))
+            print(f"  [{rep}] {name:<6} forward only: {samples[name][-1]:8.1f} images/s", flush=True)
+    base = float(np.median(samples["before"]))
+    return [{"method": "forward pass only", "compute": name, "images_per_s_median": float(np.median(v)),
+             "images_per_s_all": [round(x, 1) for x in v], "over_before": round(float(np.median(v)) / base, 2)}
+            for name, v in samples.items()]
+
+
 # ---------------------------------------------------------------- the three ways
 
 
@@ -140,8 +188,10 @@ class RayDataPredictor:
         self.device = ray_utils.get_device()
         self.model, self.model_cfg, _ = load_classifier(model_uri, self.device)
         self.cfg = cfg
+        self.compute = compute_for(self.device, cfg.finetune.precision, cfg.finetune.channels_last)
+        self.compute.model(self.model)
         size = self.model_cfg.data.image_size
-        predictor.predict_batch(self.model, torch.zeros(8, 3, size, size, device=self.device))  # warm-up, as ours
+        predictor.predict_batch(self.model, torch.zeros(8, 3, size, size, device=self.device), self.compute)  # warm-up
         self.log = Path(log_dir, f"actor-{os.getpid()}")
         self.log.write_text(f"ready {time.time()!r}\n")
 
@@ -153,7 +203,7 @@ class RayDataPredictor:
         start = time.time()
         t = aug.eval_transform(self.model_cfg.data.image_size, self.model_cfg.augment)
         images = torch.stack([t(aug.decode_rgb(b)) for b in batch["image"]]).to(self.device)
-        pred, conf, probs = predictor.predict_batch(self.model, images)
+        pred, conf, probs = predictor.predict_batch(self.model, images, self.compute)
         with self.log.open("a") as fh:
             fh.write(f"call {start!r} {time.time()!r} {len(batch['id'])}\n")
         return {"id": batch["id"], "pred": pred.numpy().astype(np.int16), "confidence": conf.numpy(),
@@ -218,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--actors", default="1,2", help="actor counts to try, comma-separated")
     ap.add_argument("--repeats", type=int, default=3, help="passes over all variants (best and median kept)")
     ap.add_argument("--no-ray-data", action="store_true")
+    ap.add_argument("--computes", default="before,auto", help="compute variants, comma-separated (before, auto)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "pseudolabel.json"))
     args = ap.parse_args(argv)
 
@@ -231,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="raysemi-bench-pl-") as tmp:
         uris = dataset_shards(args.dataset) if args.dataset else generate(f"{tmp}/data", args.images, args.shards, args.size)
         rows = [rio.parquet_rows(u) for u in uris]
-        cfg = load_config(None, [
+        base_cfg = cfg = load_config(None, [
             f"model.backbone={args.backbone}", f"model.small_image={str(args.small_image).lower()}",
             "model.proj_hidden_dim=512", "model.proj_dim=128", f"data.image_size={args.size}", "data.loader=torch",
             f"pseudolabel.batch_size={args.batch_size}", "pseudolabel.cpus_per_actor=1",
@@ -245,44 +296,53 @@ def main(argv: list[str] | None = None) -> int:
 
         def record(method: str, workers: int, rep: int, r: dict) -> None:
             assert r["rows"] == sum(rows), f"{method} predicted {r['rows']} of {sum(rows)} rows"
-            r = {"method": method, "workers": workers, "repeat": rep, **r,
+            r = {"method": method, "workers": workers, "compute": compute, "repeat": rep, **r,
                  "images_per_s": r.get("window_rows", r["rows"]) / r["seconds"], "load_average": os.getloadavg()[0]}
             r.setdefault("end_to_end_s", r["startup_s"] + r["seconds"])
             trials.append(r)
-            print(f"  [{rep}] {method:<15} x{workers}: {r['images_per_s']:8.1f} images/s  "
+            print(f"  [{rep}] {compute:<6} {method:<15} x{workers}: {r['images_per_s']:8.1f} images/s  "
                   f"({r['seconds']:.1f} s, start-up {r['startup_s']:.1f} s, load {r['load_average']:.1f})", flush=True)
 
         print(f"{sum(rows)} images in {len(uris)} shards, {args.backbone} at {args.size} px, batch {args.batch_size}, "
               f"{cores} cores ({cpu_model()}), {args.repeats} repeat(s), variants interleaved", flush=True)
-        for rep in range(args.repeats):  # interleaved, so that outside load hits every variant alike
+        for rep, compute in ((r, c) for r in range(args.repeats) for c in args.computes.split(",")):
+            # interleaved, so that outside load hits every variant alike
+            cfg = base_cfg.replace(**COMPUTES[compute])
             for threads in sorted({1, cores}):
                 record("single process", threads, rep,
-                       run_single(model, cfg, sha, uris, rows, f"{tmp}/single-{threads}-{rep}", threads=threads))
+                       run_single(model, cfg, sha, uris, rows, f"{tmp}/single-{threads}-{compute}-{rep}", threads=threads))
             for n in counts:
                 record("actor pool", n, rep, run_pool(model, cfg.replace(**{"pseudolabel.num_actors": n}), sha,
-                                                      uris, rows, f"{tmp}/pool-{n}-{rep}", n))
+                                                      uris, rows, f"{tmp}/pool-{n}-{compute}-{rep}", n))
             if not args.no_ray_data:
                 for n in counts:
-                    record("ray data", n, rep, run_ray_data(model, cfg, uris, f"{tmp}/raydata-{n}-{rep}", n,
+                    record("ray data", n, rep, run_ray_data(model, cfg, uris, f"{tmp}/raydata-{n}-{compute}-{rep}", n,
                                                             args.batch_size, tmp))
         ray.shutdown()
+        torch.set_num_threads(cores)
+        forward = forward_rows(model, base_cfg, args.batch_size, args.repeats)
 
     results = []
-    for key in dict.fromkeys((t["method"], t["workers"]) for t in trials):
-        runs = [t for t in trials if (t["method"], t["workers"]) == key]
+    for key in dict.fromkeys((t["method"], t["workers"], t["compute"]) for t in trials):
+        runs = [t for t in trials if (t["method"], t["workers"], t["compute"]) == key]
         ips = sorted(t["images_per_s"] for t in runs)
         results.append({
-            "method": key[0], "workers": key[1], "images_per_s_best": ips[-1],
+            "method": key[0], "workers": key[1], "compute": key[2], "images_per_s_best": ips[-1],
             "images_per_s_median": float(np.median(ips)),
             "startup_s_median": float(np.median([t["startup_s"] for t in runs])),
             "end_to_end_s_median": float(np.median([t["end_to_end_s"] for t in runs])),
         })
     print()
+    before = {(r["method"], r["workers"]): r["images_per_s_median"] for r in results if r["compute"] == "before"}
+    for r in results:
+        base = before.get((r["method"], r["workers"]))
+        r["over_before"] = round(r["images_per_s_median"] / base, 2) if base else None
     print("\n".join(markdown_table(
-        ["method", "workers", "best img/s", "median img/s", "start-up s", "end-to-end s"],
-        ([r["method"], r["workers"], f"{r['images_per_s_best']:.1f}", f"{r['images_per_s_median']:.1f}",
+        ["method", "workers", "compute", "best img/s", "median img/s", "x before", "start-up s", "end-to-end s"],
+        ([r["method"], r["workers"], r["compute"], f"{r['images_per_s_best']:.1f}", f"{r['images_per_s_median']:.1f}",
+          "" if r["over_before"] is None else f"{r['over_before']:.2f}",
           f"{r['startup_s_median']:.1f}", f"{r['end_to_end_s_median']:.1f}"] for r in results),
-        align="lrrrrr",
+        align="lrlrrrrr",
     )))
     report = {
         "benchmark": "pseudolabel inference",
@@ -293,6 +353,8 @@ def main(argv: list[str] | None = None) -> int:
                   "batch_size": args.batch_size},
         "machine": {
             "cores": cores, "cpu": cpu_model(), "torch_threads_default": default_threads,
+            "cpu_bf16_flags": sorted(f for f in cpu_flags() if f in BF16_CPU_FLAGS),
+            "cpu_has_bf16_units": cpu_has_bf16_units(),
             "torch_threads_per_actor": 1, "torch_threads_single_process": cores,
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "torch": torch.__version__, "ray": ray.__version__, "python": platform.python_version(),
@@ -301,8 +363,13 @@ def main(argv: list[str] | None = None) -> int:
         "workers": "actors (1 CPU, 1 torch thread each) for the pool and Ray Data; torch threads for the single process",
         "timing": "images/s over the steady window: start-up (workers, imports, model load, warm-up) excluded",
         "results": results,
+        "forward_only": forward,
         "trials": trials,
     }
+    print("\n".join(markdown_table(
+        ["forward pass only", "compute", "median img/s", "x before"],
+        (["predict_batch", r["compute"], f"{r['images_per_s_median']:.1f}", f"{r['over_before']:.2f}"] for r in forward),
+        align="llrr")))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nwritten to {args.out}")

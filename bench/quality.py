@@ -1,16 +1,22 @@
 """Few-label quality of one recipe on any ingested data sets: the method against its baselines, over label seeds.
 
-    python bench/quality.py DATASET [DATASET ...] [--config configs/cpu.yaml] [--seeds 0 1 2] [--set k=v ...]
+    python bench/quality.py DATASET [DATASET ...] [--config configs/cpu.yaml] [--seeds 0 1 2]
+                            [--labels 10/class 50/class 10% 100%] [--set k=v ...]
 
-For every data set (a raysemi dataset folder or s3:// prefix) and every label seed, with the same config
-(so the same optimizer steps per round for every row):
+For every data set (a raysemi dataset folder or s3:// prefix), every rung of the label ladder (``--labels``:
+``N/class`` labels per class, ``P%`` of the train labels; by default the config's own choice) and every label
+seed, with the same config (so the same optimizer steps per round for every row):
 
-- supervised at the config's label fraction (random init, labelled rows only),
-- supervised at 100% of the train labels (the ceiling the method is measured against),
-- BYOL + fine-tune at the label fraction: round 0 of the full method's run (the same computation: same
+- supervised at the rung (random init, labelled rows only),
+- supervised at 100% of the train labels (the ceiling the method is measured against; once per seed),
+- BYOL + fine-tune at the rung: round 0 of the full method's run (the same computation: same
   pretrained weights, labelled rows, steps and seed), evaluated on test,
 - the full method (BYOL, fine-tune, pseudo-label rounds; the round chosen on validation by
   ``run.select_metric``).
+
+For each method row of a rung, the share of the gap it closes:
+``(method - supervised at the rung) / (supervised at 100% - supervised at the rung)``, on the means over seeds
+of accuracy and of balanced accuracy (1 = as good as every label; 0 = no better than supervised at the rung).
 
 The label seed picks which train labels are kept (``data.label_seed``) and seeds fine-tuning
 (``finetune.seed``); pretraining is computed once per data set and shared through ``pretrain.cache``
@@ -38,6 +44,7 @@ import yaml
 
 from raysemi.tables import markdown_table
 
+ALL_LABELS = "100%"
 ROOT = Path(__file__).resolve().parents[1]
 RAYSEMI = str(Path(sys.executable).parent / "raysemi")
 ROWS = (
@@ -116,30 +123,70 @@ def _auc(test: dict[str, Any]) -> float | None:
     return auc.get("macro") if isinstance(auc, dict) else auc
 
 
-def measure(config: str, dataset: str, seed: int, extra: list[str], out: Path) -> list[dict[str, Any]]:
-    """The four rows of one data set and one label seed."""
+def rung_sets(rung: str | None) -> tuple[str, list[str]]:
+    """A rung of the label ladder as (folder tag, config overrides): ``N/class``, ``P%`` (0 < P <= 100), or
+    None for the config's own label choice. Anything else is refused in one line."""
+    if rung is None:
+        return "", []
+    text = rung.strip()
+    try:
+        if text.endswith("/class"):
+            n = int(text[: -len("/class")])
+            if n >= 1:
+                return f"{n}perclass", ["data.label_fraction=null", f"data.labels_per_class={n}"]
+        elif text.endswith("%"):
+            pct = float(text[:-1])
+            if pct == 100:
+                return "100pc", ["data.label_fraction=null", "data.labels_per_class=null"]
+            if 0 < pct < 100:
+                return f"{pct:g}pc", [f"data.label_fraction={pct / 100:g}", "data.labels_per_class=null"]
+    except ValueError:
+        pass
+    raise SystemExit(f"bench/quality.py: error: --labels {rung!r}: use N/class (N >= 1) or P% (0 < P <= 100)")
+
+
+def measure(config: str, dataset: str, seed: int, extra: list[str], out: Path,
+            rungs: list[str | None]) -> list[dict[str, Any]]:
+    """Every row of one data set and one label seed: supervised at 100% once, and per rung below 100%
+    supervised, BYOL + fine-tune and the full method."""
     base = [f"data.path={dataset}", f"data.label_seed={seed}", f"finetune.seed={seed}",
             f"pretrain.cache={out / 'pretrain_cache'}", *extra]
-    rows = []
-    for key, sets in (
-        ("supervised", ["run.mode=supervised"]),
-        ("supervised_all", ["run.mode=supervised", "data.label_fraction=null", "data.labels_per_class=null"]),
-        ("full", ["run.mode=full"]),
-    ):
-        run_dir = out / f"{key}-seed{seed}"
-        report, wall, reused = run_one(config, base + sets, run_dir)
-        rows.append(_row(key, seed, report, report["test"], wall, reused, report["best_round"]))
-        if key == "full":
-            test0 = evaluate_round(config, base + sets, run_dir, 0)
-            r0 = dict(report, rounds=report["rounds"][:1])
-            rows.append(_row("byol_finetune", seed, r0, test0, 0.0, True, 0))
+    _, all_sets = rung_sets(ALL_LABELS)
+    report, wall, reused = run_one(config, [*base, "run.mode=supervised", *all_sets], out / f"supervised_all-seed{seed}")
+    rows = [_row("supervised_all", seed, report, report["test"], wall, reused, report["best_round"], ALL_LABELS)]
+    for rung in rungs:
+        tag, sets = rung_sets(rung)
+        if tag == "100pc":
+            continue  # the ceiling, measured above
+        where = out / tag if tag else out
+        for key, mode in (("supervised", ["run.mode=supervised"]), ("full", ["run.mode=full"])):
+            run_dir = where / f"{key}-seed{seed}"
+            report, wall, reused = run_one(config, base + sets + mode, run_dir)
+            rows.append(_row(key, seed, report, report["test"], wall, reused, report["best_round"], rung))
+            if key == "full":
+                test0 = evaluate_round(config, base + sets + mode, run_dir, 0)
+                r0 = dict(report, rounds=report["rounds"][:1])
+                rows.append(_row("byol_finetune", seed, r0, test0, 0.0, True, 0, rung))
     return rows
 
 
+def gap_closed(rows: list[dict[str, Any]], rung: str | None, key: str, metric: str) -> float | None:
+    """``(method - supervised at the rung) / (supervised at 100% - supervised at the rung)`` on the means over
+    seeds of ``metric``; None when a side is missing or supervised at the rung already equals the ceiling."""
+    def mean(row: str, r: str | None) -> float | None:
+        vals = [x[metric] for x in rows if x["row"] == row and x["rung"] == r and x[metric] is not None]
+        return statistics.mean(vals) if vals else None
+
+    method, low, high = mean(key, rung), mean("supervised", rung), mean("supervised_all", ALL_LABELS)
+    if method is None or low is None or high is None or abs(high - low) < 1e-9:
+        return None
+    return (method - low) / (high - low)
+
+
 def _row(key: str, seed: int, report: dict[str, Any], test: dict[str, Any], wall: float, reused: bool,
-         best: int) -> dict[str, Any]:
+         best: int, rung: str | None) -> dict[str, Any]:
     return {
-        "row": key, "seed": seed, "labelled": report["data"]["n_train_labeled"], "test_images": test["n"],
+        "row": key, "rung": rung, "seed": seed, "labelled": report["data"]["n_train_labeled"], "test_images": test["n"],
         **{m: (_auc(test) if m == "auc_ovr" else test[m]) for m in METRICS},
         "per_class_recall": {c: v.get("recall") for c, v in test.get("per_class", {}).items()}
         if isinstance(test.get("per_class"), dict) else None,
@@ -166,17 +213,27 @@ def _mean_std(values: list[float | None]) -> str:
     return f"{statistics.mean(vals):.3f} ± {sd:.3f}"
 
 
+def _gap_cell(rows: list[dict[str, Any]], rung: str | None, key: str) -> str:
+    if key not in ("byol_finetune", "full"):
+        return "-"
+    gaps = [gap_closed(rows, rung, key, m) for m in ("accuracy", "balanced_accuracy")]
+    return " / ".join("-" if g is None else f"{100 * g:.0f}%" for g in gaps)
+
+
 def format_table(results: dict[str, list[dict[str, Any]]]) -> str:
-    head = ["data set", "method", "labels", "seeds", "accuracy", "balanced acc.", "macro-F1", "AUC (ovr)",
-            "min. classes predicted", "full: rounds chosen"]
+    head = ["data set", "labels", "method", "labelled rows", "seeds", "accuracy", "balanced acc.", "macro-F1",
+            "AUC (ovr)", "gap closed (acc. / bal.)", "min. classes predicted", "full: rounds chosen"]
     body = []
     for dataset, rows in results.items():
-        for key, label in ROWS:
-            mine = [r for r in rows if r["row"] == key]
+        rungs = list(dict.fromkeys(r["rung"] for r in rows if r["row"] != "supervised_all"))
+        for rung, (key, label) in [(r, k) for r in rungs for k in ROWS if k[0] != "supervised_all"] + \
+                [(ALL_LABELS, k) for k in ROWS if k[0] == "supervised_all"]:
+            mine = [r for r in rows if r["row"] == key and r["rung"] == rung]
             if not mine:
                 continue
-            cells = [Path(dataset).name, label, "/".join(sorted({str(r["labelled"]) for r in mine})), str(len(mine)),
-                     *(_mean_std([r[m] for r in mine]) for m in METRICS),
+            cells = [Path(dataset).name, rung or "config", label,
+                     "/".join(sorted({str(r["labelled"]) for r in mine})), str(len(mine)),
+                     *(_mean_std([r[m] for r in mine]) for m in METRICS), _gap_cell(rows, rung, key),
                      str(min(r["predicted_classes"] for r in mine)),
                      " ".join(str(r["best_round"]) for r in mine) if key == "full" else "-"]
             body.append(cells)
@@ -188,10 +245,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("datasets", nargs="+", help="ingested data sets (folders or s3:// prefixes)")
     ap.add_argument("--config", default="configs/cpu.yaml", help="the recipe (default configs/cpu.yaml)")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="label seeds (default 0 1 2)")
+    ap.add_argument("--labels", nargs="+", default=None,
+                    help="the label ladder: rungs N/class or P%% (default: the config's own label choice)")
     ap.add_argument("--set", dest="sets", action="append", default=[], help="key=value, passed to every run")
     ap.add_argument("--out", default="outputs/quality", help="run folders (default outputs/quality)")
     ap.add_argument("--results", default=None, help="JSON to write (default bench/results/quality-<config>.json)")
     args = ap.parse_args(argv)
+    rungs: list[str | None] = list(args.labels) if args.labels else [None]
+    for rung in rungs:
+        rung_sets(rung)  # refused here, before any run
     if not Path(args.config).is_file():
         raise SystemExit(f"bench/quality.py: error: config {args.config} does not exist")
     for d in args.datasets:
@@ -204,7 +266,7 @@ def main(argv: list[str] | None = None) -> None:
         results[d] = []
         for seed in args.seeds:
             t1 = time.time()
-            results[d] += measure(args.config, d, seed, args.sets, out)
+            results[d] += measure(args.config, d, seed, args.sets, out, rungs)
             print(f"{Path(d).name} seed {seed}: {time.time() - t1:.0f} s", flush=True)
     table = format_table(results)
     print(table)
@@ -214,7 +276,7 @@ def main(argv: list[str] | None = None) -> None:
     command = "python bench/quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
     cfg = yaml.safe_load(Path(args.config).read_text())
     dest.write_text(json.dumps({"benchmark": "quality", "command": command, "config": args.config,
-                                "config_values": cfg, "sets": args.sets, "seeds": args.seeds,
+                                "config_values": cfg, "sets": args.sets, "seeds": args.seeds, "labels": rungs,
                                 "wall_s": round(wall, 1), "table": table, "runs": results}, indent=2) + "\n")
     runs_s = sum(r["wall_s"] for rows in results.values() for r in rows)
     dest.with_suffix(".md").write_text(

@@ -27,6 +27,9 @@ class DataConfig:
     image_size: int = 64  # training resolution (square)
     loader: Literal["auto", "dali", "torch"] = "auto"  # auto = DALI wherever it imports
     num_threads: int = 2  # decode threads per worker (DALI) / DataLoader workers (torch)
+    # torch loader: each training image decoded once per run, its pixels kept up to this many MB per
+    # loader (raysemi.data.decoded_cache); 0 = decode every epoch
+    decode_cache_mb: int = 2048
     # "Few labels" on a fully labeled set: keep a deterministic subset (by id hash) of train labels.
     label_fraction: float | None = None
     labels_per_class: int | None = None
@@ -76,8 +79,10 @@ class PretrainConfig:
     weight_decay: float = 1.5e-6
     warmup_epochs: int = 10
     tau_base: float = 0.99
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast on GPU only
-    channels_last: bool = True  # GPU only
+    # auto = bf16 autocast where the device has bf16 units (GPU; CPU with AMX / AVX512-BF16), else fp32
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    channels_last: bool = True  # NHWC: faster on GPUs and on the CPUs measured (bench/pretrain.py)
+    compile: bool = False  # torch.compile the networks (pays only in long runs: bench/pretrain.py)
     checkpoint_every: int = 1  # epochs
     knn_every: int = 5  # epochs; 0 disables the kNN monitor
     knn_k: int = 20
@@ -111,7 +116,9 @@ class FinetuneConfig:
     #                           validated, exported and labels the pool
     dropout: float = 0.0  # before the classifier head (Noisy Student's student noise)
     drop_path_rate: float = 0.1  # stochastic depth where the timm backbone has it (student noise)
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # also inference: validation, pseudo-labels
+    channels_last: bool = True
+    compile: bool = False
     checkpoint_every: int = 5  # epochs (with steps: evaluation intervals)
     seed: int = 0
 
@@ -331,11 +338,6 @@ def absolute_paths(cfg: Config) -> Config:
             changes[key] = os.path.abspath(os.path.expanduser(value))
     return cfg.replace(**changes) if changes else cfg
 
-
-def dump_config(cfg: Config, path: str | Path) -> None:
-    """Write the resolved config as YAML (what ``load_config`` reads back)."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 def config_to_yaml(cfg: Config) -> str:

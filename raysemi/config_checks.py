@@ -26,6 +26,7 @@ def validate(cfg: Config) -> None:
     d, p, f, pl, r = cfg.data, cfg.pretrain, cfg.finetune, cfg.pseudolabel, cfg.ray
     _check(16 <= d.image_size <= 1024, f"data.image_size: {d.image_size} is outside [16, 1024]")
     _check(d.num_threads >= 1, "data.num_threads: must be >= 1")
+    _check(d.decode_cache_mb >= 0, "data.decode_cache_mb: must be >= 0 (0 = off)")
     _check(
         d.label_fraction is None or 0.0 < d.label_fraction <= 1.0,
         f"data.label_fraction: {d.label_fraction} is outside (0, 1]",

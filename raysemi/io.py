@@ -93,6 +93,12 @@ def join(uri: str, *parts: str) -> str:
     return "/".join([base, *[p.strip("/") for p in parts]])
 
 
+def absolute(uri: str) -> str:
+    """A local path made absolute (Ray's workers and Tune's trials run in other working directories); a
+    remote URI as it is."""
+    return uri if is_remote(uri) else str(Path(uri).expanduser().resolve())
+
+
 def is_remote(uri: str) -> bool:
     """True for an object-store URI (``s3://``...), False for a local path or ``file://``."""
     return "://" in str(uri) and not str(uri).startswith("file://")

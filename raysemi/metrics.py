@@ -9,6 +9,7 @@ Networks" (arXiv 1706.04599), eq. 3.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -252,3 +253,9 @@ def precision_from_counts(confusion: np.ndarray, unknown: np.ndarray, keys: list
     out = counts(list(range(len(unknown))))
     out["per_class"] = {key: counts([c]) for key, c in zip(keys, classes)}
     return out
+
+
+def best_round(scores: Sequence[float]) -> int:
+    """The method's rule for the round it keeps: the highest validation score (``run.select_metric``), the
+    earliest round on a tie (fewer pseudo-labels). The pipeline, its report and Tune's best-so-far use it."""
+    return max(range(len(scores)), key=lambda i: (scores[i], -i))

@@ -27,6 +27,7 @@ from raysemi.data.shards import DatasetError, Manifest, read_manifest
 from raysemi.data.trainset import LabeledRows, TrainSet, count_rows, read_trainset, write_trainset
 from raysemi.event_log import EventLog, copy_events
 from raysemi.io import filesystem, join, write_bytes_atomic
+from raysemi.metrics import best_round
 from raysemi.outputs import RUN, guard_output, mark
 from raysemi.stages import finetune, pool, pretrain
 from raysemi.stages.evaluate import publish_report, split_metrics
@@ -129,9 +130,11 @@ def labeled_repeats(n_labeled: int, n_pseudo: int, share: float) -> int:
     return max(1, round(share / (1.0 - share) * n_pseudo / n_labeled))
 
 
-def best_round(history: list[dict[str, Any]], metric: str) -> int:
-    """The round with the highest validation ``metric``; the earliest one on a tie (fewer pseudo-labels)."""
-    return max(range(len(history)), key=lambda i: (history[i]["val"][metric], -i))
+def ran_with(metrics: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The precision and layout a training stage ran with, from its last metrics row (None: not recorded)."""
+    keys = ("device", "precision", "channels_last", "cpu_bf16_units")
+    last = metrics[-1] if metrics else {}
+    return {k: last[k] for k in keys} if all(k in last for k in keys) else None
 
 
 def run_pipeline(cfg: Config, *, resume: bool = False, overwrite: bool = False, config_path: str = "",
@@ -156,6 +159,7 @@ def run_pipeline(cfg: Config, *, resume: bool = False, overwrite: bool = False, 
     stages: dict[str, float] = {}
     byol = None
     reused, cache_key = False, None
+    compute: dict[str, Any] = {}  # what each stage ran with (precision, layout), from its own metrics
     if cfg.run.mode != "supervised":
         t0 = time.time()
         if cfg.pretrain.cache:
@@ -165,7 +169,9 @@ def run_pipeline(cfg: Config, *, resume: bool = False, overwrite: bool = False, 
             byol, reused, cache_key = cached.weights, cached.reused, cached.key
             copy_events(cached.weights.rsplit("/", 1)[0], join(cfg.run.output_dir, "pretrain"))
         else:
-            byol = pretrain.run(cfg, resume=resume).weights
+            done_pretrain = pretrain.run(cfg, resume=resume)
+            byol = done_pretrain.weights
+            compute["pretrain"] = ran_with(done_pretrain.metrics)
         stages["pretrain"] = time.time() - t0
 
     classes = manifest.classes
@@ -200,6 +206,7 @@ def run_pipeline(cfg: Config, *, resume: bool = False, overwrite: bool = False, 
             "steps": result.steps, "images_seen": result.images_seen, "labeled_copies": copies,
             "pseudo_precision": precision["precision"] if precision else None,
             "pseudo_detail": precision, "seconds": time.time() - t0, "model": result.weights,
+            "compute": ran_with(result.history),
         })
         stages["finetune" if r == 0 else f"round_{r}"] = time.time() - t0
         log.info("round %d: val accuracy %.4f, balanced %.4f (%d pseudo-labels%s, %d steps)", r,
@@ -216,7 +223,7 @@ def run_pipeline(cfg: Config, *, resume: bool = False, overwrite: bool = False, 
                       "n_pseudo": n_pseudo, "pseudo_precision": history[-1]["pseudo_precision"],
                       "seconds": history[-1]["seconds"], "pretrain_reused": reused})
 
-    best = best_round(history, cfg.run.select_metric)
+    best = best_round([h["val"][cfg.run.select_metric] for h in history])
     t0 = time.time()
     test = split_metrics(models[best], cfg, "test", classes)
     stages["evaluate"] = time.time() - t0
@@ -237,6 +244,7 @@ def run_pipeline(cfg: Config, *, resume: bool = False, overwrite: bool = False, 
             "n_val": manifest.splits["val"].rows, "n_test": manifest.splits["test"].rows,
         },
         "stages": stages,
+        "compute": {**compute, "finetune": history[0]["compute"]},
         "rounds": history,
         "best_round": best,
         "test": test,

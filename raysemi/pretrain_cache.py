@@ -170,7 +170,6 @@ class _Heartbeat:
 
     def __init__(self, lock, key: str, owner: str, lease_s: float) -> None:
         self._stop = threading.Event()
-        self.lost = False
 
         def beat() -> None:
             import ray
@@ -178,7 +177,6 @@ class _Heartbeat:
             while not self._stop.wait(lease_s / 4):
                 try:
                     if not ray.get(lock.renew.remote(key, owner, lease_s)):
-                        self.lost = True
                         log.warning("lost the lease on %s to another owner", key)
                 except Exception as err:  # the actor restarting: try again next beat
                     log.warning("cache lease renewal failed: %s", err)

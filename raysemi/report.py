@@ -10,6 +10,8 @@ values render as "n/a" and their plot is skipped)::
       "classes": [str, ...],                       # class names, index order
       "data": {"n_train_labeled": int, "n_unlabeled": int, "n_val": int, "n_test": int},
       "stages": {"pretrain": s, "finetune": s, "round_1": s, ..., "evaluate": s},   # wall seconds
+      "compute": {"pretrain": C, "finetune": C},  # C = {"device", "precision" (as run: fp32 | bf16 | fp16),
+                                                  #      "channels_last", "cpu_bf16_units"} or None
       "rounds": [                                  # round 0 = fine-tuning on the labeled set only
         {"round": 0, "val": <classification_metrics dict> | None, "n_pseudo": 0,
          "pseudo_precision": float | None, "train_rows": int, "steps": int, "images_seen": int,
@@ -123,6 +125,10 @@ def render_markdown(report: Mapping[str, Any], images: Mapping[str, str] | None 
     for key in ("n_train_labeled", "n_unlabeled", "n_val", "n_test"):
         if data.get(key) is not None:
             lines.append(f"- **{key}**: {data[key]}")
+    for stage, c in (report.get("compute") or {}).items():
+        if c:
+            lines.append(f"- **{stage} ran as**: {c['precision']} on {c['device']}"
+                         f"{', channels_last' if c['channels_last'] else ''}")
 
     if rounds:
         lines += ["", "## Rounds", ""]

@@ -11,6 +11,17 @@ def cell(value: Any) -> str:
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
+def fmt_short(v: Any) -> str:
+    """A value in a short cell: n/a, yes/no, 4 significant digits below 1, one decimal above."""
+    if v is None:
+        return "n/a"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) < 1 else f"{v:.1f}"
+    return str(v)
+
+
 def markdown_table(header: Sequence[Any], rows: Iterable[Sequence[Any]], align: Sequence[str] | None = None) -> list[str]:
     """The lines of a GitHub Markdown table; ``align`` gives one of ``"l"``/``"r"`` per column (default left)."""
     marks = {"l": "---", "r": "---:"}

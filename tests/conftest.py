@@ -27,6 +27,30 @@ COVID = REPO.parent / "shared" / "data" / "covid19-radiography-3class"
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
+# `make test-fast` sets this: every test without Ray, a cluster or a Ray Train run. The tests that need the
+# session's Ray are marked `ray` here (by their fixture) and deselected by the Makefile's `-m`; a test that
+# starts a Ray of its own some other way is skipped when it tries (`ray.init` below). `make test` runs all.
+FAST_TIER = os.environ.get("RAYSEMI_TEST_TIER") == "fast"
+RAY_FIXTURES = {"ray_session"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.ray)
+
+
+@pytest.fixture(autouse=True)
+def _no_ray_in_the_fast_tier(monkeypatch):
+    if FAST_TIER:
+        import ray
+
+        def refuse(*args, **kwargs):
+            pytest.skip("starts Ray: run by `make test`, not by `make test-fast`")
+
+        monkeypatch.setattr(ray, "init", refuse)
+    yield
+
 
 def _free_port() -> int:
     with socket.socket() as s:

@@ -3,16 +3,19 @@ from pathlib import Path
 import pytest
 import yaml
 
-from raysemi.config import Config, ConfigError, dump_config, load_config, parse_override
+from raysemi.config import Config, ConfigError, config_to_yaml, load_config, parse_override
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_defaults_validate():
+def test_defaults_are_the_papers_and_the_hardware_choice():
     cfg = load_config(None)
-    assert isinstance(cfg, Config)
-    assert cfg.model.head == "projector"
-    assert cfg.pretrain.tau_base == 0.99
+    assert cfg == Config()  # nothing in the defaults file-less load differs from the tree's own defaults
+    assert cfg.model.head == "projector" and cfg.pretrain.tau_base == 0.99 and cfg.pretrain.lr == 0.2
+    assert (cfg.model.proj_hidden_dim, cfg.model.proj_dim, cfg.model.pred_hidden_dim) == (4096, 256, 4096)
+    for stage in (cfg.pretrain, cfg.finetune):  # precision by the hardware, NHWC, no compile
+        assert (stage.precision, stage.channels_last, stage.compile) == ("auto", True, False)
+    assert cfg.data.decode_cache_mb == 2048
 
 
 def test_yaml_and_dotted_overrides(tmp_path):
@@ -55,6 +58,9 @@ def test_frozen():
         ("augment.finetune_policy=autoaugment", "augment.finetune_policy: 'autoaugment' is not one of"),
         ("augment.finetune_crop_scale=[0.5, 0.2]", "augment.finetune_crop_scale: (0.5, 0.2) is not in (0, 1]"),
         ("run.select_metric=loss", "run.select_metric: 'loss' is not one of"),
+        ("pretrain.precision=fp8", "pretrain.precision: 'fp8' is not one of"),
+        ("finetune.compile=maybe", "finetune.compile: expected true/false"),
+        ("data.decode_cache_mb=-1", "data.decode_cache_mb: must be >= 0 (0 = off)"),
     ],
 )
 def test_bad_overrides_name_the_key(override, message):
@@ -86,7 +92,7 @@ def test_missing_and_broken_files(tmp_path):
 
 def test_dump_round_trip(tmp_path):
     cfg = load_config(None, ["pretrain.epochs=7", "pretrain.warmup_epochs=1", "run.mode=supervised"])
-    dump_config(cfg, tmp_path / "config.yaml")
+    (tmp_path / "config.yaml").write_text(config_to_yaml(cfg))
     assert load_config(tmp_path / "config.yaml") == cfg
 
 

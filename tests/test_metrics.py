@@ -16,6 +16,7 @@ from sklearn.metrics import (
 )
 
 from raysemi.metrics import (
+    best_round,
     classification_metrics,
     expected_calibration_error,
     pseudo_label_precision,
@@ -218,3 +219,10 @@ def test_pseudo_label_precision_bad_inputs():
         pseudo_label_precision(np.array([0]), np.array([-1]))
     with pytest.raises(ValueError, match="outside"):
         pseudo_label_precision(np.array([0]), np.array([3]), class_names=["a", "b"])
+
+
+def test_best_round_is_the_highest_score_and_the_earliest_on_a_tie():
+    assert best_round([0.8, 0.7, 0.8]) == 0  # a tie goes to the earlier round (fewer pseudo-labels)
+    assert best_round([0.5, 0.6, 0.6]) == 1
+    assert best_round([0.5, 0.6, 0.7]) == 2  # the last round when it is the best, and only then
+    assert best_round([0.9]) == 0

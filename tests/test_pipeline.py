@@ -9,12 +9,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
+from raysemi.compute import cpu_has_bf16_units, resolve_precision
 from raysemi.config import load_config
 from raysemi.data.labels import label_split
 from raysemi.data.shards import read_manifest, read_split
 from raysemi.event_log import read_scalars
-from raysemi.pipeline import best_round, run_pipeline
+from raysemi.metrics import best_round
+from raysemi.pipeline import run_pipeline
 from raysemi.stages.selection import budget_count
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -59,8 +62,11 @@ def test_full_run_counts_steps_keeps_the_pool_and_picks_the_best_round(ray_sessi
     pseudo = set(pseudo_set.column("id").to_pylist())
     assert len(pseudo) == rounds[1]["n_pseudo"] and pseudo <= pool
     assert rounds[1]["train_rows"] == len(labeled_ids) + len(pseudo)
-    held_out = {i for s in ("val", "test") for i in read_split(demo_dataset, s, ["id"]).column("id").to_pylist()}
-    assert not pseudo & held_out and not pseudo & labeled_ids
+    # A pseudo-label is the teacher's prediction (round 0's model over the pool), not the hidden truth.
+    parts = sorted((tmp_path / "run" / "predictions" / "round=1").glob("part-*.parquet"))
+    preds = pa.concat_tables([pq.read_table(p, columns=["id", "pred"]) for p in parts])
+    pred_of = dict(zip(preds.column("id").to_pylist(), preds.column("pred").to_pylist()))
+    assert [pred_of[i] for i in pseudo_set.column("id").to_pylist()] == pseudo_set.column("label").to_pylist()
 
     # Soft targets: one-hot for true labels, the teacher's sharpened probabilities for pseudo-labels.
     targets = np.array(trainset.column("target").to_pylist())
@@ -70,9 +76,15 @@ def test_full_run_counts_steps_keeps_the_pool_and_picks_the_best_round(ray_sessi
     assert (targets[is_pseudo].max(1) < 1.0).any()
     assert (targets.argmax(1) == np.array(trainset.column("label").to_pylist())).all()
 
+    # Which precision ran, as `precision: auto` resolves it on this machine's CPU.
+    want = {"device": "cpu", "precision": resolve_precision("auto", torch.device("cpu")), "channels_last": True,
+            "cpu_bf16_units": cpu_has_bf16_units()}
+    assert report["compute"] == {"pretrain": want, "finetune": want} and rounds[1]["compute"] == want
+    assert f"finetune ran as**: {want['precision']} on cpu, channels_last" in (tmp_path / "run" / "report.md").read_text()
+
     # The best round by the configured metric, which is what the report says it used.
     assert report["run"]["select_metric"] == "balanced_accuracy"
-    assert report["best_round"] == best_round(rounds, "balanced_accuracy")
+    assert report["best_round"] == best_round([r["val"]["balanced_accuracy"] for r in rounds])
 
     # TensorBoard: every stage's curves in its own folder, the round summary in the run folder, equal to the
     # report's figures; report.md says where they are.
@@ -90,13 +102,6 @@ def test_full_run_counts_steps_keeps_the_pool_and_picks_the_best_round(ray_sessi
     assert [v for _, v in summary["rounds/val_accuracy"]] == pytest.approx([r["val"]["accuracy"] for r in rounds])
     assert [v for _, v in summary["rounds/n_pseudo"]] == [0, rounds[1]["n_pseudo"]]
     assert f"tensorboard --logdir {run}" in (run / "report.md").read_text()
-
-
-def test_best_round_rule():
-    hist = [{"val": {"accuracy": 0.8, "balanced_accuracy": 0.5}}, {"val": {"accuracy": 0.7, "balanced_accuracy": 0.6}},
-            {"val": {"accuracy": 0.8, "balanced_accuracy": 0.6}}]
-    assert best_round(hist, "accuracy") == 0  # a tie goes to the earlier round
-    assert best_round(hist, "balanced_accuracy") == 1
 
 
 def recording_finetune(monkeypatch, lrs: list[float] | None = None) -> list[str | None]:

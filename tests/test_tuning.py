@@ -22,7 +22,7 @@ from raysemi.event_log import read_scalars
 from raysemi.tune import SETUP, SpaceError, load_space, parse_space, results, run_tune, search, validate_space
 from raysemi.tune import experiment as tune_experiment
 from raysemi.tune.space import TRIAL_METRICS, max_reports
-from raysemi.tune.trial import plain, trial_dir
+from raysemi.tune.trial import best_so_far, plain, trial_dir
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -436,3 +436,10 @@ def test_tiny_sweep_survives_a_trial_failure_and_an_interruption(ray_session, de
     assert (out / "tiny" / "heatmap.png").is_file()
     best = load_config(out / "tiny" / "best_config.yaml")
     assert best.pseudolabel.budget in (10, 20) and best.pretrain.cache == str(out / "pretrain_cache")
+
+
+def test_tune_reports_the_best_round_so_far_not_the_last():
+    rounds = [{"round": 0, "val_selected": 0.80}, {"round": 1, "val_selected": 0.85}, {"round": 2, "val_selected": 0.70}]
+    assert best_so_far(rounds)["round"] == 1
+    assert best_so_far(rounds[:1])["round"] == 0
+    assert best_so_far([*rounds, {"round": 3, "val_selected": 0.85}])["round"] == 1  # the tie: the earlier round

@@ -29,10 +29,13 @@ class RawBatch:
 
     rows: pa.Table
     seed: int  # seeds the torch backend's random transforms of this batch (reproducible per batch)
+    # Per row, its decoded pixels when the loader keeps them (``decoded_cache``), else None; the ``image``
+    # column may then be absent (every row's pixels are here).
+    pixels: list[np.ndarray | None] | None = None
 
     def side(self) -> RawBatch:
-        """The same batch without its encoded images (what travels beside the decoded tensors)."""
-        return RawBatch(self.rows.drop_columns(["image"]), self.seed)
+        """The same batch without its images (what travels beside the decoded tensors)."""
+        return RawBatch(self.rows.drop_columns([c for c in ("image",) if c in self.rows.column_names]), self.seed)
 
     def images(self) -> list[bytes]:
         return self.rows.column("image").to_pylist()

@@ -94,10 +94,6 @@ def is_image_name(name: str) -> bool:
     return Path(name).suffix.lower() in IMAGE_EXTENSIONS
 
 
-def _absolute(source: str) -> str:
-    return source if rio.is_remote(source) else str(Path(source).expanduser().resolve())
-
-
 @contextmanager
 def _errors(source: str) -> Iterator[None]:
     """Storage and parse errors while listing, as one line."""
@@ -114,7 +110,7 @@ def _errors(source: str) -> Iterator[None]:
 def list_source(source: str, split: str = "all") -> Listing:
     """Check SOURCE (see the module docstring) and find its first image; ``InputError`` when it is missing,
     empty or malformed. A dataset is listed whole (its shards); the other kinds are streamed later."""
-    src = _absolute(str(source))
+    src = rio.absolute(str(source))
     with _errors(source):
         if dataset_exists(src):
             return _list_dataset(src, split)

@@ -21,7 +21,8 @@ batch partial, deterministic.
 Backends: ``"dali"`` (``raysemi.data.dali``; decoding on the GPU when ``device`` is CUDA, DALI's
 ``device_id`` = ``device.index``), ``"torch"`` (the torchvision reference of ``raysemi.data.augment`` in a
 ``torch.utils.data.DataLoader`` with ``num_threads`` worker processes), ``"auto"`` = DALI wherever it is
-installed. ``loader.backend`` names the one in use.
+installed. ``loader.backend`` names the one in use. With ``decode_cache_mb`` > 0 the torch backend decodes each
+row once and keeps its pixels for the later epochs (``raysemi.data.decoded_cache``).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import torch
 from raysemi.config import AugmentConfig
 from raysemi.data.batches import RawBatch, batch_seed, concat, read_ahead, read_rows, shard_row_counts, take
 from raysemi.data.dali import DaliRunner, dali_available, require_dali
+from raysemi.data.decoded_cache import DecodedCache
 from raysemi.data.shards import DatasetError, assign_shards, steps_per_epoch
 from raysemi.data.torch_backend import decoded_batches
 
@@ -47,6 +49,7 @@ Mode = Literal["byol", "train", "eval"]
 Backend = Literal["auto", "dali", "torch"]
 MODES = ("byol", "train", "eval")
 SHUFFLE_CARRY = 1024  # rows carried from one shard's shuffle into the next (cross-shard mixing)
+CACHE_KEY = "_cache_key"  # column added to the rows when the decoded-image cache is on
 
 
 def resolve_backend(backend: str) -> str:
@@ -88,6 +91,7 @@ class Loader:
         num_threads: int = 2,
         shard_rows: Sequence[int] | None = None,
         columns_extra: tuple[str, ...] = (),
+        decode_cache_mb: int = 0,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown loader mode {mode!r} ({', '.join(MODES)})")
@@ -114,6 +118,9 @@ class Loader:
             self._len = steps_per_epoch(self._all_rows, world_size, batch_size)
         self._columns = {"byol": (), "train": ("label", "weight"), "eval": ("id", "label")}[mode]
         self._dali: DaliRunner | None = None
+        keep = decode_cache_mb > 0 and self.backend == "torch"
+        self.cache = DecodedCache(decode_cache_mb * 2**20) if keep else None
+        self._shard_index = {u: i for i, u in enumerate(self.uris)}
 
     # -- the row stream, shared by both backends
 
@@ -130,7 +137,11 @@ class Loader:
         self.epoch = int(epoch)
 
     def _read(self, uri: str) -> pa.Table:
-        return read_rows(uri, self._columns, self.columns_extra)
+        rows = read_rows(uri, self._columns, self.columns_extra)
+        if self.cache is not None:  # the row's key in the cache: its shard and its place in it
+            key = (np.int64(self._shard_index[uri]) << 32) + np.arange(rows.num_rows, dtype=np.int64)
+            rows = rows.append_column(CACHE_KEY, pa.array(key))
+        return rows
 
     def _raw_batches(self, epoch: int) -> Iterator[RawBatch]:
         if self.mode == "eval":
@@ -236,8 +247,24 @@ class Loader:
             yield self._batch(outs, side)
 
     def _iter_torch(self, raws: Iterator[RawBatch]) -> Iterator[dict[str, Any]]:
-        for outs, side in decoded_batches(raws, self.mode, self.size, self.augment, self.num_threads, self.device):
+        cache = self.cache
+        if cache is not None:
+            raws = self._with_pixels(raws, cache)
+        for outs, side, fresh in decoded_batches(raws, self.mode, self.size, self.augment, self.num_threads,
+                                                 self.device, keep=cache is not None):
+            if fresh:
+                keys = side.rows.column(CACHE_KEY)
+                for i, pixels in fresh:
+                    cache.add(keys[i].as_py(), pixels)
             yield self._batch(outs, side)
+
+    @staticmethod
+    def _with_pixels(raws: Iterator[RawBatch], cache: DecodedCache) -> Iterator[RawBatch]:
+        """Each batch with the kept pixels of its rows; without its encoded bytes when every row has them."""
+        for raw in raws:
+            pixels = cache.lookup(raw.rows.column(CACHE_KEY).to_numpy())
+            rows = raw.rows.drop_columns(["image"]) if all(p is not None for p in pixels) else raw.rows
+            yield RawBatch(rows, raw.seed, pixels)
 
     def _batch(self, outs: tuple[torch.Tensor, ...], side: RawBatch) -> dict[str, Any]:
         rows = side.rows

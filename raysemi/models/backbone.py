@@ -26,6 +26,8 @@ import logging
 import timm
 import torch.nn as nn
 
+from raysemi.config import ModelConfig
+
 logger = logging.getLogger(__name__)
 
 # Model names already warned about (the warning fires once per name per process).
@@ -45,6 +47,11 @@ def create_backbone(name: str, small_image: bool = False, in_chans: int = 3, **t
     if small_image:
         adapt_small_image(model, name)
     return model
+
+
+def backbone_for(model: ModelConfig, **timm_kwargs) -> nn.Module:
+    """``create_backbone`` of the config's ``model`` section: what every stage builds from a config."""
+    return create_backbone(model.backbone, small_image=model.small_image, **timm_kwargs)
 
 
 def feature_dim(backbone: nn.Module) -> int:

@@ -149,10 +149,6 @@ class BYOL(nn.Module):
     def target_projector(self) -> nn.Module:
         return self.target.projector
 
-    def online_modules(self) -> OnlineNetwork:
-        """The trainable part: what DDP wraps and the optimizer covers."""
-        return self.online
-
     def forward(self, x1: Tensor, x2: Tensor) -> dict[str, Tensor]:
         return byol_forward(self.online, self.target, x1, x2)
 
@@ -192,10 +188,6 @@ class Classifier(nn.Module):
         in_dim = _out_features(projector) if self.projector is not None else feature_dim(backbone)
         self.head = ClassifierHead(in_dim, num_classes, dropout)
         self._frozen: list[nn.Module] = []
-
-    def features(self, x: Tensor) -> Tensor:
-        """Encoder features ``(B, num_features)``."""
-        return self.backbone(x)
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.backbone(x)
@@ -245,13 +237,6 @@ class Classifier(nn.Module):
             m.requires_grad_(False)
             m.eval()
         self._frozen = mods
-
-    def unfreeze_backbone(self) -> None:
-        """Undo ``freeze_backbone``; the modules follow the classifier's train/eval mode again."""
-        for m in self._frozen:
-            m.requires_grad_(True)
-            m.train(self.training)
-        self._frozen = []
 
     def train(self, mode: bool = True) -> Classifier:
         super().train(mode)

@@ -14,7 +14,7 @@ import torch
 
 from raysemi.config import Config, config_from_yaml, config_to_yaml
 from raysemi.io import CheckpointError, load_weights, save_weights, weights_header
-from raysemi.models.backbone import create_backbone, feature_dim
+from raysemi.models.backbone import backbone_for, feature_dim
 from raysemi.models.byol import Classifier, split_online_state
 from raysemi.models.heads import ProjectionHead
 
@@ -29,10 +29,10 @@ def classifier_backbone(cfg: Config) -> torch.nn.Module:
     rate = cfg.finetune.drop_path_rate
     if rate > 0:
         try:
-            return create_backbone(m.backbone, small_image=m.small_image, drop_path_rate=rate)
+            return backbone_for(m, drop_path_rate=rate)
         except TypeError:
             log.warning("%s has no stochastic depth: finetune.drop_path_rate=%s is ignored", m.backbone, rate)
-    return create_backbone(m.backbone, small_image=m.small_image)
+    return backbone_for(m)
 
 
 def build_classifier(cfg: Config, num_classes: int) -> Classifier:
@@ -92,7 +92,7 @@ def check_init(cfg: Config, num_classes: int, init_uri: str, classifier: bool) -
             bb, proj = split_online_state(shapes)
         except ValueError as err:
             raise CheckpointError(f"{init_uri} is not a BYOL checkpoint: {err}") from None
-        _check_shapes(create_backbone(cfg.model.backbone, small_image=cfg.model.small_image).state_dict(), bb,
+        _check_shapes(backbone_for(cfg.model).state_dict(), bb,
                       init_uri, f"{cfg.model.backbone} backbone")
         if cfg.model.head == "projector" and not ({"net.0.weight", "net.3.weight"} <= set(proj)):
             raise CheckpointError(f"{init_uri} has no BYOL projector, which model.head=projector needs")
@@ -120,7 +120,7 @@ def classifier_from_byol(cfg: Config, num_classes: int, byol_uri: str) -> Classi
 
 def backbone_from_byol(cfg: Config, byol_uri: str) -> torch.nn.Module:
     """The online encoder of a ``byol.safetensors`` alone (the kNN probe's frozen features)."""
-    backbone = create_backbone(cfg.model.backbone, small_image=cfg.model.small_image)
+    backbone = backbone_for(cfg.model)
     try:
         backbone.load_state_dict(split_online_state(load_byol(cfg, byol_uri))[0])
     except (RuntimeError, ValueError) as err:

@@ -65,10 +65,6 @@ _IDENTITY = {"source": "another source", "split": "another split", "model_sha256
              "fingerprint": "another listing of the source (files added or removed since)"}
 
 
-def _absolute(uri: str) -> str:
-    return uri if rio.is_remote(uri) else str(Path(uri).expanduser().resolve())
-
-
 def check_model(model: str) -> list[str]:
     """The class names of a raysemi classifier at ``model``; one line otherwise."""
     if not rio.exists(model):
@@ -161,7 +157,7 @@ def run(
     """Predict every image of ``source`` into ``out`` (see the module docstring); returns the summary.
     ``mapper`` runs the per-image tasks: Ray tasks on the cluster unless given (``local_map``: in this process)."""
     t0 = time.perf_counter()
-    model, out = _absolute(model), _absolute(out)
+    model, out = rio.absolute(model), rio.absolute(out)
     classes = check_model(model)
     if not 0.0 <= min_confidence <= 1.0:
         raise RaysemiError(f"--min-confidence {min_confidence} is not within 0..1")

@@ -1,8 +1,7 @@
-"""Pieces the training stages share: mixed precision, step timing, DDP wrapping."""
+"""Pieces the training stages share: step timing, DDP wrapping, sums over ranks (precision: ``raysemi.compute``)."""
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -11,20 +10,6 @@ import torch
 from torch import nn
 
 from raysemi import ray_utils
-
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def autocast(device: torch.device, precision: str):
-    """Autocast to bf16/fp16 on CUDA; a no-op on CPU (CPU autocast slows small convnets down)."""
-    if device.type != "cuda" or precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type="cuda", dtype=_DTYPES[precision])
-
-
-def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
-    """A loss scaler, enabled only for fp16 on CUDA (bf16 has fp32's range and needs none)."""
-    return torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and precision == "fp16")
 
 
 def wrap_ddp(module: nn.Module, device: torch.device) -> nn.Module:

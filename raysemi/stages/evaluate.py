@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from raysemi import ray_utils
+from raysemi.compute import compute_for
 from raysemi.config import Config
 from raysemi.data.loader import build_loader
 from raysemi.data.shards import read_manifest
@@ -31,7 +32,9 @@ def predict_split_local(model_uri: str, cfg: Config, split: str) -> tuple[list[s
     import torch
 
     device = ray_utils.get_device()
+    compute = compute_for(device, cfg.finetune.precision, cfg.finetune.channels_last)
     model, _, _ = load_classifier(model_uri, device)
+    compute.model(model)
     manifest = read_manifest(cfg.data.path)
     loader = build_loader(
         manifest.shard_uris(cfg.data.path, split), mode="eval", size=cfg.data.image_size,
@@ -39,7 +42,7 @@ def predict_split_local(model_uri: str, cfg: Config, split: str) -> tuple[list[s
         num_threads=cfg.data.num_threads,
     )
     with torch.inference_mode():
-        return predict_probs(model, loader, device, cfg.finetune.precision)
+        return predict_probs(model, loader, compute)
 
 
 def split_metrics_local(model_uri: str, cfg: Config, split: str, classes: list[str]) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from timm.utils import ModelEmaV3
 
 from raysemi import io as rio
 from raysemi import ray_utils
+from raysemi.compute import Compute, compute_for
 from raysemi.config import Config, FinetuneConfig, from_dict
 from raysemi.console import StageClock
 from raysemi.data.batches import in_background
@@ -42,7 +43,7 @@ from raysemi.models.checkpoint import build_classifier, classifier_from_byol, lo
 from raysemi.models.checkpoint import check_init as check_classifier_init
 from raysemi.optim import build_optimizer, param_groups, set_lr
 from raysemi.schedules import warmup_cosine_lr
-from raysemi.stages.common import StepTimer, all_reduce_sum, autocast, grad_scaler, wrap_ddp
+from raysemi.stages.common import StepTimer, all_reduce_sum, wrap_ddp
 from raysemi.stages.predict import predict_probs
 from raysemi.stages.worker import TrainState, build_replica
 
@@ -140,16 +141,22 @@ def train_one_epoch(
     *,
     start_step: int,
     plan: TrainingPlan,
-    device: torch.device,
+    compute: Compute,
     weights_per_class: torch.Tensor | None,
     ema: ModelEmaV3 | None = None,
 ) -> dict[str, float]:
     """Train on ``batches`` (one interval of the plan, from global step ``start_step``); the lr follows the
-    plan's warmup + cosine schedule and the EMA (when given) is updated after every step."""
+    plan's warmup + cosine schedule and the EMA (when given) is updated after every step.
+
+    The loss and the correct predictions are summed on the device and read once, at the end of the interval:
+    an ``.item()`` per step would make the host wait for the device at every step."""
     f = cfg.finetune
+    device = compute.device
     model.train()
     timer = StepTimer()
-    loss_sum = correct = seen = steps = 0.0
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    seen = steps = 0
     lr = 0.0
     for i, batch in enumerate(timer.batches(batches)):
         step = start_step + i
@@ -158,8 +165,8 @@ def train_one_epoch(
         targets = batch["label"]
         if "target" in batch:  # soft targets (Noisy Student): class probabilities per row
             targets = torch.tensor(batch["target"], dtype=torch.float32, device=device)
-        with autocast(device, f.precision):
-            logits = model(batch["image"])
+        with compute.autocast():
+            logits = model(compute.images(batch["image"]))
         loss = cross_entropy(
             logits.float(), targets, weights=batch["weight"], class_weights=weights_per_class,
             label_smoothing=f.label_smoothing,
@@ -170,12 +177,12 @@ def train_one_epoch(
         scaler.update()
         if ema is not None:
             ema.update(unwrap(model), step=step + 1)
-        loss_sum += loss.item()
-        correct += (logits.argmax(1) == batch["label"]).sum().item()
+        loss_sum += loss.detach()
+        correct += (logits.detach().argmax(1) == batch["label"]).sum()
         seen += len(batch["label"])
         steps += 1
     timer.stop()
-    loss_tot, steps_tot, correct_tot, seen_tot = all_reduce_sum([loss_sum, steps, correct, seen], device)
+    loss_tot, steps_tot, correct_tot, seen_tot = all_reduce_sum([float(loss_sum), steps, int(correct), seen], device)
     return {
         "step": start_step + int(steps),
         "loss": loss_tot / max(steps_tot, 1),
@@ -185,6 +192,7 @@ def train_one_epoch(
         "images_per_s_total": seen_tot / timer.total if timer.total else 0.0,
         "data_wait_fraction": timer.data_wait_fraction,
         "workers": ray_utils.world_size(),
+        **compute.describe(),
     }
 
 
@@ -193,14 +201,14 @@ def val_shares(uris: list[str], rank: int, world: int) -> list[str]:
     return list(uris[rank::world])
 
 
-def validate(model: torch.nn.Module, loader, device: torch.device, precision: str) -> float:
+def validate(model: torch.nn.Module, loader, compute: Compute) -> float:
     """Accuracy over every rank's share of the val split (``loader`` None: this rank has no share); every
     rank must call it, since the counts are all-reduced."""
     correct, seen = 0.0, 0.0
     if loader is not None:
-        _, y, p = predict_probs(model, loader, device, precision)
+        _, y, p = predict_probs(model, loader, compute)
         correct, seen = float((p.argmax(1) == y).sum()), float(len(y))
-    correct, seen = all_reduce_sum([correct, seen], device)
+    correct, seen = all_reduce_sum([correct, seen], compute.device)
     return correct / seen if seen else float("nan")
 
 
@@ -230,7 +238,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         trainset.uris, mode="train", size=cfg.data.image_size, batch_size=batch, augment=cfg.augment,
         rank=rank, world_size=world, seed=f.seed, backend=cfg.data.loader, device=device,
         num_threads=cfg.data.num_threads, shard_rows=trainset.rows,
-        columns_extra=("target",) if trainset.soft else (),
+        columns_extra=("target",) if trainset.soft else (), decode_cache_mb=cfg.data.decode_cache_mb,
     )
     # The checkpoint of a restarted group is read before the model is built, for its step: the decoders
     # then start at once, in the background, and their start-up overlaps the model's build.
@@ -244,13 +252,16 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         # child (a restarted worker's DataLoader child hung on a futex in the multi-node tests).
         stream = in_background(stream)
 
-    model = build_replica(lambda: build_model(cfg, num_classes, loop_config["init"]), f.seed,
-                          cfg.model.sync_batchnorm, device)
+    compute = compute_for(device, f.precision, f.channels_last)
+    model = compute.model(build_replica(lambda: build_model(cfg, num_classes, loop_config["init"]), f.seed,
+                                        cfg.model.sync_batchnorm, device))
     ddp_model = wrap_ddp(model, device)
     optimizer = build_optimizer(f.optimizer, optimizer_groups(model, f.weight_decay, f.backbone_lr_scale),
                                 f.lr, f.weight_decay)
-    train_state = TrainState(model, optimizer, grad_scaler(device, f.precision), build_ema(model, f.ema_decay))
+    train_state = TrainState(model, optimizer, compute.grad_scaler(), build_ema(model, f.ema_decay))
     scaler, ema = train_state.scaler, train_state.ema
+    if f.compile:  # in place, after the EMA's copy: the state dict keeps its keys
+        ddp_model.compile()
     history: list[dict[str, Any]] = []
     if state is not None:
         train_state.load_state_dict(state)
@@ -262,6 +273,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     val_loader = build_loader(
         val_uris, mode="eval", size=cfg.data.image_size, batch_size=max(batch, 64), augment=cfg.augment,
         backend=cfg.data.loader, device=device, num_threads=cfg.data.num_threads,
+        decode_cache_mb=cfg.data.decode_cache_mb,
     ) if val_uris else None
     cw = class_weights(trainset.class_counts).to(device) if f.class_weighting else None
     clock = StageClock(loop_config.get("label", "finetune"), "step", plan.total_steps, step)
@@ -269,10 +281,10 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     while step < plan.total_steps:
         n = min((step // plan.interval + 1) * plan.interval, plan.total_steps) - step
         metrics = train_one_epoch(ddp_model, itertools.islice(stream, n), optimizer, scaler, cfg,
-                                  start_step=step, plan=plan, device=device, weights_per_class=cw, ema=ema)
+                                  start_step=step, plan=plan, compute=compute, weights_per_class=cw, ema=ema)
         step = int(metrics["step"])
         metrics["epoch"] = math.ceil(step / plan.interval) - 1
-        metrics["val_accuracy"] = validate(ema.module if ema is not None else model, val_loader, device, f.precision)
+        metrics["val_accuracy"] = validate(ema.module if ema is not None else model, val_loader, compute)
         if rank == 0:
             log.info("%s", clock.line(step, metrics))
         if events is not None:

@@ -14,11 +14,11 @@ import torch
 
 from raysemi import io as rio
 from raysemi import ray_utils
+from raysemi.compute import Compute, compute_for
 from raysemi.config import Config
 from raysemi.data.shards import read_shard
 from raysemi.errors import RaysemiError
 from raysemi.stages.commits import PRED_SCHEMA, commit
-from raysemi.stages.common import autocast
 
 STAGE = "pseudolabel"
 
@@ -37,10 +37,10 @@ def model_classes(model_uri: str) -> list[str]:
     return list(json.loads(meta["classes"]))
 
 
-def predict_batch(model: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """``pred, confidence, probs`` on the CPU for one batch (bf16 autocast on CUDA only)."""
-    with torch.inference_mode(), autocast(images.device, "bf16"):
-        logits = model(images)
+def predict_batch(model: torch.nn.Module, images: torch.Tensor, compute: Compute) -> tuple[torch.Tensor, ...]:
+    """``pred, confidence, probs`` on the CPU for one batch, in ``compute``'s precision and layout."""
+    with torch.inference_mode(), compute.autocast():
+        logits = model(compute.images(images))
     probs = logits.float().softmax(dim=1).cpu()
     conf, pred = probs.max(dim=1)
     return pred, conf, probs
@@ -57,7 +57,8 @@ class ShardPredictor:
         torch.set_num_threads(max(1, num_threads))
         self.device = ray_utils.get_device()
         self.model, self.model_cfg, self.classes = load_classifier(model_uri, self.device)
-        self.model.eval()
+        self.compute = compute_for(self.device, cfg.finetune.precision, cfg.finetune.channels_last)
+        self.compute.model(self.model).eval()
         self.cfg, self.model_sha256 = cfg, model_sha256
 
     def ready(self) -> tuple[str, int]:
@@ -65,7 +66,7 @@ class ShardPredictor:
         process's id (the pool counts actor restarts by it)."""
         size = self.model_cfg.data.image_size
         zeros = torch.zeros(min(self.cfg.pseudolabel.batch_size, 8), 3, size, size, device=self.device)
-        predict_batch(self.model, zeros)
+        predict_batch(self.model, zeros, self.compute)
         return str(self.device), os.getpid()
 
     def predict_table(self, shard_uri: str) -> pa.Table:
@@ -83,7 +84,7 @@ class ShardPredictor:
         ids: list[str] = []
         preds, confs, probs = [], [], []
         for batch in loader:
-            p, c, pr = predict_batch(self.model, batch["image"])
+            p, c, pr = predict_batch(self.model, batch["image"], self.compute)
             ids.extend(batch["id"])
             preds.append(p)
             confs.append(c)

@@ -19,6 +19,7 @@ import torch
 
 from raysemi import io as rio
 from raysemi import ray_utils
+from raysemi.compute import Compute, compute_for
 from raysemi.config import Config, config_from_yaml, config_to_yaml, from_dict
 from raysemi.console import StageClock
 from raysemi.data.loader import build_loader
@@ -28,12 +29,12 @@ from raysemi.event_log import EventLog, clear_events
 from raysemi.io import join, read_json, write_bytes_atomic, write_json
 from raysemi.knn import knn_accuracy
 from raysemi.losses import symmetric_byol_loss
-from raysemi.models.backbone import create_backbone
+from raysemi.models.backbone import backbone_for
 from raysemi.models.byol import BYOL, byol_forward
 from raysemi.optim import build_optimizer, set_lr
 from raysemi.outputs import guard_output
 from raysemi.schedules import byol_tau, scale_lr, warmup_cosine_lr
-from raysemi.stages.common import StepTimer, all_reduce_sum, autocast, grad_scaler, wrap_ddp
+from raysemi.stages.common import StepTimer, all_reduce_sum, wrap_ddp
 from raysemi.stages.predict import extract_features
 from raysemi.stages.worker import TrainState, build_replica
 
@@ -56,7 +57,7 @@ class PretrainResult:
 
 def build_model(cfg: Config) -> BYOL:
     m = cfg.model
-    backbone = create_backbone(m.backbone, small_image=m.small_image)
+    backbone = backbone_for(m)
     return BYOL(backbone, None, m.proj_hidden_dim, m.proj_dim, m.pred_hidden_dim)
 
 
@@ -111,22 +112,22 @@ def byol_step(
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
     tau: float,
-    cfg: Config,
-    device: torch.device,
-) -> float:
-    """One BYOL update: symmetric loss through ``online`` (DDP-wrapped or not), optimizer step, EMA."""
-    p = cfg.pretrain
-    if device.type == "cuda" and p.channels_last:
-        x1, x2 = x1.to(memory_format=torch.channels_last), x2.to(memory_format=torch.channels_last)
-    with autocast(device, p.precision):
+    compute: Compute,
+) -> torch.Tensor:
+    """One BYOL update: symmetric loss through ``online`` (DDP-wrapped or not), optimizer step, EMA.
+
+    Returns the loss as a detached tensor on the device: reading it (``.item()``) would wait for the device
+    at every step, so the caller sums it and reads the sum once per epoch."""
+    x1, x2 = compute.images(x1), compute.images(x2)
+    with compute.autocast():
         out = byol_forward(online, model.target, x1, x2)
-        loss = symmetric_byol_loss({k: v.float() for k, v in out.items()})
+    loss = symmetric_byol_loss({k: v.float() for k, v in out.items()})
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(optimizer)
     scaler.update()
     model.update_target(tau)
-    return loss.item()
+    return loss.detach()
 
 
 def train_one_epoch(
@@ -140,7 +141,7 @@ def train_one_epoch(
     epoch: int,
     total_steps: int,
     lr_peak: float,
-    device: torch.device,
+    compute: Compute,
 ) -> dict[str, float]:
     """One pass over this rank's shards; lr and tau are set from the global step before each update."""
     p = cfg.pretrain
@@ -148,7 +149,7 @@ def train_one_epoch(
     warmup_steps = p.warmup_epochs * steps
     model.train()
     timer = StepTimer()
-    loss_sum, n = 0.0, 0
+    loss_sum, n = torch.zeros((), device=compute.device), 0
     lr = tau = 0.0
     for i, batch in enumerate(timer.batches(loader)):
         step = epoch * steps + i
@@ -156,12 +157,11 @@ def train_one_epoch(
         set_lr(optimizer, lr)
         # tau follows the step *after* the update: 1 - (1 - tau_base)(cos(pi k / K) + 1) / 2 (BYOL).
         tau = byol_tau(step + 1, total_steps, p.tau_base)
-        loss = byol_step(model, online, batch["view1"], batch["view2"], optimizer, scaler, tau, cfg, device)
-        loss_sum += loss
+        loss_sum += byol_step(model, online, batch["view1"], batch["view2"], optimizer, scaler, tau, compute)
         n += 1
         timer.images += batch["view1"].shape[0]
     timer.stop()
-    loss_tot, n_tot, img_tot = all_reduce_sum([loss_sum, n, timer.images], device)
+    loss_tot, n_tot, img_tot = all_reduce_sum([float(loss_sum), n, timer.images], compute.device)
     world = ray_utils.world_size()
     return {
         "epoch": epoch,
@@ -173,13 +173,15 @@ def train_one_epoch(
         "data_wait_fraction": timer.data_wait_fraction,
         "epoch_seconds": timer.total,
         "workers": world,
+        **compute.describe(),
     }
 
 
-def knn_monitor(backbone: torch.nn.Module, bank_loader, query_loader, num_classes: int, k: int) -> float | None:
+def knn_monitor(backbone: torch.nn.Module, bank_loader, query_loader, num_classes: int, k: int,
+                compute: Compute | None = None) -> float | None:
     """kNN accuracy of frozen features: labelled train rows as the bank, val rows as queries."""
-    bank, bank_y = extract_features(backbone, bank_loader)
-    query, query_y = extract_features(backbone, query_loader)
+    bank, bank_y = extract_features(backbone, bank_loader, compute)
+    query, query_y = extract_features(backbone, query_loader, compute)
     bank, bank_y = bank[bank_y >= 0], bank_y[bank_y >= 0]
     query, query_y = query[query_y >= 0], query_y[query_y >= 0]
     if len(bank) == 0 or len(query) == 0:
@@ -201,13 +203,15 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     batch = split_batch(p.batch_size, world)
 
     # SyncBatchNorm in the online and target networks alike.
-    model = build_replica(lambda: build_model(cfg), p.seed, cfg.model.sync_batchnorm, device)
+    compute = compute_for(device, p.precision, p.channels_last)
+    model = compute.model(build_replica(lambda: build_model(cfg), p.seed, cfg.model.sync_batchnorm, device))
     online = wrap_ddp(model.online, device)
-    if device.type == "cuda" and p.channels_last:
-        model.to(memory_format=torch.channels_last)
+    if p.compile:  # in place: the state dict keeps its keys
+        online.compile()
+        model.target.compile()
     lr_peak = scale_lr(p.lr, batch * world)
     optimizer = build_optimizer(p.optimizer, model.online, lr_peak, p.weight_decay)
-    train_state = TrainState(model, optimizer, grad_scaler(device, p.precision))
+    train_state = TrainState(model, optimizer, compute.grad_scaler())
     scaler = train_state.scaler
 
     start_epoch, history = 0, []
@@ -219,13 +223,14 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     loader = build_loader(
         uris, mode="byol", size=cfg.data.image_size, batch_size=batch, augment=cfg.augment, rank=rank,
         world_size=world, seed=p.seed, backend=cfg.data.loader, device=device,
-        num_threads=cfg.data.num_threads, shard_rows=rows,
+        num_threads=cfg.data.num_threads, shard_rows=rows, decode_cache_mb=cfg.data.decode_cache_mb,
     )
     total_steps = p.epochs * len(loader)
     monitor = None
     if rank == 0 and p.knn_every:
         eval_kw = dict(mode="eval", size=cfg.data.image_size, batch_size=max(batch, 64), augment=cfg.augment,
-                       backend=cfg.data.loader, device=device, num_threads=cfg.data.num_threads)
+                       backend=cfg.data.loader, device=device, num_threads=cfg.data.num_threads,
+                       decode_cache_mb=cfg.data.decode_cache_mb)
         bank_uris = _monitor_shards(manifest, cfg.data.path, "train")
         query_uris = _monitor_shards(manifest, cfg.data.path, "val")
         if bank_uris and query_uris:
@@ -237,12 +242,12 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         loader.set_epoch(epoch)
         metrics = train_one_epoch(
             model, online, loader, optimizer, scaler, cfg, epoch=epoch, total_steps=total_steps,
-            lr_peak=lr_peak, device=device,
+            lr_peak=lr_peak, compute=compute,
         )
         metrics["start_epoch"] = start_epoch  # > 0 after a restore: the run resumed, it did not start over
         last = epoch == p.epochs - 1
         if monitor is not None and ((epoch + 1) % p.knn_every == 0 or last or epoch == 0):
-            acc = knn_monitor(model.backbone, *monitor, manifest.num_classes, p.knn_k)
+            acc = knn_monitor(model.backbone, *monitor, manifest.num_classes, p.knn_k, compute)
             if acc is not None:
                 metrics["knn_accuracy"] = acc
         history.append(metrics)

@@ -15,12 +15,13 @@ from typing import Any
 
 import torch
 
+from raysemi.compute import compute_for
 from raysemi.config import Config
 from raysemi.data.loader import build_loader
 from raysemi.data.shards import read_manifest
 from raysemi.errors import RaysemiError
 from raysemi.knn import knn_accuracy
-from raysemi.models.backbone import create_backbone
+from raysemi.models.backbone import backbone_for
 from raysemi.models.checkpoint import backbone_from_byol
 from raysemi.stages.predict import extract_features
 from raysemi.tables import markdown_table
@@ -33,7 +34,7 @@ RANDOM_INIT = "random init"
 def random_backbone(cfg: Config) -> torch.nn.Module:
     """The backbone pretraining starts from: same architecture, same seed."""
     torch.manual_seed(cfg.pretrain.seed)
-    return create_backbone(cfg.model.backbone, small_image=cfg.model.small_image)
+    return backbone_for(cfg.model)
 
 
 def _features(cfg: Config, backbone: torch.nn.Module, uris: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,7 +42,8 @@ def _features(cfg: Config, backbone: torch.nn.Module, uris: list[str]) -> tuple[
         uris, mode="eval", size=cfg.data.image_size, batch_size=128, augment=cfg.augment,
         backend=cfg.data.loader, device=torch.device("cpu"), num_threads=cfg.data.num_threads,
     )
-    feats, labels = extract_features(backbone.eval(), loader)
+    compute = compute_for(torch.device("cpu"), cfg.pretrain.precision, cfg.pretrain.channels_last)
+    feats, labels = extract_features(compute.model(backbone.eval()), loader, compute)
     keep = labels >= 0
     return feats[keep], labels[keep]
 

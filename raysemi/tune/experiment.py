@@ -19,7 +19,7 @@ from typing import Any
 
 from raysemi.config import Config, absolute_paths, from_dict, load_config
 from raysemi.errors import RaysemiError
-from raysemi.io import filesystem, is_remote, join, write_bytes_atomic
+from raysemi.io import absolute, filesystem, join, write_bytes_atomic
 from raysemi.outputs import TUNE, check_marked, guard_output, mark, remove_output
 from raysemi.tune.results import TuneSummary, collect_rows, write_outputs
 from raysemi.tune.search import TRIAL_CPU, max_concurrent_trials, trial_needs, tune_config
@@ -31,11 +31,6 @@ log = logging.getLogger("raysemi.tune")
 SETUP = "raysemi_tune.json"
 
 
-def _absolute(uri: str) -> str:
-    """A local path made absolute (Tune runs trials in other working directories); URIs as they are."""
-    return uri if is_remote(uri) else str(Path(uri).expanduser().resolve())
-
-
 def prepare_base(cfg: Config, space: Space, out: str, use_cache: bool,
                  overrides: dict[str, Any] | None = None) -> Config:
     """The config every trial starts from: validated, the space's ``set`` and then ``overrides`` applied,
@@ -43,7 +38,7 @@ def prepare_base(cfg: Config, space: Space, out: str, use_cache: bool,
     ``<out>/pretrain_cache``."""
     base = absolute_paths(validate_space(space, cfg, overrides))
     cache = base.pretrain.cache or join(out, "pretrain_cache")
-    return base.replace(**{"pretrain.cache": _absolute(cache) if use_cache else None})
+    return base.replace(**{"pretrain.cache": absolute(cache) if use_cache else None})
 
 
 def preflight(space: Space, base: Config) -> None:
@@ -89,7 +84,7 @@ def run_tune(
     ``--set``) win over the space's ``set``; ``callbacks`` are extra Ray Tune callbacks."""
     from raysemi import ray_utils
 
-    out = _absolute(out)
+    out = absolute(out)
     if name is None:
         if space_path is None:
             raise RaysemiError("give --space (or, with --resume, the experiment's --name)")

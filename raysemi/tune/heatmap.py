@@ -7,7 +7,7 @@ import itertools
 from typing import Any
 
 from raysemi.config import Config
-from raysemi.tune.results import fmt
+from raysemi.tables import fmt_short as fmt
 
 HEATMAP_AXES = ("pretrain.epochs", "pretrain.lr")
 MAX_HEATMAP_VALUES = 12

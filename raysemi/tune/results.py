@@ -16,7 +16,9 @@ from typing import Any
 
 from raysemi.config import Config, ConfigError, config_to_yaml
 from raysemi.io import join, read_config_beside, write_bytes_atomic
+from raysemi.tables import fmt_short as fmt
 from raysemi.tables import markdown_table
+from raysemi.tune.heatmap import HEATMAP_AXES, heatmap_png
 from raysemi.tune.space import Space
 from raysemi.tune.trial import plain, trial_dir
 
@@ -36,17 +38,6 @@ class TuneSummary:
     files: dict[str, str]  # kind -> URI (csv, md, heatmap, best_config)
     interrupted: bool  # some trials unfinished: resume with --resume
     text: str  # what ``raysemi tune`` prints
-
-
-def fmt(v: Any) -> str:
-    """A value as the tune tables print it: n/a, yes/no, 4 significant digits below 1, one decimal above."""
-    if v is None:
-        return "n/a"
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    if isinstance(v, float):
-        return f"{v:.4g}" if abs(v) < 1 else f"{v:.1f}"
-    return str(v)
 
 
 def collect_rows(trials, space: Space, base: Config) -> list[dict[str, Any]]:
@@ -160,8 +151,6 @@ def best_config_yaml(exp: str, name: str, best: dict[str, Any]) -> str:
 
 def write_outputs(exp: str, name: str, space: Space, base: Config, rows: list[dict[str, Any]]) -> TuneSummary:
     """Write the experiment's files and return what ``raysemi tune`` prints."""
-    from raysemi.tune.heatmap import HEATMAP_AXES, heatmap_png  # the heat map's module imports matplotlib
-
     best = choose_best(rows, space)
     files = {"csv": join(exp, FILES["csv"]), "md": join(exp, FILES["md"])}
     png = None

@@ -24,6 +24,7 @@ from typing import Any
 
 from raysemi.config import from_dict
 from raysemi.io import join, read_json
+from raysemi.metrics import best_round
 
 log = logging.getLogger("raysemi.tune")
 
@@ -40,6 +41,11 @@ def trial_dir(exp: str, trial_id: str) -> str:
     return join(exp, "trials", trial_id)
 
 
+def best_so_far(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """The round summary (``run_pipeline``'s ``on_round``) the pipeline would keep among those so far."""
+    return rounds[best_round([r["val_selected"] for r in rounds])]
+
+
 def _report(metrics: dict[str, Any], state: dict[str, Any]) -> None:
     from ray import tune
 
@@ -53,7 +59,7 @@ def run_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
     """One Tune trial: the pipeline with the sampled values, reporting after every round and at the end."""
     from ray import tune
 
-    from raysemi.pipeline import run_pipeline
+    from raysemi.pipeline import run_pipeline  # the trial's work; imported where Ray Tune runs it
 
     t0 = time.time()
     trial_id = tune.get_context().get_trial_id()
@@ -75,8 +81,7 @@ def run_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
             return
         state["rounds"].append(summary)
         state["elapsed_s"] = elapsed0 + time.time() - t0
-        # The best round so far by the run's own rule (run.select_metric), as the pipeline will pick it.
-        best = max(state["rounds"], key=lambda s: (s.get("val_selected", s["val_accuracy"]), -s["round"]))
+        best = best_so_far(state["rounds"])
         _report({"round": summary["round"], "round_val_accuracy": summary["val_accuracy"],
                  "val_accuracy": best["val_accuracy"], "val_macro_f1": best["val_macro_f1"],
                  "val_balanced_accuracy": best.get("val_balanced_accuracy"),

@@ -12,7 +12,6 @@ from raysemi.config import Config, FinetuneConfig
 from raysemi.models.checkpoint import build_classifier
 from raysemi.optim import build_optimizer
 from raysemi.stages import finetune
-from raysemi.stages.common import grad_scaler
 from raysemi.stages.finetune import (
     TrainingPlan,
     build_ema,
@@ -22,6 +21,7 @@ from raysemi.stages.finetune import (
     train_one_epoch,
     training_plan,
 )
+from raysemi.stages.predict import FP32
 
 CPU = torch.device("cpu")
 
@@ -61,12 +61,12 @@ def test_train_one_epoch_lowers_the_loss_and_counts_steps(soft):
     model = build_model(cfg, 3, None)
     opt = build_optimizer("adamw", model.parameters(), 0.01, 0.0)
     plan = TrainingPlan(total_steps=40, warmup_steps=0, interval=20)
-    scaler = grad_scaler(CPU, "fp32")
+    scaler = FP32.grad_scaler()
     batches = fixed_batches(soft=soft)
     first = train_one_epoch(model, itertools.islice(batches, 20), opt, scaler, cfg, start_step=0, plan=plan,
-                            device=CPU, weights_per_class=None)
+                            compute=FP32, weights_per_class=None)
     second = train_one_epoch(model, itertools.islice(batches, 20), opt, scaler, cfg, start_step=20, plan=plan,
-                             device=CPU, weights_per_class=None)
+                             compute=FP32, weights_per_class=None)
     assert first["step"] == 20 and second["step"] == 40
     assert first["images_seen"] == 20 * 12
     # Soft targets cannot go below their own entropy: compare the excess over it.
@@ -84,8 +84,8 @@ def test_ema_tracks_the_weights_and_lags_behind():
     assert build_ema(model, 0.0) is None
     start = {k: v.clone() for k, v in model.state_dict().items()}
     opt = build_optimizer("sgd", model.parameters(), 0.05, 0.0)
-    train_one_epoch(model, itertools.islice(fixed_batches(), 10), opt, grad_scaler(CPU, "fp32"), cfg,
-                    start_step=0, plan=TrainingPlan(10, 0, 10), device=CPU, weights_per_class=None, ema=ema)
+    train_one_epoch(model, itertools.islice(fixed_batches(), 10), opt, FP32.grad_scaler(), cfg,
+                    start_step=0, plan=TrainingPlan(10, 0, 10), compute=FP32, weights_per_class=None, ema=ema)
     w = "head.fc.weight"
     now, avg, was = model.state_dict()[w], ema.module.state_dict()[w], start[w]
     assert not torch.equal(avg, now) and not torch.equal(avg, was)
@@ -107,8 +107,8 @@ def test_frozen_backbone_stays_frozen():
     model = build_model(cfg, 3, None)
     before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
     opt = build_optimizer("sgd", [p for p in model.parameters() if p.requires_grad], 0.1, 0.0)
-    train_one_epoch(model, itertools.islice(fixed_batches(), 3), opt, grad_scaler(CPU, "fp32"), cfg,
-                    start_step=0, plan=TrainingPlan(3, 0, 3), device=CPU, weights_per_class=None)
+    train_one_epoch(model, itertools.islice(fixed_batches(), 3), opt, FP32.grad_scaler(), cfg,
+                    start_step=0, plan=TrainingPlan(3, 0, 3), compute=FP32, weights_per_class=None)
     after = model.backbone.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # weights and BN statistics alike
 
@@ -126,8 +126,8 @@ def test_backbone_lr_scale_moves_the_pretrained_parts_that_much_slower():
         assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
         before = {k: v.clone() for k, v in model.named_parameters()}
         opt = build_optimizer("sgd", groups, cfg.finetune.lr, 0.0)
-        train_one_epoch(model, itertools.islice(fixed_batches(), 1), opt, grad_scaler(CPU, "fp32"), cfg,
-                        start_step=0, plan=TrainingPlan(1, 0, 1), device=CPU, weights_per_class=None)
+        train_one_epoch(model, itertools.islice(fixed_batches(), 1), opt, FP32.grad_scaler(), cfg,
+                        start_step=0, plan=TrainingPlan(1, 0, 1), compute=FP32, weights_per_class=None)
         moves[scale] = {k: (v - before[k]).norm().item() for k, v in model.named_parameters()}
     body = [k for k in moves[1.0] if not k.startswith("head.") and moves[1.0][k] > 0]
     assert any(k.startswith("backbone.") for k in body) and any(k.startswith("projector.") for k in body)
@@ -224,5 +224,5 @@ def test_val_shares_cover_every_shard_once_and_validate_without_a_group_is_plain
     x = torch.zeros(6, 3, 2, 2)
     x[[0, 1, 2], [0, 1, 2], 0, 0] = 1.0  # rows 0-2 predict classes 0, 1, 2; rows 3-5 predict class 0
     batches = [{"image": x, "label": torch.tensor([0, 1, 1, 0, 2, 0]), "id": [str(i) for i in range(6)]}]
-    assert finetune.validate(Fixed(), batches, torch.device("cpu"), "fp32") == pytest.approx(4 / 6)
-    assert math.isnan(finetune.validate(Fixed(), None, torch.device("cpu"), "fp32"))
+    assert finetune.validate(Fixed(), batches, FP32) == pytest.approx(4 / 6)
+    assert math.isnan(finetune.validate(Fixed(), None, FP32))

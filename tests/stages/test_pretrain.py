@@ -19,7 +19,8 @@ from raysemi.errors import RaysemiError
 from raysemi.io import join
 from raysemi.optim import build_optimizer
 from raysemi.stages import pretrain
-from raysemi.stages.common import grad_scaler, wrap_ddp
+from raysemi.stages.common import wrap_ddp
+from raysemi.stages.predict import FP32
 from tests.procs import pids_titled, wait_for
 
 # Ray workers unpickle this module's functions by value (tests/ is not importable on workers).
@@ -46,7 +47,7 @@ def _one_step(cfg_dict: dict, x1: torch.Tensor, x2: torch.Tensor, freeze_bn: boo
         for m in model.modules():
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
                 m.eval()
-    pretrain.byol_step(model, online, x1, x2, opt, grad_scaler(device, "fp32"), 0.9, cfg, device)
+    pretrain.byol_step(model, online, x1, x2, opt, FP32.grad_scaler(), 0.9, FP32)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 

@@ -12,6 +12,7 @@ from raysemi.cli import main
 from raysemi.config import config_to_yaml, load_config
 from raysemi.data.shards import read_manifest
 from raysemi.io import CheckpointError
+from raysemi.knn import knn_accuracy
 from raysemi.models.checkpoint import backbone_from_byol
 from raysemi.stages import pretrain, probe
 
@@ -44,8 +45,12 @@ def test_table_counts_and_the_unchanged_init_matches_random_init(tmp_path, demo_
     features = [probe._features(cfg, b, manifest.shard_uris(demo_dataset, "val"))[0]
                 for b in (probe.random_backbone(cfg), backbone_from_byol(cfg, perturbed))]
     assert not torch.allclose(*features, atol=1e-3)  # and another file is really used, not the init
-    # An accuracy over the queries: a whole number of them voted right.
-    assert all(r["knn_accuracy"] * r["queries"] == pytest.approx(round(r["knn_accuracy"] * r["queries"])) for r in rows)
+    # Each row is the kNN of that file's features: the train split as the bank, the asked split as queries,
+    # pretrain.knn_k neighbours (recomputed here from the features; a wrong split, k or file changes it).
+    bank, bank_y = probe._features(cfg, backbone_from_byol(cfg, perturbed), manifest.shard_uris(demo_dataset, "train"))
+    query, query_y = probe._features(cfg, backbone_from_byol(cfg, perturbed), manifest.shard_uris(demo_dataset, "val"))
+    want = knn_accuracy(bank, bank_y, query, query_y, manifest.num_classes, cfg.pretrain.knn_k)
+    assert rows[2]["knn_accuracy"] == want and rows[2]["k"] == 5
 
 
 def test_a_file_of_another_backbone_is_refused(tmp_path, demo_dataset):
