@@ -125,28 +125,51 @@ QUICK = [*TINY, "finetune.steps=2", "finetune.eval_every=2", "finetune.warmup_st
 
 
 def test_retrain_from_previous_and_resume_reuses_finished_rounds(ray_session, demo_dataset, tmp_path, monkeypatch):
+    """Two rounds: each starts from the previous classifier at a tenth of the lr; round r uses r x budget
+    pseudo-labels; the test split is evaluated on the round chosen on validation (made round 1 here, not the
+    last); a resumed run trains nothing again."""
+    from raysemi import pipeline
+
     out = tmp_path / "run"
-    cfg = load_config(None, [f"data.path={demo_dataset}", f"run.output_dir={out}", *QUICK,
+    cfg = load_config(None, [f"data.path={demo_dataset}", f"run.output_dir={out}", *QUICK, "pseudolabel.rounds=2",
                              "pseudolabel.retrain_from=previous", "pseudolabel.retrain_lr_scale=0.1"])
     lrs: list[float] = []
     inits = recording_finetune(monkeypatch, lrs)
+    real_metrics, evaluated = pipeline.split_metrics, []
+
+    def split_metrics(model, cfg, split, classes):
+        evaluated.append((split, model))
+        metrics = real_metrics(model, cfg, split, classes)
+        if split == "val" and "round=1" in model:  # round 1 best on validation, round 2 (the last) worse
+            metrics = {**metrics, "accuracy": 1.0, "balanced_accuracy": 1.0, "macro_f1": 1.0}
+        return metrics
+
+    monkeypatch.setattr(pipeline, "split_metrics", split_metrics)
     first = json.loads(Path(run_pipeline(cfg)).read_text())
     byol = out / "pretrain" / "byol.safetensors"
-    # Round 0 starts from the BYOL weights, round 1 from round 0's classifier (not from BYOL again), at a
-    # tenth of the learning rate.
-    assert inits == [str(byol), str(out / "round=0" / "classifier.safetensors")]
-    assert lrs == pytest.approx([cfg.finetune.lr, 0.1 * cfg.finetune.lr])
+    model = {r: str(out / f"round={r}" / "classifier.safetensors") for r in (0, 1, 2)}
+    # Round 0 starts from the BYOL weights, each later round from the previous classifier (not from BYOL again),
+    # at a tenth of the learning rate.
+    assert inits == [str(byol), model[0], model[1]]
+    assert lrs == pytest.approx([cfg.finetune.lr, 0.1 * cfg.finetune.lr, 0.1 * cfg.finetune.lr])
+    # Cumulative budget: round r takes the r x budget most confident of the pool.
+    labels = label_split(demo_dataset, cfg.data, read_manifest(demo_dataset))
+    per_round = budget_count(cfg.pseudolabel.budget, labels.pool_rows)
+    assert [r["n_pseudo"] for r in first["rounds"]] == [0, per_round, min(2 * per_round, labels.pool_rows)]
+    # The test split is evaluated once, on the chosen round's model.
+    assert first["best_round"] == 1 and first["run"]["best_model"] == model[1]
+    assert [m for split, m in evaluated if split == "test"] == [model[1]]
 
-    weights = {r: (out / f"round={r}" / "classifier.safetensors").stat().st_mtime_ns for r in (0, 1)}
+    weights = {r: Path(model[r]).stat().st_mtime_ns for r in (0, 1, 2)}
     pretrained = byol.stat().st_mtime_ns
     inits.clear()
     again = json.loads(Path(run_pipeline(cfg, resume=True)).read_text())
     assert inits == []  # no round was trained again
     assert byol.stat().st_mtime_ns == pretrained
-    assert {r: (out / f"round={r}" / "classifier.safetensors").stat().st_mtime_ns for r in (0, 1)} == weights
-    assert [r["steps"] for r in again["rounds"]] == [r["steps"] for r in first["rounds"]] == [2, 2]
+    assert {r: Path(model[r]).stat().st_mtime_ns for r in (0, 1, 2)} == weights
+    assert [r["steps"] for r in again["rounds"]] == [r["steps"] for r in first["rounds"]] == [2, 2, 2]
     assert again["best_round"] == first["best_round"]
-    assert again["rounds"][1]["n_pseudo"] == first["rounds"][1]["n_pseudo"]
+    assert [r["n_pseudo"] for r in again["rounds"]] == [r["n_pseudo"] for r in first["rounds"]]
 
 
 @pytest.mark.parametrize("mode", ["supervised", "byol_finetune"])
