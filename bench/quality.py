@@ -1,7 +1,7 @@
 """Few-label quality of one recipe on any ingested data sets: the method against its baselines, over label seeds.
 
     python bench/quality.py DATASET [DATASET ...] [--config configs/cpu.yaml] [--seeds 0 1 2]
-                            [--labels 10/class 50/class 10% 100%] [--set k=v ...]
+                            [--labels 10/class 50/class 10% 100%] [--steps-menu 300 600 1200 2400] [--set k=v ...]
 
 For every data set (a raysemi dataset folder or s3:// prefix), every rung of the label ladder (``--labels``:
 ``N/class`` labels per class, ``P%`` of the train labels; by default the config's own choice) and every label
@@ -13,6 +13,10 @@ seed, with the same config (so the same optimizer steps per round for every row)
   pretrained weights, labelled rows, steps and seed), evaluated on test,
 - the full method (BYOL, fine-tune, pseudo-label rounds; the round chosen on validation by
   ``run.select_metric``).
+
+With ``--steps-menu 300 600 1200 2400`` nothing wins or loses by compute: every row (each seed) runs once per
+fine-tuning length and keeps the one that validates best (the full method by its chosen round, BYOL +
+fine-tune by the full runs' round 0), and the table reports the steps chosen and the images seen.
 
 For each method row of a rung, the share of the gap it closes:
 ``(method - supervised at the rung) / (supervised at 100% - supervised at the rung)``, on the means over seeds
@@ -145,28 +149,60 @@ def rung_sets(rung: str | None) -> tuple[str, list[str]]:
     raise SystemExit(f"bench/quality.py: error: --labels {rung!r}: use N/class (N >= 1) or P% (0 < P <= 100)")
 
 
+def choose_steps(scored: list[tuple[int, float]]) -> int:
+    """The fine-tuning length of the menu with the best validation score; the shorter one on a tie."""
+    return max(scored, key=lambda sv: (sv[1], -sv[0]))[0]
+
+
+def _val(report: dict[str, Any], round_: int) -> float:
+    return report["rounds"][round_]["val"][report["run"].get("select_metric", "accuracy")]
+
+
+def run_menu(config: str, sets: list[str], run_dir: Path, menu: list[int] | None) -> list[tuple[int | None, Path, Any]]:
+    """``run_one`` once per fine-tuning length of ``menu`` (folders ``<run_dir>-steps<S>``), or once with the
+    config's own length; ``[(steps, folder, (report, wall, reused))]``."""
+    if not menu:
+        return [(None, run_dir, run_one(config, sets, run_dir))]
+    done = []
+    for steps in menu:
+        folder = run_dir.with_name(f"{run_dir.name}-steps{steps}")
+        done.append((steps, folder, run_one(config, [*sets, f"finetune.steps={steps}"], folder)))
+    return done
+
+
+def _pick(done: list[tuple[int | None, Path, Any]], round_of) -> tuple[int | None, Path, Any]:
+    """The run of the menu whose chosen round (``round_of(report)``) validates best."""
+    if len(done) == 1:
+        return done[0]
+    steps = choose_steps([(s, _val(r[0], round_of(r[0]))) for s, _, r in done])
+    return next(d for d in done if d[0] == steps)
+
+
 def measure(config: str, dataset: str, seed: int, extra: list[str], out: Path,
-            rungs: list[str | None]) -> list[dict[str, Any]]:
+            rungs: list[str | None], menu: list[int] | None = None) -> list[dict[str, Any]]:
     """Every row of one data set and one label seed: supervised at 100% once, and per rung below 100%
-    supervised, BYOL + fine-tune and the full method."""
+    supervised, BYOL + fine-tune and the full method. With a step ``menu`` every row picks its fine-tuning
+    length on validation among the menu's runs (BYOL + fine-tune by round 0 of the full method's runs)."""
     base = [f"data.path={dataset}", f"data.label_seed={seed}", f"finetune.seed={seed}",
             f"pretrain.cache={out / 'pretrain_cache'}", *extra]
     _, all_sets = rung_sets(ALL_LABELS)
-    report, wall, reused = run_one(config, [*base, "run.mode=supervised", *all_sets], out / f"supervised_all-seed{seed}")
-    rows = [_row("supervised_all", seed, report, report["test"], wall, reused, report["best_round"], ALL_LABELS)]
+    done = run_menu(config, [*base, "run.mode=supervised", *all_sets], out / f"supervised_all-seed{seed}", menu)
+    steps, _, (report, wall, reused) = _pick(done, lambda r: 0)
+    rows = [_row("supervised_all", seed, report, report["test"], wall, reused, report["best_round"], ALL_LABELS, steps)]
     for rung in rungs:
         tag, sets = rung_sets(rung)
         if tag == "100pc":
             continue  # the ceiling, measured above
         where = out / tag if tag else out
         for key, mode in (("supervised", ["run.mode=supervised"]), ("full", ["run.mode=full"])):
-            run_dir = where / f"{key}-seed{seed}"
-            report, wall, reused = run_one(config, base + sets + mode, run_dir)
-            rows.append(_row(key, seed, report, report["test"], wall, reused, report["best_round"], rung))
+            done = run_menu(config, base + sets + mode, where / f"{key}-seed{seed}", menu)
+            steps, _, (report, wall, reused) = _pick(done, lambda r: r["best_round"])
+            rows.append(_row(key, seed, report, report["test"], wall, reused, report["best_round"], rung, steps))
             if key == "full":
+                steps0, run_dir, (report0, _, _) = _pick(done, lambda r: 0)
                 test0 = evaluate_round(config, base + sets + mode, run_dir, 0)
-                r0 = dict(report, rounds=report["rounds"][:1])
-                rows.append(_row("byol_finetune", seed, r0, test0, 0.0, True, 0, rung))
+                r0 = dict(report0, rounds=report0["rounds"][:1])
+                rows.append(_row("byol_finetune", seed, r0, test0, 0.0, True, 0, rung, steps0))
     return rows
 
 
@@ -184,9 +220,11 @@ def gap_closed(rows: list[dict[str, Any]], rung: str | None, key: str, metric: s
 
 
 def _row(key: str, seed: int, report: dict[str, Any], test: dict[str, Any], wall: float, reused: bool,
-         best: int, rung: str | None) -> dict[str, Any]:
+         best: int, rung: str | None, steps_chosen: int | None = None) -> dict[str, Any]:
     return {
         "row": key, "rung": rung, "seed": seed, "labelled": report["data"]["n_train_labeled"], "test_images": test["n"],
+        "steps_chosen": steps_chosen,  # from the step menu (None: the config's own length)
+        "images_seen": sum(r.get("images_seen") or 0 for r in report["rounds"]),
         **{m: (_auc(test) if m == "auc_ovr" else test[m]) for m in METRICS},
         "per_class_recall": {c: v.get("recall") for c, v in test.get("per_class", {}).items()}
         if isinstance(test.get("per_class"), dict) else None,
@@ -222,7 +260,8 @@ def _gap_cell(rows: list[dict[str, Any]], rung: str | None, key: str) -> str:
 
 def format_table(results: dict[str, list[dict[str, Any]]]) -> str:
     head = ["data set", "labels", "method", "labelled rows", "seeds", "accuracy", "balanced acc.", "macro-F1",
-            "AUC (ovr)", "gap closed (acc. / bal.)", "min. classes predicted", "full: rounds chosen"]
+            "AUC (ovr)", "gap closed (acc. / bal.)", "min. classes predicted", "full: rounds chosen",
+            "steps chosen", "images seen"]
     body = []
     for dataset, rows in results.items():
         rungs = list(dict.fromkeys(r["rung"] for r in rows if r["row"] != "supervised_all"))
@@ -235,7 +274,9 @@ def format_table(results: dict[str, list[dict[str, Any]]]) -> str:
                      "/".join(sorted({str(r["labelled"]) for r in mine})), str(len(mine)),
                      *(_mean_std([r[m] for r in mine]) for m in METRICS), _gap_cell(rows, rung, key),
                      str(min(r["predicted_classes"] for r in mine)),
-                     " ".join(str(r["best_round"]) for r in mine) if key == "full" else "-"]
+                     " ".join(str(r["best_round"]) for r in mine) if key == "full" else "-",
+                     " ".join("config" if r.get("steps_chosen") is None else str(r["steps_chosen"]) for r in mine),
+                     f"{statistics.mean(r.get('images_seen') or 0 for r in mine):.0f}"]
             body.append(cells)
     return "\n".join(markdown_table(head, body))
 
@@ -247,6 +288,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="label seeds (default 0 1 2)")
     ap.add_argument("--labels", nargs="+", default=None,
                     help="the label ladder: rungs N/class or P%% (default: the config's own label choice)")
+    ap.add_argument("--steps-menu", nargs="+", type=int, default=None,
+                    help="fine-tuning lengths every row chooses from on validation (default: the config's own)")
     ap.add_argument("--set", dest="sets", action="append", default=[], help="key=value, passed to every run")
     ap.add_argument("--out", default="outputs/quality", help="run folders (default outputs/quality)")
     ap.add_argument("--results", default=None, help="JSON to write (default bench/results/quality-<config>.json)")
@@ -254,6 +297,8 @@ def main(argv: list[str] | None = None) -> None:
     rungs: list[str | None] = list(args.labels) if args.labels else [None]
     for rung in rungs:
         rung_sets(rung)  # refused here, before any run
+    if args.steps_menu is not None and (min(args.steps_menu) < 1 or len(set(args.steps_menu)) != len(args.steps_menu)):
+        raise SystemExit(f"bench/quality.py: error: --steps-menu {args.steps_menu}: distinct step counts >= 1")
     if not Path(args.config).is_file():
         raise SystemExit(f"bench/quality.py: error: config {args.config} does not exist")
     for d in args.datasets:
@@ -266,7 +311,7 @@ def main(argv: list[str] | None = None) -> None:
         results[d] = []
         for seed in args.seeds:
             t1 = time.time()
-            results[d] += measure(args.config, d, seed, args.sets, out, rungs)
+            results[d] += measure(args.config, d, seed, args.sets, out, rungs, args.steps_menu)
             print(f"{Path(d).name} seed {seed}: {time.time() - t1:.0f} s", flush=True)
     table = format_table(results)
     print(table)
@@ -275,8 +320,10 @@ def main(argv: list[str] | None = None) -> None:
     dest = Path(args.results or ROOT / "bench" / "results" / f"quality-{stem}.json")
     command = "python bench/quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
     cfg = yaml.safe_load(Path(args.config).read_text())
+    dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_text(json.dumps({"benchmark": "quality", "command": command, "config": args.config,
                                 "config_values": cfg, "sets": args.sets, "seeds": args.seeds, "labels": rungs,
+                                "steps_menu": args.steps_menu,
                                 "wall_s": round(wall, 1), "table": table, "runs": results}, indent=2) + "\n")
     runs_s = sum(r["wall_s"] for rows in results.values() for r in rows)
     dest.with_suffix(".md").write_text(

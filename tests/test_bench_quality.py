@@ -49,9 +49,26 @@ def test_gap_closed_is_measured_on_the_means_over_seeds(quality):
     table = quality.format_table({"some/set": rows})
     assert "| set | 10/class | full method, few labels |" in table and "57% / 49%" in table
     assert "| set | 100% | supervised, all labels |" in table
+    assert table.splitlines()[0].endswith("| steps chosen | images seen |")
 
 
 def test_the_gap_is_undefined_when_the_rung_already_reaches_the_ceiling(quality):
     rows = [_row("supervised_all", "100%", 0, 0.9, 0.9), _row("supervised", "50%", 0, 0.9, 0.9),
             _row("full", "50%", 0, 0.91, 0.91)]
     assert quality.gap_closed(rows, "50%", "full", "accuracy") is None
+
+
+def test_each_row_keeps_the_length_that_validates_best(quality):
+    assert quality.choose_steps([(300, 0.70), (600, 0.74), (1200, 0.73)]) == 600
+    assert quality.choose_steps([(1200, 0.74), (300, 0.74), (600, 0.70)]) == 300  # a tie: less compute
+    assert quality.choose_steps([(600, 0.5)]) == 600
+
+
+def test_pick_reads_the_chosen_rounds_validation(quality, tmp_path):
+    def report(vals, best):
+        return {"run": {"select_metric": "balanced_accuracy"}, "best_round": best,
+                "rounds": [{"val": {"balanced_accuracy": v}} for v in vals]}
+    done = [(300, tmp_path / "a", (report([0.60, 0.80], 1), 1.0, False)),
+            (600, tmp_path / "b", (report([0.70, 0.65], 0), 1.0, False))]
+    assert quality._pick(done, lambda r: r["best_round"])[0] == 300  # the full method: 0.80 at its best round
+    assert quality._pick(done, lambda r: 0)[0] == 600  # BYOL + fine-tune: round 0 alone, 0.70
