@@ -25,7 +25,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from raysemi.tables import markdown_table  # noqa: E402
+from raysemi.core.tables import markdown_table  # noqa: E402
 
 MODES = ("supervised", "byol_finetune", "full")
 LABELS = {"supervised": "supervised only", "byol_finetune": "BYOL + fine-tune", "full": "full method"}

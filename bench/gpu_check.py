@@ -36,7 +36,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from bench import pretrain as bp  # noqa: E402
-from raysemi.tables import markdown_table  # noqa: E402
+from raysemi.core.tables import markdown_table  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 SECTIONS = ("gpu_tests", "dali_decode", "byol_step", "ddp", "end_to_end")
@@ -63,9 +63,9 @@ def _sync(dev: torch.device) -> None:
 def byol_steps(backbone: str, dev: torch.device, batch: int, size: int, warmup: int, steps: int, seed: int = 0):
     """``stages.pretrain.byol_step`` (``precision: auto`` and channels_last) on one random batch, through
     the DDP-wrapped online network inside Ray Train: returns the model, seconds of the timed steps, last loss."""
-    from raysemi.compute import compute_for
-    from raysemi.config import load_config
-    from raysemi.optim import build_optimizer
+    from raysemi.core.config import load_config
+    from raysemi.ml.compute import compute_for
+    from raysemi.ml.optim import build_optimizer
     from raysemi.stages import pretrain
     from raysemi.stages.common import wrap_ddp
     from raysemi.stages.worker import build_replica
@@ -117,7 +117,7 @@ def gpu_tests(ctx: dict[str, Any]) -> dict[str, Any]:
 
 def dali_decode(ctx: dict[str, Any]) -> dict[str, Any]:
     """The BYOL loader on DALI (bench/pretrain.py's), decoding on the GPU ("mixed") when there is one."""
-    from raysemi.data.dali import dali_available
+    from raysemi.data.loading.dali import dali_available
 
     if not dali_available():
         raise CheckError("nvidia-dali is not installed: pip install -e '.[dali]'")
@@ -161,7 +161,7 @@ def _ddp_worker(config: dict[str, Any]) -> None:
     checksum (equal when DDP averaged the gradients) and the slowest rank's time, reported by rank 0."""
     import torch.distributed as dist
 
-    from raysemi import ray_utils
+    from raysemi.distributed import ray_utils
 
     dev, rank, world = ray_utils.get_device(), ray_utils.world_rank(), ray_utils.world_size()
     b, steps = config["batch"], config["steps"]
@@ -186,9 +186,9 @@ def ddp(ctx: dict[str, Any]) -> dict[str, Any]:
     from ray.train import ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from raysemi import ray_utils
-    from raysemi.config import load_config
-    from raysemi.io import load_state
+    from raysemi.core.config import load_config
+    from raysemi.core.io import load_state
+    from raysemi.distributed import ray_utils
 
     s, cuda = ctx["s"], ctx["cuda"]
     gpus = torch.cuda.device_count() if cuda else 0
@@ -230,7 +230,7 @@ def ddp(ctx: dict[str, Any]) -> dict[str, Any]:
 
 def end_to_end(ctx: dict[str, Any]) -> dict[str, Any]:
     """``raysemi run`` (the CLI's entry point, in this process) on generated demo data: report.json exists."""
-    from raysemi import cli
+    from raysemi.commands import cli
     from raysemi.data.synthetic import make_demo_dataset
 
     s, cuda, tmp = ctx["s"], ctx["cuda"], ctx["tmp"]

@@ -32,10 +32,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from raysemi.core.tables import markdown_table  # noqa: E402
 from raysemi.data import shards  # noqa: E402
-from raysemi.data.ingest import ingest  # noqa: E402
-from raysemi.data.validate import check_image  # noqa: E402
-from raysemi.tables import markdown_table  # noqa: E402
+from raysemi.data.ingest.run import ingest  # noqa: E402
+from raysemi.data.ingest.validate import check_image  # noqa: E402
 
 DEFAULT_SOURCE = REPO.parent / "shared" / "data" / "covid19-radiography-3class"
 

@@ -66,10 +66,10 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import multinode_cluster as mc  # noqa: E402
 
-from raysemi import io as rio  # noqa: E402
-from raysemi.config import load_config  # noqa: E402
+from raysemi.core import io as rio  # noqa: E402
+from raysemi.core.config import load_config  # noqa: E402
+from raysemi.core.tables import markdown_table  # noqa: E402
 from raysemi.data.shards import read_manifest, read_shard  # noqa: E402
-from raysemi.tables import markdown_table  # noqa: E402
 
 MODEL = ["model.backbone=test_resnet", "model.small_image=false"]
 PRETRAIN = [*MODEL, "model.proj_hidden_dim=64", "model.proj_dim=32", "model.pred_hidden_dim=64",
@@ -155,7 +155,7 @@ def run_with_kill(fn, run_dir: str, cluster, nodes: dict, rec: dict, tag: str, a
 
 
 def pretrain_try(k: int, bucket: str, data: str, cluster, nodes: dict) -> dict[str, Any]:
-    from raysemi import ray_utils
+    from raysemi.distributed import ray_utils
     from raysemi.stages import pretrain
 
     cfg = load_config(None, [*PRETRAIN, f"data.path={data}", f"run.output_dir={bucket}/pretrain-{k}",
@@ -181,7 +181,7 @@ def pretrain_try(k: int, bucket: str, data: str, cluster, nodes: dict) -> dict[s
 
 
 def finetune_try(k: int, bucket: str, data: str, cluster, nodes: dict) -> dict[str, Any]:
-    from raysemi import ray_utils
+    from raysemi.distributed import ray_utils
 
     cfg = load_config(None, [*FINETUNE, f"data.path={data}", f"run.output_dir={bucket}/finetune-{k}",
                              f"ray.storage_path={bucket}/ray", f"run.name=ft{k}", f"ray.address={cluster.address}"])
@@ -329,7 +329,7 @@ def main() -> None:
         moto, endpoint = start_moto()
         s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}).mkdir("node-loss")
         bucket, data = "s3://node-loss", "s3://node-loss/dataset"
-        from raysemi.data.ingest import ingest
+        from raysemi.data.ingest.run import ingest
         from raysemi.data.synthetic import GROUP_REGEX, make_demo_dataset
         from raysemi.models.checkpoint import build_classifier, save_classifier
 

@@ -20,13 +20,13 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from raysemi import ray_tasks
-from raysemi.config import load_config
+from raysemi.core.config import load_config
 from raysemi.data.labels import label_split
 from raysemi.data.shards import read_manifest
 from raysemi.data.trainset import SourceShard, count_rows, write_trainset
-from raysemi.pipeline import labeled_trainset
-from raysemi.pretrain_cache import cache_key, lookup
+from raysemi.distributed import ray_tasks
+from raysemi.pipeline.pretrain_cache import cache_key, lookup
+from raysemi.pipeline.run import labeled_trainset
 from raysemi.stages import finetune, pool
 from raysemi.stages.evaluate import split_metrics
 from raysemi.stages.selection import budget_count, selection_prior

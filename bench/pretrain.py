@@ -5,7 +5,7 @@ contiguous against channels_last, eager against ``torch.compile``).
     python bench/pretrain.py [--source DIR] [--images 1024] [--threads N] [--sizes 224 64] [--repeat 3]
                              [--config configs/cpu.yaml] [--step-seconds 6]
 
-Both loaders run the same two-view BYOL recipe (``raysemi.data.augment`` / ``raysemi.data.dali``) over the
+Both loaders run the same two-view BYOL recipe (``raysemi.data.loading.augment`` / ``raysemi.data.loading.dali``) over the
 same Parquet shards, in one process on the same machine, with the same number of threads: DALI's
 ``num_threads`` CPU threads vs the DataLoader's ``num_workers`` processes (each also has the main Python
 thread: DALI's feeds the pipeline, the DataLoader's reads shards and unpickles batches). The shards hold the
@@ -57,12 +57,12 @@ import torch  # noqa: E402
 from PIL import Image, ImageFilter  # noqa: E402
 
 from bench.train_steps import step_overhead, step_rows, step_table  # noqa: E402
-from raysemi import io as rio  # noqa: E402
-from raysemi.config import AugmentConfig  # noqa: E402
+from raysemi.core import io as rio  # noqa: E402
+from raysemi.core.config import AugmentConfig  # noqa: E402
+from raysemi.core.tables import markdown_table  # noqa: E402
 from raysemi.data import shards  # noqa: E402
-from raysemi.data.dali import dali_available  # noqa: E402
-from raysemi.data.loader import build_loader  # noqa: E402
-from raysemi.tables import markdown_table  # noqa: E402
+from raysemi.data.loading.dali import dali_available  # noqa: E402
+from raysemi.data.loading.loader import build_loader  # noqa: E402
 
 DEFAULT_SOURCE = REPO.parent / "shared" / "data" / "covid19-radiography-3class"
 DEFAULT_OUT = REPO / "bench" / "results" / "pretrain.json"
@@ -207,7 +207,7 @@ def machine_info() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    from raysemi.compute import BF16_CPU_FLAGS, cpu_flags, cpu_has_bf16_units
+    from raysemi.ml.compute import BF16_CPU_FLAGS, cpu_flags, cpu_has_bf16_units
 
     info: dict[str, Any] = {
         "cpus": os.cpu_count(),

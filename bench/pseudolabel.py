@@ -1,6 +1,6 @@
 """Pseudo-label inference throughput: our actor pool vs one process vs Ray Data ``map_batches``.
 
-Same shards, same model file, same decode (the eval transform of ``raysemi.data.augment``, through the
+Same shards, same model file, same decode (the eval transform of ``raysemi.data.loading.augment``, through the
 loader on our side and the torch eval transform inside Ray Data's batch function), same batch size, and every
 variant writes its predictions as Parquet. Timings exclude start-up (worker processes, imports, model
 load, one warm-up forward pass), which is reported beside them:
@@ -43,9 +43,10 @@ import pyarrow as pa
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from raysemi import io as rio  # noqa: E402
-from raysemi.compute import BF16_CPU_FLAGS, compute_for, cpu_flags, cpu_has_bf16_units  # noqa: E402
-from raysemi.config import load_config  # noqa: E402
+from raysemi.core import io as rio  # noqa: E402
+from raysemi.core.config import load_config  # noqa: E402
+from raysemi.core.io import join  # noqa: E402
+from raysemi.core.tables import markdown_table  # noqa: E402
 from raysemi.data.shards import (  # noqa: E402
     SCHEMA,
     Manifest,
@@ -55,11 +56,10 @@ from raysemi.data.shards import (  # noqa: E402
     write_manifest,
     write_shard,
 )
-from raysemi.io import join  # noqa: E402
+from raysemi.ml.compute import BF16_CPU_FLAGS, compute_for, cpu_flags, cpu_has_bf16_units  # noqa: E402
 from raysemi.models.checkpoint import build_classifier, save_classifier  # noqa: E402
 from raysemi.stages import commits, predictor  # noqa: E402
 from raysemi.stages import pseudolabel as pl  # noqa: E402
-from raysemi.tables import markdown_table  # noqa: E402
 
 CLASSES = ["a", "b", "c"]
 # The inference settings compared: as before this revision, and the default now.
@@ -181,7 +181,7 @@ class RayDataPredictor:
     def __init__(self, model_uri: str, cfg, log_dir: str) -> None:
         import torch
 
-        from raysemi import ray_utils
+        from raysemi.distributed import ray_utils
         from raysemi.models.checkpoint import load_classifier
 
         torch.set_num_threads(1)
@@ -198,7 +198,7 @@ class RayDataPredictor:
     def __call__(self, batch: dict) -> dict:
         import torch
 
-        from raysemi.data import augment as aug
+        from raysemi.data.loading import augment as aug
 
         start = time.time()
         t = aug.eval_transform(self.model_cfg.data.image_size, self.model_cfg.augment)
@@ -216,7 +216,7 @@ def run_ray_data(model: str, cfg, uris: list[str], out: str, actors: int, batch_
     import pyarrow.parquet as pq
     import ray
 
-    from raysemi.io import filesystem
+    from raysemi.core.io import filesystem
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False

@@ -46,7 +46,7 @@ from typing import Any
 
 import yaml
 
-from raysemi.tables import markdown_table
+from raysemi.core.tables import markdown_table
 
 ALL_LABELS = "100%"
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,7 +85,7 @@ def _reusable(run_dir: Path, config: str, overrides: list[str]) -> bool:
     """A finished run of the same computation: its report exists and its resolved config matches."""
     if not (run_dir / "report.json").is_file() or not (run_dir / "config.yaml").is_file():
         return False
-    from raysemi.config import ConfigError, absolute_paths, from_dict, load_config
+    from raysemi.core.config import ConfigError, absolute_paths, from_dict, load_config
 
     want = absolute_paths(load_config(config, overrides)).to_dict()
     try:  # through the config tree, so that a key added since (with its default) compares equal

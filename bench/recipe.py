@@ -37,7 +37,7 @@ from pretrain import machine_info
 from quality import run_one, rung_sets
 from train_steps import _byol_runner, _finetune_runner, _time
 
-from raysemi.tables import markdown_table
+from raysemi.core.tables import markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
 INFERENCE_COST = 1 / 3  # a forward pass at batch 256 against a training step's forward + backward (bench/pseudolabel.py)
@@ -61,7 +61,7 @@ def dataset_rows(path: str) -> dict[str, int]:
 
 def step_speeds(cfg, repeat: int, seconds: float) -> dict[str, float]:
     """Median training images/s of the BYOL and fine-tuning steps of ``cfg`` (precision auto, channels_last)."""
-    from raysemi.compute import compute_for
+    from raysemi.ml.compute import compute_for
 
     runners = {}
     for what, build, precision, batch in (("byol", _byol_runner, cfg.pretrain.precision, cfg.pretrain.batch_size),
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--results", default=str(ROOT / "bench" / "results" / "recipe.json"))
     args = ap.parse_args(argv)
 
-    from raysemi.config import load_config
+    from raysemi.core.config import load_config
 
     candidates = [parse_candidate(c) for c in args.candidates]
     rows = dataset_rows(args.dataset)

@@ -1,7 +1,7 @@
 """Scale of the data plane (ingest, a pseudo-label round, predict): the driver's wall time, memory, bytes read
 and S3 requests.
 
-What a round does around the actors' predictions (``raysemi.pipeline``), step by step, on synthetic datasets of
+What a round does around the actors' predictions (``raysemi.pipeline.run``), step by step, on synthetic datasets of
 N rows written by the project's own shard writer (1 KB stand-in images, 1,000 rows per shard, the ``train``
 split half labelled, ``data.label_fraction`` 0.1) and prediction shards committed through the commit protocol
 (``stages.commits.commit``, ids checked) as the actors would. Every per-row step runs in Ray tasks (a private
@@ -140,7 +140,7 @@ def tiny_model(uri: str) -> str:
     if not Path(uri).exists():
         import torch
 
-        from raysemi.config import load_config
+        from raysemi.core.config import load_config
         from raysemi.models.checkpoint import build_classifier, save_classifier
 
         cfg = load_config(None, TINY)
@@ -175,11 +175,11 @@ def _requests(log: str | None) -> int:
 
 def run_step(step: str, root: str, work: str, moto_log: str | None) -> dict[str, Any]:
     """Build the step's inputs and start Ray (not measured), then run the step alone (measured)."""
-    from raysemi import ray_tasks, ray_utils
-    from raysemi.config import DataConfig
+    from raysemi.core.config import DataConfig
     from raysemi.data.labels import label_split
     from raysemi.data.shards import read_manifest
     from raysemi.data.trainset import LabeledRows, count_rows, write_trainset
+    from raysemi.distributed import ray_tasks, ray_utils
     from raysemi.stages import pool
     from raysemi.stages.commits import verify_exactly_once
     from raysemi.stages.selection import budget_count, selection_prior
@@ -210,15 +210,15 @@ def run_step(step: str, root: str, work: str, moto_log: str | None) -> dict[str,
 
     def act(warm: bool = False) -> Any:
         if step == "predict":
-            from raysemi.config import load_config
-            from raysemi.stages import classify
+            from raysemi.commands import predict as classify
+            from raysemi.core.config import load_config
 
             source = f"{work}/images{'-warm' if warm else ''}"
             return classify.run(load_config(None, TINY), tiny_model(f"{work}/tiny.safetensors"), source,
                                 f"{work}/predicted{'-warm' if warm else ''}", overwrite=True, progress=False,
                                 mapper=tasks)
         if step == "ingest":  # the warm-up ingests a small folder: the real one twice would take too long
-            from raysemi.data.ingest import ingest
+            from raysemi.data.ingest.run import ingest
 
             dest = f"{work}/ingested{'-warm' if warm else ''}"
             return ingest(f"{work}/images{'-warm' if warm else ''}", dest, group_regex=r"^(p\d+)_", progress=False,
@@ -250,7 +250,7 @@ def run_step(step: str, root: str, work: str, moto_log: str | None) -> dict[str,
 
     sent: list[str] = []
     if moto_log:  # the requests this process (the driver) sends; the moto log counts the tasks' too
-        from raysemi.io import filesystem
+        from raysemi.core.io import filesystem
 
         fs, _ = filesystem(root)
         fs.s3.meta.events.register("before-send.s3", lambda request, **kw: sent.append(request.method))
@@ -380,7 +380,7 @@ def main() -> None:
 
 
 def write(results: dict[str, Any], out: Path) -> None:
-    from raysemi.tables import markdown_table
+    from raysemi.core.tables import markdown_table
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "scale.json").write_text(json.dumps(results, indent=2) + "\n")

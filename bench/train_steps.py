@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from raysemi.tables import markdown_table
+from raysemi.core.tables import markdown_table
 
 
 def _plain_byol_step(model, x1, x2, opt, tau: float) -> torch.Tensor:
@@ -47,7 +47,7 @@ VARIANTS = [
 
 
 def _byol_runner(cfg, compute, compiled: bool, batch: int, size: int):
-    from raysemi.optim import build_optimizer
+    from raysemi.ml.optim import build_optimizer
     from raysemi.stages import pretrain
 
     torch.manual_seed(0)
@@ -63,9 +63,9 @@ def _byol_runner(cfg, compute, compiled: bool, batch: int, size: int):
 
 
 def _finetune_runner(cfg, compute, compiled: bool, batch: int, size: int):
-    from raysemi.losses import cross_entropy
+    from raysemi.ml.losses import cross_entropy
+    from raysemi.ml.optim import build_optimizer
     from raysemi.models.checkpoint import build_classifier
-    from raysemi.optim import build_optimizer
 
     torch.manual_seed(0)
     m = compute.model(build_classifier(cfg, 3).train())
@@ -102,8 +102,8 @@ def step_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Training images/s of the CPU config's backbone: BYOL (raysemi's ``byol_step`` and a plain loop) and the
     fine-tuning step, per precision / layout / compile variant, in interleaved repeats. The compile time (first
     step of a compiled model) and the stage length at which it pays back are reported beside."""
-    from raysemi.compute import compute_for, cpu_has_bf16_units
-    from raysemi.config import load_config
+    from raysemi.core.config import load_config
+    from raysemi.ml.compute import compute_for, cpu_has_bf16_units
     from raysemi.stages import pretrain
 
     cfg = load_config(args.config, [])
@@ -127,7 +127,7 @@ def step_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
                                     "first_step_s": round(first, 1), "samples": []}
         if stage == "byol step":
             m = pretrain.build_model(cfg).train()
-            from raysemi.optim import build_optimizer
+            from raysemi.ml.optim import build_optimizer
 
             opt = build_optimizer("lars", m.online, 0.1, 1e-6)
             g = torch.Generator().manual_seed(0)

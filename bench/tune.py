@@ -26,8 +26,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from raysemi.config import load_config  # noqa: E402
-from raysemi.tables import markdown_table  # noqa: E402
+from raysemi.core.config import load_config  # noqa: E402
+from raysemi.core.tables import markdown_table  # noqa: E402
 from raysemi.tune import pretrain_counts, run_tune  # noqa: E402
 
 TOY = [

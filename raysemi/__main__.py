@@ -1,5 +1,5 @@
 import sys
 
-from raysemi.cli import main
+from raysemi.commands.cli import main
 
 sys.exit(main())

@@ -163,7 +163,7 @@ def demo_dataset_s3(s3_server, demo_dataset, tmp_path_factory) -> str:
     """The same demo images ingested into a bucket on the loopback S3 server."""
     import s3fs
 
-    from raysemi.data.ingest import ingest
+    from raysemi.data.ingest.run import ingest
 
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server})
     fs.mkdir("raysemi-demo")

@@ -136,8 +136,8 @@ def event_steps(uri: str) -> list[list[int]]:
 
     from tensorboardX.proto import event_pb2
 
-    from raysemi import io as rio
-    from raysemi.event_log import event_files
+    from raysemi.core import io as rio
+    from raysemi.core.event_log import event_files
 
     fs, path = rio.filesystem(uri)
     fs.invalidate_cache(path)
@@ -172,7 +172,7 @@ class TrainStage(NamedTuple):
 
 def train_stage(stage: str, cfg) -> TrainStage:
     """Pretraining (in epochs), or round-0 fine-tuning on the labelled rows from a random init (in steps)."""
-    from raysemi import io as rio
+    from raysemi.core import io as rio
     from raysemi.stages import pretrain
 
     if stage == "pretrain":
@@ -180,7 +180,7 @@ def train_stage(stage: str, cfg) -> TrainStage:
                           rio.join(cfg.run.output_dir, "pretrain"), "epoch", None)
     from raysemi.data.labels import label_split
     from raysemi.data.shards import read_manifest
-    from raysemi.pipeline import labeled_trainset
+    from raysemi.pipeline.run import labeled_trainset
     from raysemi.stages import finetune
 
     manifest = read_manifest(cfg.data.path)
@@ -207,8 +207,8 @@ def do_train_node_loss(args: dict, cluster, nodes) -> dict:
     the node was removed and replaced."""
     import ray
 
-    from raysemi import ray_utils
-    from raysemi.config import load_config
+    from raysemi.core.config import load_config
+    from raysemi.distributed import ray_utils
 
     _add_missing_nodes(cluster, nodes, args.get("tag", "p"))
     names = node_names(nodes)
@@ -283,7 +283,7 @@ def traced_predictor(trace_uri: str, victim_node_id: str | None, gate_uri: str |
 
     class TracedPredictor(ShardPredictor):
         def __init__(self, *args, **kwargs) -> None:
-            from raysemi import io as rio
+            from raysemi.core import io as rio
 
             super().__init__(*args, **kwargs)
             node = ray.get_runtime_context().get_node_id()
@@ -291,7 +291,7 @@ def traced_predictor(trace_uri: str, victim_node_id: str | None, gate_uri: str |
 
         def run(self, index, shard_uri, out_uri, rows, *rest):
             if victim_node_id and ray.get_runtime_context().get_node_id() == victim_node_id:
-                from raysemi import io as rio
+                from raysemi.core import io as rio
 
                 fs, path = rio.filesystem(out_uri)
                 deadline = time.monotonic() + 120
@@ -306,8 +306,8 @@ def traced_predictor(trace_uri: str, victim_node_id: str | None, gate_uri: str |
 
 
 def do_pseudolabel(args: dict, cluster, nodes) -> dict:
-    from raysemi import io as rio
-    from raysemi.config import load_config
+    from raysemi.core import io as rio
+    from raysemi.core.config import load_config
     from raysemi.stages.pseudolabel import predict_shards
 
     _add_missing_nodes(cluster, nodes, "q")
@@ -370,7 +370,7 @@ def traced_trial(trace_uri: str):
         import ray
         from ray import tune
 
-        from raysemi import io as rio
+        from raysemi.core import io as rio
 
         node = ray.get_runtime_context().get_node_id()
         rio.write_bytes_atomic(f"{trace_uri}/{tune.get_context().get_trial_id()}.{node}.{os.getpid()}", b"")
@@ -397,9 +397,9 @@ def do_tune(args: dict, cluster, nodes) -> dict:
     import yaml
     from ray.tune import Callback
 
-    from raysemi import io as rio
-    from raysemi import ray_utils
-    from raysemi.config import load_config
+    from raysemi.core import io as rio
+    from raysemi.core.config import load_config
+    from raysemi.distributed import ray_utils
     from raysemi.tune import experiment
 
     _add_missing_nodes(cluster, nodes, "t")
@@ -495,7 +495,7 @@ class _Idle:
 
 def snapshot(run_dir: str) -> dict | None:
     """Ray Train's checkpoint manager snapshot of a run (None before its first registered checkpoint)."""
-    from raysemi import io as rio
+    from raysemi.core import io as rio
 
     fs, path = rio.filesystem(run_dir)
     try:

@@ -24,8 +24,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from raysemi.cli import build_parser
-from raysemi.config import load_config
+from raysemi.commands.cli import build_parser
+from raysemi.core.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTERS = REPO / "clusters"
@@ -102,7 +102,7 @@ def _ray_command(argv: list[str]):
 def _check_raysemi(argv: list[str]) -> None:
     """``raysemi <subcommand> ...`` must parse with raysemi's CLI; a --config must load with its --set overrides."""
     assert argv[0] == "raysemi", argv
-    assert re.search(r'(?m)^\[project\.scripts\]\s*\nraysemi = "raysemi\.cli:main"', PYPROJECT)
+    assert re.search(r'(?m)^\[project\.scripts\]\s*\nraysemi = "raysemi\.commands\.cli:main"', PYPROJECT)
     try:
         args = build_parser().parse_args(argv[1:])
     except SystemExit:

@@ -1,8 +1,11 @@
-"""The layering rules of docs/architecture.md, checked by reading every module's imports (no import runs).
+"""The layering rules of docs/architecture.md, checked by folder from every module's imports (no import runs).
 
-- models and data never import Ray, the Ray glue (``ray_utils``), the stages, the pipeline or tuning:
-  they run in any process, with or without a Ray session;
-- ``ray_utils`` holds Ray plumbing only: no models, losses or stages;
+- every module sits in the folder of its layer (``LAYERS``); a new top-level module or folder fails until it is
+  given a layer;
+- a module imports raysemi modules of its own layer and the layers below it, never above;
+- layers 0 and 1 (``core``, ``ml``, ``models``, ``data``) never import Ray: they run in any process, with or
+  without a Ray session;
+- ``distributed`` (the Ray glue) holds no ML: it imports no models, data, ml or stages;
 - no module imports another module's private (underscore) names.
 """
 
@@ -14,14 +17,15 @@ from pathlib import Path
 import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "raysemi"
-FORBIDDEN_BELOW = ("raysemi.ray_utils", "raysemi.stages", "raysemi.pipeline", "raysemi.tuning", "raysemi.tune",
-                   "ray")
-
-
-def module_name(path: Path) -> str:
-    rel = path.relative_to(PKG.parent).with_suffix("")
-    parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
-    return ".".join(parts)
+LAYERS = {
+    "core": 0,  # config, errors, io, outputs, s3, console, tables, event log
+    "ml": 1, "models": 1, "data": 1,  # the ML and the data, no Ray
+    "distributed": 2, "stages": 2,  # the Ray glue; the stages (ML with a thin Ray adapter)
+    "pipeline": 3, "tune": 3, "commands": 3,  # orchestration and the command line
+}
+TOP_LEVEL = {"__init__", "__main__"}  # the package's entry points, above every layer
+NO_RAY_BELOW = 2
+ML = ("raysemi.ml", "raysemi.models", "raysemi.data", "raysemi.stages")
 
 
 def imports(path: Path) -> list[tuple[str, list[str], int]]:
@@ -35,43 +39,83 @@ def imports(path: Path) -> list[tuple[str, list[str], int]]:
     return found
 
 
-def _below(mod: str, roots: tuple[str, ...]) -> bool:
-    return any(mod == r or mod.startswith(r + ".") for r in roots)
+def layer_of(module: str) -> int | None:
+    """The layer of a dotted ``raysemi...`` module name (None for the package's entry points)."""
+    parts = module.split(".")
+    if len(parts) < 2 or parts[1] in TOP_LEVEL:
+        return None
+    return LAYERS.get(parts[1], -1)
 
 
-def offenders(folder: str, forbidden: tuple[str, ...], pkg: Path = PKG) -> list[str]:
+def _targets(mod: str, names: list[str], root: Path) -> list[str]:
+    """``from a.b import c``: ``a.b.c`` when ``c`` is a module under ``root``, else ``a.b``."""
+    full = [f"{mod}.{n}" for n in names if (root / (f"{mod}.{n}".replace(".", "/") + ".py")).exists()
+            or (root / f"{mod}.{n}".replace(".", "/")).is_dir()]
+    return full or [mod]
+
+
+def offenders(pkg: Path = PKG) -> list[str]:
+    """Every import that breaks a layer rule, as ``path:line what``."""
     bad = []
-    for path in sorted((pkg / folder).rglob("*.py")):
+    for path in sorted(pkg.rglob("*.py")):
+        rel = path.relative_to(pkg.parent).with_suffix("")
+        me = ".".join(rel.parts)
+        mine = layer_of(me)
+        if mine is None:
+            continue
+        if mine == -1:
+            bad.append(f"{rel}.py is in no layer's folder ({sorted(LAYERS)})")
+            continue
         for mod, names, line in imports(path):
-            targets = [mod] + [f"{mod}.{n}" for n in names]
-            if any(_below(t, forbidden) for t in targets):
-                bad.append(f"{path.relative_to(pkg.parent)}:{line} imports {mod} {names or ''}".strip())
+            where = f"{rel}.py:{line}"
+            if mod == "ray" or mod.startswith("ray."):
+                if mine < NO_RAY_BELOW:
+                    bad.append(f"{where} imports {mod} (layer {mine} runs without Ray)")
+                continue
+            if not mod.startswith("raysemi"):
+                continue
+            for target in _targets(mod, names, pkg.parent):
+                theirs = layer_of(target)
+                if theirs is None or theirs > mine:
+                    bad.append(f"{where} imports {target} (layer {theirs}) from layer {mine}")
+                elif me.startswith("raysemi.distributed") and any(target.startswith(m) for m in ML):
+                    bad.append(f"{where} imports {target}: the Ray glue holds no ML")
     return bad
 
 
-@pytest.mark.parametrize("folder", ["models", "data"])
-def test_models_and_data_never_import_ray_glue_or_stages(folder):
-    assert offenders(folder, FORBIDDEN_BELOW) == []
+def test_every_module_respects_its_layer():
+    assert offenders() == []
 
 
-def test_the_rule_is_enforced(tmp_path):
-    """The checker itself catches lazy imports inside a function (so the test above can fail)."""
-    bad = tmp_path / "raysemi" / "models"
-    bad.mkdir(parents=True)
-    (bad / "x.py").write_text("def f():\n    from raysemi import ray_utils\n    import ray.train\n")
-    assert len(offenders("models", FORBIDDEN_BELOW, tmp_path / "raysemi")) == 2
-
-
-def test_ray_utils_holds_no_ml():
-    ml = ("raysemi.models", "raysemi.losses", "raysemi.stages", "raysemi.data", "raysemi.optim")
-    assert [m for m, names, _ in imports(PKG / "ray_utils.py")
-            if any(_below(t, ml) for t in [m] + [f"{m}.{n}" for n in names])] == []
+@pytest.mark.parametrize("module, text, expected", [
+    ("models/x.py", "def f():\n    from raysemi.distributed import ray_utils\n    import ray.train\n", 2),
+    ("data/loading/x.py", "from raysemi.stages import pretrain\n", 1),
+    ("core/x.py", "from raysemi.ml import losses\n", 1),
+    ("distributed/x.py", "from raysemi.models import byol\n", 1),
+    ("stages/x.py", "from raysemi.pipeline import run\n", 1),
+    ("helpers.py", "import os\n", 1),
+    ("stages/x.py", "import ray\nfrom raysemi.distributed import ray_utils\nfrom raysemi.ml import losses\n", 0),
+])
+def test_the_rules_are_enforced(tmp_path, module, text, expected):
+    """The checker catches what it should (lazy imports inside a function included) and passes what is allowed."""
+    for folder in ("distributed", "stages", "pipeline", "ml", "models"):
+        (tmp_path / "raysemi" / folder).mkdir(parents=True, exist_ok=True)
+    (tmp_path / "raysemi" / "distributed" / "ray_utils.py").write_text("")
+    (tmp_path / "raysemi" / "stages" / "pretrain.py").write_text("")
+    (tmp_path / "raysemi" / "pipeline" / "run.py").write_text("")
+    (tmp_path / "raysemi" / "ml" / "losses.py").write_text("")
+    (tmp_path / "raysemi" / "models" / "byol.py").write_text("")
+    path = tmp_path / "raysemi" / module
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    assert len(offenders(tmp_path / "raysemi")) == expected
 
 
 def test_no_module_imports_private_names():
     bad = []
     for path in sorted(PKG.rglob("*.py")):
+        me = ".".join(path.relative_to(PKG.parent).with_suffix("").parts)
         for mod, names, line in imports(path):
             if mod.startswith("raysemi"):
-                bad += [f"{module_name(path)}:{line} {mod}.{n}" for n in names if n.startswith("_")]
+                bad += [f"{me}:{line} {mod}.{n}" for n in names if n.startswith("_")]
     assert bad == []

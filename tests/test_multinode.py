@@ -43,8 +43,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from raysemi import io as rio
-from raysemi.config import load_config
+from raysemi.core import io as rio
+from raysemi.core.config import load_config
 from raysemi.data.shards import read_shard
 from tests.multinode_cluster import NODE_LOSS_PRETRAIN, TUNE_SPACE, TUNE_TINY
 from tests.stages.test_pseudolabel import TINY as PSEUDOLABEL_TINY

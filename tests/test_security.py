@@ -26,9 +26,16 @@ import pytest
 import torch
 import yaml
 
-from raysemi import io as rio
-from raysemi import ray_utils
-from raysemi.io import CheckpointError, load_state, load_weights, safe_torch_load, save_state, save_weights
+from raysemi.core import io as rio
+from raysemi.core.io import (
+    CheckpointError,
+    load_state,
+    load_weights,
+    safe_torch_load,
+    save_state,
+    save_weights,
+)
+from raysemi.distributed import ray_utils
 from tests.procs import NO_OTHER_RAY
 
 REPO = Path(__file__).resolve().parents[1]

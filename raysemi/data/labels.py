@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from raysemi.config import DataConfig
+from raysemi.core.config import DataConfig
 from raysemi.data.order_stats import RangeSummary, at_or_below, kth_smallest, summarize
 from raysemi.data.shards import DatasetError, Manifest, Mapper, local_map, read_shard, shard_groups
 

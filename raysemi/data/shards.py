@@ -2,7 +2,7 @@
 
 A dataset is ``<root>/manifest.json`` and ``<root>/<split>/part-NNNNN.parquet``. Shards are written under
 a temporary name and renamed; the manifest is written last, so a folder without a manifest is never
-mistaken for a dataset. Every path is a URI and goes through ``raysemi.io`` (fsspec; s3fs for ``s3://``), so the same code
+mistaken for a dataset. Every path is a URI and goes through ``raysemi.core.io`` (fsspec; s3fs for ``s3://``), so the same code
 reads and writes both.
 """
 
@@ -19,8 +19,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raysemi.errors import RaysemiError
-from raysemi.io import filesystem, join, open_exact, storage_errors, write_bytes_atomic
+from raysemi.core.errors import RaysemiError
+from raysemi.core.io import filesystem, join, open_exact, storage_errors, write_bytes_atomic
 
 FORMAT_VERSION = 2  # 2: the quarantine list moved to quarantine.parquet, its counts by reason stay here
 READABLE_VERSIONS = (1, 2)
@@ -214,7 +214,7 @@ def read_split(root: str, split: str, columns: Sequence[str] | None = None) -> p
 def remove_dataset(root: str) -> None:
     """Delete what raysemi wrote of a dataset (``outputs.DATASET``: the manifest, the shard files; anything
     else in the folder stays): the manifest first, so a half-deleted folder never looks complete."""
-    from raysemi.outputs import DATASET, clear
+    from raysemi.core.outputs import DATASET, clear
 
     fs, path = filesystem(root)
     mpath = f"{path.rstrip('/')}/{MANIFEST}"

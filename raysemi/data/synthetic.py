@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
+from raysemi.core.outputs import SYNTHETIC_IMAGES, clear, guard_output
 from raysemi.data.shards import DatasetError, Manifest
-from raysemi.outputs import SYNTHETIC_IMAGES, clear, guard_output
 
 FOLDER = "SYNTHETIC-demo"
 GROUP_REGEX = r"^(p\d+)_"
@@ -161,8 +161,8 @@ def make_demo_dataset(
     progress: bool = False,
 ) -> Manifest:
     """Generate the synthetic images into ``<root>/images`` and ingest them into ``<root>/dataset``."""
-    from raysemi.data import ingest as ingest_mod
     from raysemi.data import shards
+    from raysemi.data.ingest import run as ingest_mod
 
     dest = str(Path(root).expanduser() / "dataset")
     guard_output(dest, "a dataset", shards.dataset_exists(dest), overwrite=overwrite, error=DatasetError)

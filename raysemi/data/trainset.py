@@ -26,10 +26,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from raysemi.core.io import filesystem, join, open_exact, read_json, write_bytes_atomic, write_json
+from raysemi.core.outputs import TRAINSET, clear
 from raysemi.data.labels import LabelRule
 from raysemi.data.shards import DatasetError, Mapper, local_map, read_shard, shard_groups, table_bytes
-from raysemi.io import filesystem, join, open_exact, read_json, write_bytes_atomic, write_json
-from raysemi.outputs import TRAINSET, clear
 
 TRAINSET_SCHEMA = pa.schema(
     [("id", pa.string()), ("image", pa.binary()), ("label", pa.int16()), ("weight", pa.float32())]

@@ -26,7 +26,7 @@ import logging
 import timm
 import torch.nn as nn
 
-from raysemi.config import ModelConfig
+from raysemi.core.config import ModelConfig
 
 logger = logging.getLogger(__name__)
 

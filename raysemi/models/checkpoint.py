@@ -12,8 +12,8 @@ import logging
 
 import torch
 
-from raysemi.config import Config, config_from_yaml, config_to_yaml
-from raysemi.io import CheckpointError, load_weights, save_weights, weights_header
+from raysemi.core.config import Config, config_from_yaml, config_to_yaml
+from raysemi.core.io import CheckpointError, load_weights, save_weights, weights_header
 from raysemi.models.backbone import backbone_for, feature_dim
 from raysemi.models.byol import Classifier, split_online_state
 from raysemi.models.heads import ProjectionHead

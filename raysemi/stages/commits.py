@@ -22,10 +22,10 @@ from datetime import datetime, timezone
 
 import pyarrow as pa
 
-from raysemi import io as rio
+from raysemi.core import io as rio
+from raysemi.core.errors import RaysemiError
+from raysemi.core.io import filesystem, join, write_bytes_atomic
 from raysemi.data.shards import read_shard, table_bytes
-from raysemi.errors import RaysemiError
-from raysemi.io import filesystem, join, write_bytes_atomic
 
 log = logging.getLogger("raysemi.pseudolabel")
 

@@ -1,4 +1,4 @@
-"""Pieces the training stages share: step timing, DDP wrapping, sums over ranks (precision: ``raysemi.compute``)."""
+"""Pieces the training stages share: step timing, DDP wrapping, sums over ranks (precision: ``raysemi.ml.compute``)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from raysemi import ray_utils
+from raysemi.distributed import ray_utils
 
 
 def wrap_ddp(module: nn.Module, device: torch.device) -> nn.Module:

@@ -14,17 +14,17 @@ from typing import Any
 
 import numpy as np
 
-from raysemi import ray_utils
-from raysemi.compute import compute_for
-from raysemi.config import Config
-from raysemi.data.loader import build_loader
+from raysemi.core.config import Config
+from raysemi.core.errors import RaysemiError
+from raysemi.core.io import filesystem, is_remote, join, write_bytes_atomic
+from raysemi.data.loading.loader import build_loader
 from raysemi.data.shards import read_manifest
-from raysemi.errors import RaysemiError
-from raysemi.io import filesystem, is_remote, join, write_bytes_atomic
-from raysemi.metrics import classification_metrics
+from raysemi.distributed import ray_utils
+from raysemi.ml.compute import compute_for
+from raysemi.ml.metrics import classification_metrics
+from raysemi.ml.report import write_report
 from raysemi.models.checkpoint import load_classifier
-from raysemi.report import write_report
-from raysemi.stages.predict import predict_probs
+from raysemi.stages.inference import predict_probs
 
 
 def predict_split_local(model_uri: str, cfg: Config, split: str) -> tuple[list[str], np.ndarray, np.ndarray]:

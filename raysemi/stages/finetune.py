@@ -24,27 +24,27 @@ from typing import Any
 import torch
 from timm.utils import ModelEmaV3
 
-from raysemi import io as rio
-from raysemi import ray_utils
-from raysemi.compute import Compute, compute_for
-from raysemi.config import Config, FinetuneConfig, from_dict
-from raysemi.console import StageClock
-from raysemi.data.batches import in_background
-from raysemi.data.loader import build_loader
+from raysemi.core import io as rio
+from raysemi.core.config import Config, FinetuneConfig, from_dict
+from raysemi.core.console import StageClock
+from raysemi.core.errors import RaysemiError
+from raysemi.core.event_log import EventLog
+from raysemi.core.io import join, write_json
+from raysemi.data.loading.batches import in_background
+from raysemi.data.loading.loader import build_loader
 from raysemi.data.shards import read_manifest, split_batch
 from raysemi.data.trainset import TrainSet
-from raysemi.errors import RaysemiError
-from raysemi.event_log import EventLog
-from raysemi.io import join, write_json
-from raysemi.losses import cross_entropy
+from raysemi.distributed import ray_utils
+from raysemi.ml.compute import Compute, compute_for
+from raysemi.ml.losses import cross_entropy
+from raysemi.ml.optim import build_optimizer, param_groups, set_lr
+from raysemi.ml.schedules import warmup_cosine_lr
 from raysemi.models.backbone import unwrap
 from raysemi.models.byol import Classifier
 from raysemi.models.checkpoint import build_classifier, classifier_from_byol, load_classifier, save_classifier
 from raysemi.models.checkpoint import check_init as check_classifier_init
-from raysemi.optim import build_optimizer, param_groups, set_lr
-from raysemi.schedules import warmup_cosine_lr
 from raysemi.stages.common import StepTimer, all_reduce_sum, wrap_ddp
-from raysemi.stages.predict import predict_probs
+from raysemi.stages.inference import predict_probs
 from raysemi.stages.worker import TrainState, build_replica
 
 log = logging.getLogger("raysemi.finetune")

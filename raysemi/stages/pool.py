@@ -22,13 +22,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from raysemi.core.errors import RaysemiError
+from raysemi.core.io import join, write_bytes_atomic
 from raysemi.data.labels import LabelRule
 from raysemi.data.shards import Manifest, Mapper, read_shard, shard_groups, table_bytes
 from raysemi.data.trainset import SourceShard, one_hot
-from raysemi.errors import RaysemiError
-from raysemi.io import join, write_bytes_atomic
-from raysemi.losses import sharpen
-from raysemi.metrics import precision_from_counts
+from raysemi.ml.losses import sharpen
+from raysemi.ml.metrics import precision_from_counts
 from raysemi.stages.commits import part_uri
 from raysemi.stages.selection import (
     SELECTION_SCHEMA,

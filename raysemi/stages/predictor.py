@@ -12,12 +12,12 @@ import os
 import pyarrow as pa
 import torch
 
-from raysemi import io as rio
-from raysemi import ray_utils
-from raysemi.compute import Compute, compute_for
-from raysemi.config import Config
+from raysemi.core import io as rio
+from raysemi.core.config import Config
+from raysemi.core.errors import RaysemiError
 from raysemi.data.shards import read_shard
-from raysemi.errors import RaysemiError
+from raysemi.distributed import ray_utils
+from raysemi.ml.compute import Compute, compute_for
 from raysemi.stages.commits import PRED_SCHEMA, commit
 
 STAGE = "pseudolabel"
@@ -71,7 +71,7 @@ class ShardPredictor:
 
     def predict_table(self, shard_uri: str) -> pa.Table:
         """Predictions for every row of one input shard, in the shard's row order."""
-        from raysemi.data.loader import build_loader, resolve_backend
+        from raysemi.data.loading.loader import build_loader, resolve_backend
 
         backend = resolve_backend(self.cfg.data.loader)
         # On the CPU the model already uses the actor's cores: torch decode workers would only compete

@@ -17,25 +17,25 @@ from typing import Any
 import timm
 import torch
 
-from raysemi import io as rio
-from raysemi import ray_utils
-from raysemi.compute import Compute, compute_for
-from raysemi.config import Config, config_from_yaml, config_to_yaml, from_dict
-from raysemi.console import StageClock
-from raysemi.data.loader import build_loader
+from raysemi.core import io as rio
+from raysemi.core.config import Config, config_from_yaml, config_to_yaml, from_dict
+from raysemi.core.console import StageClock
+from raysemi.core.errors import RaysemiError
+from raysemi.core.event_log import EventLog, clear_events
+from raysemi.core.io import join, read_json, write_bytes_atomic, write_json
+from raysemi.core.outputs import guard_output
+from raysemi.data.loading.loader import build_loader
 from raysemi.data.shards import DatasetError, Manifest, read_manifest, split_batch, steps_per_epoch
-from raysemi.errors import RaysemiError
-from raysemi.event_log import EventLog, clear_events
-from raysemi.io import join, read_json, write_bytes_atomic, write_json
-from raysemi.knn import knn_accuracy
-from raysemi.losses import symmetric_byol_loss
+from raysemi.distributed import ray_utils
+from raysemi.ml.compute import Compute, compute_for
+from raysemi.ml.knn import knn_accuracy
+from raysemi.ml.losses import symmetric_byol_loss
+from raysemi.ml.optim import build_optimizer, set_lr
+from raysemi.ml.schedules import byol_tau, scale_lr, warmup_cosine_lr
 from raysemi.models.backbone import backbone_for
 from raysemi.models.byol import BYOL, byol_forward
-from raysemi.optim import build_optimizer, set_lr
-from raysemi.outputs import guard_output
-from raysemi.schedules import byol_tau, scale_lr, warmup_cosine_lr
 from raysemi.stages.common import StepTimer, all_reduce_sum, wrap_ddp
-from raysemi.stages.predict import extract_features
+from raysemi.stages.inference import extract_features
 from raysemi.stages.worker import TrainState, build_replica
 
 log = logging.getLogger("raysemi.pretrain")

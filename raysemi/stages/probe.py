@@ -3,7 +3,7 @@
 This is the check that pretraining learned something, without a fine-tune: the labelled ``train`` rows
 (all of them, the usual kNN protocol, not the few-label subset) form the feature bank, the rows of
 ``--split`` are the queries, and each query takes the weighted vote of its ``pretrain.knn_k`` nearest
-neighbours (:mod:`raysemi.knn`, the same monitor pretraining reports). The random-init row uses the
+neighbours (:mod:`raysemi.ml.knn`, the same monitor pretraining reports). The random-init row uses the
 backbone that pretraining starts from (``torch.manual_seed(pretrain.seed)``), so the difference between
 the rows is what pretraining added. Runs in this process, no Ray: the eval transform of ``data.loader``.
 """
@@ -15,16 +15,16 @@ from typing import Any
 
 import torch
 
-from raysemi.compute import compute_for
-from raysemi.config import Config
-from raysemi.data.loader import build_loader
+from raysemi.core.config import Config
+from raysemi.core.errors import RaysemiError
+from raysemi.core.tables import markdown_table
+from raysemi.data.loading.loader import build_loader
 from raysemi.data.shards import read_manifest
-from raysemi.errors import RaysemiError
-from raysemi.knn import knn_accuracy
+from raysemi.ml.compute import compute_for
+from raysemi.ml.knn import knn_accuracy
 from raysemi.models.backbone import backbone_for
 from raysemi.models.checkpoint import backbone_from_byol
-from raysemi.stages.predict import extract_features
-from raysemi.tables import markdown_table
+from raysemi.stages.inference import extract_features
 
 log = logging.getLogger("raysemi.probe")
 

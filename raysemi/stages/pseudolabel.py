@@ -27,10 +27,11 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from raysemi import console, ray_utils
-from raysemi import io as rio
-from raysemi.config import Config
-from raysemi.errors import RaysemiError
+from raysemi.core import console
+from raysemi.core import io as rio
+from raysemi.core.config import Config
+from raysemi.core.errors import RaysemiError
+from raysemi.distributed import ray_utils
 from raysemi.stages.commits import pending_shards, remove_stale, verify_exactly_once
 from raysemi.stages.predictor import STAGE, ShardPredictor, model_classes
 

@@ -26,8 +26,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from raysemi.core.errors import RaysemiError
 from raysemi.data.order_stats import Key, RangeSummary, at_or_below, kth_smallest, summarize
-from raysemi.errors import RaysemiError
 
 log = logging.getLogger("raysemi.pseudolabel")
 

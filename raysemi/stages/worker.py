@@ -16,8 +16,8 @@ import torch
 from timm.utils import ModelEmaV3
 from torch import nn
 
-from raysemi import ray_utils
-from raysemi.config import Config
+from raysemi.core.config import Config
+from raysemi.distributed import ray_utils
 
 
 def build_replica(build: Callable[[], nn.Module], seed: int, sync_batchnorm: bool, device: torch.device) -> nn.Module:

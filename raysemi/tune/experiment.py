@@ -5,7 +5,7 @@ with, so that ``--resume`` needs neither), Tune's own state, ``trials/<trial id>
 the results (``tune.results``). Every problem with the inputs is raised before any trial starts
 (``preflight``). ``max_concurrent_trials`` = the cluster's GPUs (CPUs without GPUs) over what one trial's
 stages need (``tune.search``). Pretrainings go through the content-addressed cache
-(``raysemi.pretrain_cache``, ``<out>/pretrain_cache`` unless ``pretrain.cache`` says otherwise).
+(``raysemi.pipeline.pretrain_cache``, ``<out>/pretrain_cache`` unless ``pretrain.cache`` says otherwise).
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from raysemi.config import Config, absolute_paths, from_dict, load_config
-from raysemi.errors import RaysemiError
-from raysemi.io import absolute, filesystem, join, write_bytes_atomic
-from raysemi.outputs import TUNE, check_marked, guard_output, mark, remove_output
+from raysemi.core.config import Config, absolute_paths, from_dict, load_config
+from raysemi.core.errors import RaysemiError
+from raysemi.core.io import absolute, filesystem, join, write_bytes_atomic
+from raysemi.core.outputs import TUNE, check_marked, guard_output, mark, remove_output
 from raysemi.tune.results import TuneSummary, collect_rows, write_outputs
 from raysemi.tune.search import TRIAL_CPU, max_concurrent_trials, trial_needs, tune_config
 from raysemi.tune.space import Space, load_space, max_value, parse_space, validate_space
@@ -44,7 +44,7 @@ def prepare_base(cfg: Config, space: Space, out: str, use_cache: bool,
 def preflight(space: Space, base: Config) -> None:
     """What would fail every trial, found before any trial starts: the dataset, the backbone, the budget."""
     from raysemi.data.labels import pool_rows
-    from raysemi.pipeline import check_dataset
+    from raysemi.pipeline.run import check_dataset
     from raysemi.stages import pretrain
     from raysemi.stages.selection import check_budget
 
@@ -82,7 +82,7 @@ def run_tune(
     """Run (or ``resume``) the experiment ``<out>/<name>`` over the space in ``space_path``; every problem
     with the inputs is raised before any trial starts. ``overrides`` (dotted keys, the command line's
     ``--set``) win over the space's ``set``; ``callbacks`` are extra Ray Tune callbacks."""
-    from raysemi import ray_utils
+    from raysemi.distributed import ray_utils
 
     out = absolute(out)
     if name is None:

@@ -6,8 +6,8 @@ import io
 import itertools
 from typing import Any
 
-from raysemi.config import Config
-from raysemi.tables import fmt_short as fmt
+from raysemi.core.config import Config
+from raysemi.core.tables import fmt_short as fmt
 
 HEATMAP_AXES = ("pretrain.epochs", "pretrain.lr")
 MAX_HEATMAP_VALUES = 12

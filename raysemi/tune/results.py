@@ -14,10 +14,10 @@ import io
 from dataclasses import dataclass
 from typing import Any
 
-from raysemi.config import Config, ConfigError, config_to_yaml
-from raysemi.io import join, read_config_beside, write_bytes_atomic
-from raysemi.tables import fmt_short as fmt
-from raysemi.tables import markdown_table
+from raysemi.core.config import Config, ConfigError, config_to_yaml
+from raysemi.core.io import join, read_config_beside, write_bytes_atomic
+from raysemi.core.tables import fmt_short as fmt
+from raysemi.core.tables import markdown_table
 from raysemi.tune.heatmap import HEATMAP_AXES, heatmap_png
 from raysemi.tune.space import Space
 from raysemi.tune.trial import plain, trial_dir
@@ -42,7 +42,7 @@ class TuneSummary:
 
 def collect_rows(trials, space: Space, base: Config) -> list[dict[str, Any]]:
     """One row per trial: id, status, sampled values, accuracies, time, whether its pretraining was reused."""
-    from raysemi.pretrain_cache import cache_key, lookup, manifest_sha256
+    from raysemi.pipeline.pretrain_cache import cache_key, lookup, manifest_sha256
 
     manifest_sha = manifest_sha256(base.data.path)
     costs: dict[str, float | None] = {}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 
-from raysemi.config import Config
+from raysemi.core.config import Config
 from raysemi.tune.space import Space, SpaceError, max_reports
 
 TRIAL_CPU = 0.01  # the trial (driver) itself; its stages reserve their own workers

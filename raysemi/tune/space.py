@@ -25,8 +25,8 @@ from typing import Any
 
 import yaml
 
-from raysemi.config import Config, ConfigError
-from raysemi.errors import RaysemiError
+from raysemi.core.config import Config, ConfigError
+from raysemi.core.errors import RaysemiError
 
 NOTATIONS = ("grid", "choice", "uniform", "loguniform", "randint")
 TRIAL_METRICS = ("val_accuracy", "round_val_accuracy", "val_macro_f1", "val_balanced_accuracy")  # in every report of every trial

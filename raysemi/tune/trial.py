@@ -22,9 +22,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from raysemi.config import from_dict
-from raysemi.io import join, read_json
-from raysemi.metrics import best_round
+from raysemi.core.config import from_dict
+from raysemi.core.io import join, read_json
+from raysemi.ml.metrics import best_round
 
 log = logging.getLogger("raysemi.tune")
 
@@ -59,7 +59,7 @@ def run_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
     """One Tune trial: the pipeline with the sampled values, reporting after every round and at the end."""
     from ray import tune
 
-    from raysemi.pipeline import run_pipeline  # the trial's work; imported where Ray Tune runs it
+    from raysemi.pipeline.run import run_pipeline  # the trial's work; imported where Ray Tune runs it
 
     t0 = time.time()
     trial_id = tune.get_context().get_trial_id()

@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from raysemi.config import DataConfig
+from raysemi.core.config import DataConfig
 from raysemi.data import order_stats
 from raysemi.data.labels import label_split, pool_rows
 from raysemi.data.shards import (

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pytest
 from fsspec.implementations.local import LocalFileSystem
 
-from raysemi import io as rio
+from raysemi.core import io as rio
 from raysemi.data import shards
 from raysemi.data.shards import DatasetError, Manifest, SplitInfo
 

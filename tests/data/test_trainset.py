@@ -8,7 +8,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from raysemi.config import DataConfig
+from raysemi.core.config import DataConfig
+from raysemi.core.io import write_bytes_atomic
 from raysemi.data.labels import label_split
 from raysemi.data.shards import DatasetError, read_manifest, read_shard, table_bytes
 from raysemi.data.trainset import (
@@ -20,7 +21,6 @@ from raysemi.data.trainset import (
     read_trainset,
     write_trainset,
 )
-from raysemi.io import write_bytes_atomic
 
 
 def train_shards(root: str) -> list[SourceShard]:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from raysemi.losses import cross_entropy, symmetric_byol_loss
+from raysemi.ml.losses import cross_entropy, symmetric_byol_loss
 from raysemi.models.backbone import create_backbone
 from raysemi.models.byol import BYOL, Classifier, byol_forward, ema_update
 from raysemi.models.heads import ClassifierHead, PredictionHead, ProjectionHead

@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from raysemi.config import Config, FinetuneConfig
+from raysemi.core.config import Config, FinetuneConfig
+from raysemi.ml.optim import build_optimizer
 from raysemi.models.checkpoint import build_classifier
-from raysemi.optim import build_optimizer
 from raysemi.stages import finetune
 from raysemi.stages.finetune import (
     TrainingPlan,
@@ -21,7 +21,7 @@ from raysemi.stages.finetune import (
     train_one_epoch,
     training_plan,
 )
-from raysemi.stages.predict import FP32
+from raysemi.stages.inference import FP32
 
 CPU = torch.device("cpu")
 
@@ -154,8 +154,8 @@ def test_student_noise_switches():
 
 def save_byol(uri: str, cfg: Config, meta_cfg: Config | None = None) -> str:
     """A byol.safetensors of ``cfg``'s architecture, its metadata claiming ``meta_cfg`` (default: the same)."""
-    from raysemi.config import config_to_yaml
-    from raysemi.io import save_weights
+    from raysemi.core.config import config_to_yaml
+    from raysemi.core.io import save_weights
     from raysemi.stages.pretrain import build_model as build_byol
 
     save_weights(uri, build_byol(cfg).state_dict(), {"config": config_to_yaml(meta_cfg or cfg)})
@@ -165,7 +165,7 @@ def save_byol(uri: str, cfg: Config, meta_cfg: Config | None = None) -> str:
 @pytest.fixture
 def no_workers(monkeypatch):
     """Fail the test if a Ray Train run (or Ray itself) is started."""
-    from raysemi import ray_utils
+    from raysemi.distributed import ray_utils
 
     def refuse(*args, **kwargs):
         raise AssertionError("a Ray worker was started")
@@ -175,8 +175,8 @@ def no_workers(monkeypatch):
 
 
 def test_finetune_refuses_an_init_of_another_backbone_before_writing_anything(demo_dataset, tmp_path, no_workers):
-    from raysemi.io import CheckpointError
-    from raysemi.pipeline import finetune_only
+    from raysemi.core.io import CheckpointError
+    from raysemi.pipeline.run import finetune_only
 
     cfg = tiny_cfg().replace(**{"data.path": demo_dataset, "run.output_dir": str(tmp_path / "run")})
     other = tiny_cfg().replace(**{"model.backbone": "test_efficientnet"})
@@ -196,7 +196,7 @@ def test_finetune_refuses_an_init_of_another_backbone_before_writing_anything(de
 
 
 def test_init_check_accepts_a_fitting_byol_and_checks_a_classifier_init(tmp_path):
-    from raysemi.io import CheckpointError
+    from raysemi.core.io import CheckpointError
     from raysemi.models.checkpoint import save_classifier
     from raysemi.stages.finetune import WEIGHTS, check_init
 

@@ -9,8 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from raysemi import ray_tasks
-from raysemi.config import DataConfig
+from raysemi.core.config import DataConfig
+from raysemi.core.io import filesystem, join
 from raysemi.data.labels import label_split
 from raysemi.data.shards import (
     SCHEMA,
@@ -23,9 +23,9 @@ from raysemi.data.shards import (
     write_shard,
 )
 from raysemi.data.trainset import count_rows, write_trainset
-from raysemi.io import filesystem, join
-from raysemi.losses import sharpen
-from raysemi.metrics import pseudo_label_precision
+from raysemi.distributed import ray_tasks
+from raysemi.ml.losses import sharpen
+from raysemi.ml.metrics import pseudo_label_precision
 from raysemi.stages import commits, pool
 from raysemi.stages.selection import selection_prior
 from tests.stages.test_selection import select_pseudo_labels

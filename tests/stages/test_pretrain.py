@@ -11,16 +11,16 @@ import cloudpickle
 import pytest
 import torch
 
-from raysemi import io as rio
-from raysemi import ray_utils
-from raysemi.config import ConfigError, config_to_yaml, from_dict, load_config
+from raysemi.core import io as rio
+from raysemi.core.config import ConfigError, config_to_yaml, from_dict, load_config
+from raysemi.core.errors import RaysemiError
+from raysemi.core.io import join
 from raysemi.data.shards import DatasetError
-from raysemi.errors import RaysemiError
-from raysemi.io import join
-from raysemi.optim import build_optimizer
+from raysemi.distributed import ray_utils
+from raysemi.ml.optim import build_optimizer
 from raysemi.stages import pretrain
 from raysemi.stages.common import wrap_ddp
-from raysemi.stages.predict import FP32
+from raysemi.stages.inference import FP32
 from tests.procs import pids_titled, wait_for
 
 # Ray workers unpickle this module's functions by value (tests/ is not importable on workers).
@@ -127,7 +127,7 @@ def registered_checkpoint(uri: str) -> str | None:
     """
     import json
 
-    from raysemi.io import filesystem
+    from raysemi.core.io import filesystem
 
     fs, path = filesystem(uri)
     snapshot = f"{path.rstrip('/')}/checkpoint_manager_snapshot.json"

@@ -7,12 +7,12 @@ import json
 import pytest
 import torch
 
-from raysemi import io as rio
-from raysemi.cli import main
-from raysemi.config import config_to_yaml, load_config
+from raysemi.commands.cli import main
+from raysemi.core import io as rio
+from raysemi.core.config import config_to_yaml, load_config
+from raysemi.core.io import CheckpointError
 from raysemi.data.shards import read_manifest
-from raysemi.io import CheckpointError
-from raysemi.knn import knn_accuracy
+from raysemi.ml.knn import knn_accuracy
 from raysemi.models.checkpoint import backbone_from_byol
 from raysemi.stages import pretrain, probe
 

@@ -16,8 +16,10 @@ import pytest
 import torch
 from PIL import Image
 
-from raysemi import io as rio
-from raysemi.config import load_config
+from raysemi.core import io as rio
+from raysemi.core.config import load_config
+from raysemi.core.errors import RaysemiError
+from raysemi.core.io import filesystem, join
 from raysemi.data.shards import (
     SCHEMA,
     Manifest,
@@ -28,8 +30,6 @@ from raysemi.data.shards import (
     write_manifest,
     write_shard,
 )
-from raysemi.errors import RaysemiError
-from raysemi.io import filesystem, join
 from raysemi.models.checkpoint import build_classifier, save_classifier
 from raysemi.stages import commits, predictor
 from raysemi.stages import pseudolabel as pl
@@ -315,7 +315,7 @@ def test_raysemi_pseudolabel_writes_the_selection_of_the_pool(ray_session, demo_
     rows the in-memory selection picks from the same predictions."""
     from raysemi.data.labels import label_split
     from raysemi.data.synthetic import class_names
-    from raysemi.pipeline import pseudolabel_only
+    from raysemi.pipeline.run import pseudolabel_only
     from raysemi.stages.pool import pool_shards
     from raysemi.stages.selection import selection_prior
     from tests.stages.test_selection import select_pseudo_labels

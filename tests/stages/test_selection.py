@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from raysemi.errors import RaysemiError
+from raysemi.core.errors import RaysemiError
 from raysemi.stages.selection import (
     SEL,
     SELECTION_SCHEMA,

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from raysemi.config import load_config
-from raysemi.io import load_state, save_state
-from raysemi.optim import build_optimizer
+from raysemi.core.config import load_config
+from raysemi.core.io import load_state, save_state
+from raysemi.ml.optim import build_optimizer
 from raysemi.stages.finetune import build_ema, build_model
 from raysemi.stages.worker import TrainState, build_replica
 
