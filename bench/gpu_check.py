@@ -72,7 +72,7 @@ def byol_steps(backbone: str, dev: torch.device, batch: int, size: int, warmup: 
 
     cfg = load_config(None, [f"model.backbone={backbone}", "model.small_image=false"])
     compute = compute_for(dev, cfg.pretrain.precision, cfg.pretrain.channels_last)
-    model = compute.model(build_replica(lambda: pretrain.build_model(cfg).train(), 0, False, dev))
+    model = compute.model(build_replica(lambda: pretrain.build_byol(cfg).train(), 0, False, dev))
     online = wrap_ddp(model.online, dev)
     if dev.type == "cuda":
         torch.cuda.empty_cache()

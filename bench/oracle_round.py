@@ -26,7 +26,7 @@ from raysemi.data.shards import read_manifest
 from raysemi.data.trainset import SourceShard, count_rows, write_trainset
 from raysemi.distributed import ray_tasks
 from raysemi.pipeline.pretrain_cache import cache_key, lookup
-from raysemi.pipeline.run import labeled_trainset
+from raysemi.pipeline.rounds import labeled_trainset
 from raysemi.stages import finetune, pool
 from raysemi.stages.evaluate import split_metrics
 from raysemi.stages.selection import budget_count, selection_prior

@@ -51,7 +51,7 @@ def _byol_runner(cfg, compute, compiled: bool, batch: int, size: int):
     from raysemi.stages import pretrain
 
     torch.manual_seed(0)
-    m = compute.model(pretrain.build_model(cfg).train())
+    m = compute.model(pretrain.build_byol(cfg).train())
     opt = build_optimizer("lars", m.online, 0.1, 1e-6)
     if compiled:
         m.online.compile()
@@ -126,7 +126,7 @@ def step_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
                                     "size": size, "batch_size": batch, "threads": args.threads,
                                     "first_step_s": round(first, 1), "samples": []}
         if stage == "byol step":
-            m = pretrain.build_model(cfg).train()
+            m = pretrain.build_byol(cfg).train()
             from raysemi.ml.optim import build_optimizer
 
             opt = build_optimizer("lars", m.online, 0.1, 1e-6)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -11,13 +12,19 @@ def cell(value: Any) -> str:
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
-def fmt_short(v: Any) -> str:
-    """A value in a short cell: n/a, yes/no, 4 significant digits below 1, one decimal above."""
-    if v is None:
-        return "n/a"
+NA = "n/a"
+
+
+def fmt(v: Any, digits: int | None = None) -> str:
+    """A value in a table cell: "n/a" when missing or not finite, yes/no for booleans, floats with ``digits``
+    decimals (the report's metrics), or short without (4 significant digits below 1, one decimal above)."""
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return NA
     if isinstance(v, bool):
         return "yes" if v else "no"
     if isinstance(v, float):
+        if digits is not None:
+            return f"{v:.{digits}f}"
         return f"{v:.4g}" if abs(v) < 1 else f"{v:.1f}"
     return str(v)
 

@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from raysemi.core.io import write_bytes_atomic
-from raysemi.core.tables import markdown_table
+from raysemi.core.tables import NA, fmt, markdown_table
 from raysemi.ml.report_plots import plot_confusion, plot_reliability, plot_rounds
 
 REPORT_JSON = "report.json"
@@ -81,16 +81,11 @@ def _test(report: Mapping[str, Any]) -> Mapping[str, Any]:
 
 # --- Markdown -------------------------------------------------------------------------------------
 
-NA = "n/a"
 
 
-def fmt(value: Any, digits: int = 4) -> str:
-    """A value as the report shows it: floats with ``digits`` decimals, "n/a" for missing, else ``str``."""
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return NA
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
+def metric(value: Any) -> str:
+    """A metric as the report shows it: 4 decimals (``tables.fmt``)."""
+    return fmt(value, 4)
 
 
 def fmt_seconds(seconds: Any) -> str:
@@ -141,14 +136,14 @@ def render_markdown(report: Mapping[str, Any], images: Mapping[str, str] | None 
             rows.append(
                 [
                     label,
-                    fmt(r.get("train_rows")),
-                    fmt(r.get("n_pseudo")),
-                    fmt(r.get("pseudo_precision")),
-                    fmt(r.get("steps")),
-                    fmt(r.get("images_seen")),
-                    fmt(val.get("accuracy")),
-                    fmt(val.get("balanced_accuracy")),
-                    fmt(val.get("macro_f1")),
+                    metric(r.get("train_rows")),
+                    metric(r.get("n_pseudo")),
+                    metric(r.get("pseudo_precision")),
+                    metric(r.get("steps")),
+                    metric(r.get("images_seen")),
+                    metric(val.get("accuracy")),
+                    metric(val.get("balanced_accuracy")),
+                    metric(val.get("macro_f1")),
                 ]
             )
         lines += markdown_table(
@@ -169,18 +164,18 @@ def render_markdown(report: Mapping[str, Any], images: Mapping[str, str] | None 
     if test:
         suffix = f" (model of round {best})" if best is not None else ""
         lines += ["", f"## Test metrics{suffix}", ""]
-        auc = fmt(test.get("auc_ovr"))
+        auc = metric(test.get("auc_ovr"))
         if test.get("auc_ovr") is None and test.get("auc_note"):
             auc = f"{NA} ({test['auc_note']})"
         lines += markdown_table(
             ["metric", "value"],
             [
-                ["samples", fmt(test.get("n"))],
-                ["accuracy", fmt(test.get("accuracy"))],
-                ["balanced accuracy", fmt(test.get("balanced_accuracy"))],
-                ["macro-F1", fmt(test.get("macro_f1"))],
+                ["samples", metric(test.get("n"))],
+                ["accuracy", metric(test.get("accuracy"))],
+                ["balanced accuracy", metric(test.get("balanced_accuracy"))],
+                ["macro-F1", metric(test.get("macro_f1"))],
                 ["ROC AUC (macro one-vs-rest)", auc],
-                ["ECE (15 bins)", fmt(test.get("ece"))],
+                ["ECE (15 bins)", metric(test.get("ece"))],
             ],
         )
         per_class = test.get("per_class") or {}
@@ -191,10 +186,10 @@ def render_markdown(report: Mapping[str, Any], images: Mapping[str, str] | None 
                 [
                     [
                         name,
-                        fmt(m.get("precision")),
-                        fmt(m.get("recall")),
-                        fmt(m.get("f1")),
-                        fmt(m.get("support")),
+                        metric(m.get("precision")),
+                        metric(m.get("recall")),
+                        metric(m.get("f1")),
+                        metric(m.get("support")),
                     ]
                     for name, m in per_class.items()
                 ],

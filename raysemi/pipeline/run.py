@@ -12,23 +12,20 @@ s3://), ``report.json`` last.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
-from raysemi.core import io as rio
 from raysemi.core.config import Config, config_to_yaml
 from raysemi.core.event_log import EventLog, copy_events
-from raysemi.core.io import filesystem, join, write_bytes_atomic
+from raysemi.core.io import join, write_bytes_atomic
 from raysemi.core.outputs import RUN, guard_output, mark
-from raysemi.data.labels import LabelSplit, label_split
+from raysemi.data.labels import label_split
 from raysemi.data.shards import DatasetError, Manifest, read_manifest
-from raysemi.data.trainset import LabeledRows, TrainSet, count_rows, read_trainset, write_trainset
 from raysemi.distributed import ray_tasks, ray_utils
-from raysemi.ml.metrics import best_round
+from raysemi.pipeline.rounds import RoundResult, RunState, chosen_round, labeled_trainset, ran_with, run_round
 from raysemi.stages import finetune, pool, pretrain
 from raysemi.stages.evaluate import publish_report, split_metrics
 from raysemi.stages.pseudolabel import predict_shards
@@ -63,86 +60,12 @@ def prepare_output(cfg: Config, resume: bool, overwrite: bool) -> None:
     write_bytes_atomic(join(cfg.run.output_dir, CONFIG), config_to_yaml(cfg).encode())
 
 
-def min_parts(cfg: Config) -> int:
-    """Parts of a training set: two per worker at least (a multiple of the workers: equal rows per rank)."""
-    return max(2 * cfg.ray.num_workers, 4)
-
-
-def labeled_trainset(cfg: Config, manifest: Manifest, labels: LabelSplit, out: str, resume: bool = False
-                     ) -> TrainSet:
-    """The chosen labels as a training set under ``<out>/trainset``, written once per run (round 0's; with
-    ``resume``, one an interrupted run completed there is reused). With soft targets the parts hold one-hot
-    targets too."""
-    uri = join(out, "trainset")
-    done = read_trainset(uri) if resume else None
-    if done is not None:
-        return done
-    soft = cfg.pseudolabel.soft_targets
-    shards = [s for s in pool.pool_shards(cfg.data.path, manifest) if s.split == "train"]
-    ts = write_trainset(LabeledRows(labels.rule, manifest.num_classes, soft), shards, uri, min_parts(cfg),
-                        ray_tasks.task_mapper(cfg.ray.address))
-    return TrainSet(ts.uris, ts.rows, ts.class_counts, soft=False)  # round 0 trains on hard labels
-
-
-def pseudo_trainset(cfg: Config, manifest: Manifest, labels: LabelSplit, model: str, budget: int, out: str,
-                    pred_uri: str, write: bool = True) -> tuple[TrainSet, int, dict | None]:
-    """Round r's pseudo-labels: the pool predicted by ``model`` (the actor pool), ``budget`` of them chosen and
-    written under ``<out>/trainset`` by Ray tasks (``write``: not when the round is already trained); returns
-    the set, its rows and the pseudo-label precision."""
-    pl, k = cfg.pseudolabel, manifest.num_classes
-    shards = pool.pool_shards(cfg.data.path, manifest, pred_uri)
-    predict_shards(model, [s.uri for s in shards], pred_uri, cfg, input_rows=[s.rows for s in shards],
-                   input_sha256=[h for sp in pool.POOL_SPLITS for h in manifest.shard_hashes(sp)])
-    view = pool.PoolView(labels.rule, k, pl.min_confidence)
-    prior = selection_prior(pl.selection, labels.labeled_counts)
-    tasks = ray_tasks.task_mapper(cfg.ray.address)
-    rule, candidates = pool.select(shards, view, budget, prior, tasks)
-    source = pool.PseudoRows(view, rule, cfg.finetune.pseudo_weight, pl.temperature if pl.soft_targets else None)
-    counted = count_rows(source, shards, tasks)
-    n = sum(counted[0])
-    if n < budget:
-        log.warning("only %d of the budget of %d pseudo-labels pass min_confidence=%.3f (pool: %d candidates)",
-                    n, budget, pl.min_confidence, sum(candidates))
-    if n == 0 or not write:
-        return TrainSet([], [], [0] * k, pl.soft_targets), n, pool.precision(counted[2], manifest.classes) if n else None
-    ts = write_trainset(source, shards, join(out, "trainset"), min_parts(cfg), tasks,
-                        soft=pl.soft_targets, counted=counted)
-    return ts, n, pool.precision(counted[2], manifest.classes)
-
-
-def _reuse_round(out: str) -> finetune.FinetuneResult | None:
-    weights = join(out, finetune.WEIGHTS)
-    fs, path = filesystem(weights)
-    if not fs.exists(path):
-        return None
-    log.info("%s: reusing %s", out.rsplit("/", 1)[-1], weights)
-    _, meta = rio.load_weights(weights)
-    extra = json.loads(meta.get("extra", "{}"))
-    return finetune.FinetuneResult(weights, rio.file_sha256(weights), [], 0.0,
-                                   int(extra.get("steps", 0)), int(extra.get("images_seen", 0)))
-
-
-def labeled_repeats(n_labeled: int, n_pseudo: int, share: float) -> int:
-    """How many copies of each true label make them ``share`` of a round's rows (at least one): with
-    equal steps per round, more pseudo-labels would otherwise mean fewer passes over the true labels."""
-    if share <= 0 or n_pseudo == 0 or n_labeled == 0:
-        return 1
-    return max(1, round(share / (1.0 - share) * n_pseudo / n_labeled))
-
-
-def ran_with(metrics: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The precision and layout a training stage ran with, from its last metrics row (None: not recorded)."""
-    keys = ("device", "precision", "channels_last", "cpu_bf16_units")
-    last = metrics[-1] if metrics else {}
-    return {k: last[k] for k in keys} if all(k in last for k in keys) else None
-
-
 def run_pipeline(cfg: Config, *, resume: bool = False, overwrite: bool = False, config_path: str = "",
-                 on_round: Callable[[dict[str, Any]], None] | None = None) -> str:
+                 on_round: Callable[[RoundResult, bool], None] | None = None) -> str:
     """Run the configured method end to end; returns the URI of ``report.json``.
 
-    ``on_round``, when given, is called after each round with ``{"round", "val_accuracy", "val_macro_f1",
-    "n_pseudo", "pseudo_precision", "seconds", "pretrain_reused"}`` (tuning reports it to Ray Tune).
+    ``on_round``, when given, is called after each round with its ``RoundResult`` and whether the pretrained
+    weights were reused from the cache (tuning reports them to Ray Tune).
     """
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     manifest = check_dataset(cfg)
@@ -174,79 +97,48 @@ def run_pipeline(cfg: Config, *, resume: bool = False, overwrite: bool = False, 
             compute["pretrain"] = ran_with(done_pretrain.metrics)
         stages["pretrain"] = time.time() - t0
 
-    classes = manifest.classes
-    history: list[dict[str, Any]] = []
-    models: list[str] = []
-    labeled = labeled_trainset(cfg, manifest, labels, join(cfg.run.output_dir, "round=0"), resume)
-
+    state = RunState(manifest, labels, labeled_trainset(cfg, manifest, labels, join(cfg.run.output_dir, "round=0"),
+                                                        resume), byol, per_round)
+    history: list[RoundResult] = []
     for r in range(rounds + 1):
-        t0 = time.time()
-        out = join(cfg.run.output_dir, f"round={r}")
-        done = _reuse_round(out) if resume else None
-        trainset, n_pseudo, precision = labeled, 0, None
-        if r > 0:
-            pseudo, n_pseudo, precision = pseudo_trainset(
-                cfg, manifest, labels, models[-1], min(per_round * r, labels.pool_rows), out,
-                join(cfg.run.output_dir, f"predictions/round={r}"), write=done is None)
-            copies = labeled_repeats(labels.n_labeled, n_pseudo, pl.labeled_share)
-            trainset = labeled.plus(pseudo, copies)
-        else:
-            copies = 1
-        init = byol
-        if r > 0 and pl.retrain_from == "previous":
-            init = models[-1]
-        round_cfg = cfg
-        if r > 0 and pl.retrain_lr_scale != 1.0:
-            round_cfg = cfg.replace(**{"finetune.lr": cfg.finetune.lr * pl.retrain_lr_scale})
-        result = done or finetune.run(round_cfg, trainset, init, out, f"{cfg.run.name}-round{r}", classes, f"round {r}")
-        models.append(result.weights)
-        val = split_metrics(result.weights, cfg, "val", classes)
-        history.append({
-            "round": r, "val": val, "n_pseudo": n_pseudo, "train_rows": labels.n_labeled + n_pseudo,
-            "steps": result.steps, "images_seen": result.images_seen, "labeled_copies": copies,
-            "pseudo_precision": precision["precision"] if precision else None,
-            "pseudo_detail": precision, "seconds": time.time() - t0, "model": result.weights,
-            "compute": ran_with(result.history),
-        })
-        stages["finetune" if r == 0 else f"round_{r}"] = time.time() - t0
+        result = run_round(cfg, r, state, history[-1].model if history else None, resume)
+        history.append(result)
+        stages["finetune" if r == 0 else f"round_{r}"] = result.seconds
         log.info("round %d: val accuracy %.4f, balanced %.4f (%d pseudo-labels%s, %d steps)", r,
-                 val["accuracy"], val["balanced_accuracy"], n_pseudo,
-                 "" if precision is None else f", precision {precision['precision']:.3f}", result.steps)
+                 result.val["accuracy"], result.val["balanced_accuracy"], result.n_pseudo,
+                 "" if result.pseudo_precision is None else f", precision {result.pseudo_precision:.3f}",
+                 result.steps)
         # The per-round summary, beside the stages' own curves.
         with EventLog(cfg.run.output_dir, suffix=f".round{r}") as events:
-            events.log(r, {**{f"val_{k}": v for k, v in val.items()}, "n_pseudo": n_pseudo,
-                           "pseudo_precision": history[-1]["pseudo_precision"], "steps": result.steps}, "rounds/")
+            events.log(r, {**{f"val_{k}": v for k, v in result.val.items()}, "n_pseudo": result.n_pseudo,
+                           "pseudo_precision": result.pseudo_precision, "steps": result.steps}, "rounds/")
         if on_round is not None:
-            on_round({"round": r, "val_accuracy": val["accuracy"], "val_macro_f1": val.get("macro_f1"),
-                      "val_balanced_accuracy": val.get("balanced_accuracy"),
-                      "val_selected": val[cfg.run.select_metric],
-                      "n_pseudo": n_pseudo, "pseudo_precision": history[-1]["pseudo_precision"],
-                      "seconds": history[-1]["seconds"], "pretrain_reused": reused})
+            on_round(result, reused)
 
-    best = best_round([h["val"][cfg.run.select_metric] for h in history])
+    best = chosen_round(history, cfg.run.select_metric)
     t0 = time.time()
-    test = split_metrics(models[best], cfg, "test", classes)
+    test = split_metrics(best.model, cfg, "test", manifest.classes)
     stages["evaluate"] = time.time() - t0
     report = {
         "run": {
             "name": cfg.run.name, "mode": cfg.run.mode, "head": cfg.model.head, "dataset": cfg.data.path,
             "output_dir": cfg.run.output_dir,
             "config_path": config_path, "started": started, "backbone": cfg.model.backbone,
-            "best_model": models[best], "label_fraction": cfg.data.label_fraction,
+            "best_model": best.model, "label_fraction": cfg.data.label_fraction,
             "select_metric": cfg.run.select_metric, "finetune_steps": cfg.finetune.steps,
             "selection": cfg.pseudolabel.selection, "soft_targets": cfg.pseudolabel.soft_targets,
             "labels_per_class": cfg.data.labels_per_class,
             "pretrain_reused": reused, "pretrain_cache_key": cache_key,
         },
-        "classes": classes,
+        "classes": manifest.classes,
         "data": {
             "n_train_labeled": labels.n_labeled, "n_unlabeled": labels.pool_rows,
             "n_val": manifest.splits["val"].rows, "n_test": manifest.splits["test"].rows,
         },
         "stages": stages,
-        "compute": {**compute, "finetune": history[0]["compute"]},
-        "rounds": history,
-        "best_round": best,
+        "compute": {**compute, "finetune": history[0].compute},
+        "rounds": [h.to_dict() for h in history],
+        "best_round": best.round,
         "test": test,
     }
     return publish_report(report, cfg.run.output_dir)

@@ -55,7 +55,7 @@ class PretrainResult:
 # ---------------------------------------------------------------- builders
 
 
-def build_model(cfg: Config) -> BYOL:
+def build_byol(cfg: Config) -> BYOL:
     m = cfg.model
     backbone = backbone_for(m)
     return BYOL(backbone, None, m.proj_hidden_dim, m.proj_dim, m.pred_hidden_dim)
@@ -204,7 +204,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
 
     # SyncBatchNorm in the online and target networks alike.
     compute = compute_for(device, p.precision, p.channels_last)
-    model = compute.model(build_replica(lambda: build_model(cfg), p.seed, cfg.model.sync_batchnorm, device))
+    model = compute.model(build_replica(lambda: build_byol(cfg), p.seed, cfg.model.sync_batchnorm, device))
     online = wrap_ddp(model.online, device)
     if p.compile:  # in place: the state dict keeps its keys
         online.compile()

@@ -7,7 +7,7 @@ import itertools
 from typing import Any
 
 from raysemi.core.config import Config
-from raysemi.core.tables import fmt_short as fmt
+from raysemi.core.tables import fmt
 
 HEATMAP_AXES = ("pretrain.epochs", "pretrain.lr")
 MAX_HEATMAP_VALUES = 12

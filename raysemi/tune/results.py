@@ -16,8 +16,7 @@ from typing import Any
 
 from raysemi.core.config import Config, ConfigError, config_to_yaml
 from raysemi.core.io import join, read_config_beside, write_bytes_atomic
-from raysemi.core.tables import fmt_short as fmt
-from raysemi.core.tables import markdown_table
+from raysemi.core.tables import fmt, markdown_table
 from raysemi.tune.heatmap import HEATMAP_AXES, heatmap_png
 from raysemi.tune.space import Space
 from raysemi.tune.trial import plain, trial_dir

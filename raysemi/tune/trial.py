@@ -24,7 +24,7 @@ from typing import Any
 
 from raysemi.core.config import from_dict
 from raysemi.core.io import join, read_json
-from raysemi.ml.metrics import best_round
+from raysemi.pipeline.rounds import RoundResult, chosen_round
 
 log = logging.getLogger("raysemi.tune")
 
@@ -41,9 +41,14 @@ def trial_dir(exp: str, trial_id: str) -> str:
     return join(exp, "trials", trial_id)
 
 
-def best_so_far(rounds: list[dict[str, Any]]) -> dict[str, Any]:
-    """The round summary (``run_pipeline``'s ``on_round``) the pipeline would keep among those so far."""
-    return rounds[best_round([r["val_selected"] for r in rounds])]
+def best_so_far(rounds: list[dict[str, Any]], metric: str) -> RoundResult:
+    """The round the pipeline would keep among those so far (``RoundResult.to_dict`` each, as checkpointed)."""
+    return chosen_round([RoundResult.from_dict(r) for r in rounds], metric)
+
+
+def _val_metrics(result: RoundResult) -> dict[str, Any]:
+    return {"val_accuracy": result.val["accuracy"], "val_macro_f1": result.val.get("macro_f1"),
+            "val_balanced_accuracy": result.val.get("balanced_accuracy")}
 
 
 def _report(metrics: dict[str, Any], state: dict[str, Any]) -> None:
@@ -76,26 +81,23 @@ def run_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
     done = {r["round"] for r in state["rounds"]}
     elapsed0 = state["elapsed_s"]
 
-    def on_round(summary: dict[str, Any]) -> None:
-        if summary["round"] in done:  # reported before this trial was restored
+    def on_round(result: RoundResult, pretrain_reused: bool) -> None:
+        if result.round in done:  # reported before this trial was restored
             return
-        state["rounds"].append(summary)
+        state["rounds"].append(result.to_dict())
         state["elapsed_s"] = elapsed0 + time.time() - t0
-        best = best_so_far(state["rounds"])
-        _report({"round": summary["round"], "round_val_accuracy": summary["val_accuracy"],
-                 "val_accuracy": best["val_accuracy"], "val_macro_f1": best["val_macro_f1"],
-                 "val_balanced_accuracy": best.get("val_balanced_accuracy"),
-                 "best_round": best["round"], "n_pseudo": summary["n_pseudo"],
-                 "pretrain_reused": summary["pretrain_reused"], "wall_s": state["elapsed_s"], "completed": False},
+        best = best_so_far(state["rounds"], cfg.run.select_metric)
+        _report({"round": result.round, "round_val_accuracy": result.val["accuracy"], **_val_metrics(best),
+                 "best_round": best.round, "n_pseudo": result.n_pseudo,
+                 "pretrain_reused": pretrain_reused, "wall_s": state["elapsed_s"], "completed": False},
                 state)
 
     report = read_json(run_pipeline(cfg, resume=True, config_path=setup.get("config_path", ""), on_round=on_round))
-    best = report["best_round"]
-    val = report["rounds"][best]["val"]
+    rounds = [RoundResult.from_dict(r) for r in report["rounds"]]
+    best = rounds[report["best_round"]]  # chosen by the pipeline with chosen_round, as after each round above
     state["elapsed_s"] = elapsed0 + time.time() - t0
-    _report({"round": report["rounds"][-1]["round"], "round_val_accuracy": report["rounds"][-1]["val"]["accuracy"],
-             "val_accuracy": val["accuracy"], "val_macro_f1": val.get("macro_f1"),
-             "val_balanced_accuracy": val.get("balanced_accuracy"), "best_round": best,
+    _report({"round": rounds[-1].round, "round_val_accuracy": rounds[-1].val["accuracy"], **_val_metrics(best),
+             "best_round": best.round,
              "test_accuracy": report["test"]["accuracy"], "test_macro_f1": report["test"].get("macro_f1"),
              "pretrain_reused": bool(report["run"].get("pretrain_reused")),
              "pretrain_s": report["stages"].get("pretrain"), "wall_s": state["elapsed_s"],

@@ -66,7 +66,7 @@ def test_bf16_autocast_really_runs_in_bf16_and_keeps_the_weights_fp32():
 def _byol_loss_and_grads(c: Compute, batch_seed: int = 1) -> tuple[float, dict[str, torch.Tensor]]:
     cfg = load_config(None, TINY)
     torch.manual_seed(0)
-    model = c.model(pretrain.build_model(cfg).train())
+    model = c.model(pretrain.build_byol(cfg).train())
     g = torch.Generator().manual_seed(batch_seed)
     x1, x2 = torch.randn(2, 16, 3, 32, 32, generator=g).unbind(0)
     with c.autocast():

@@ -10,10 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from raysemi.core.tables import fmt
 from raysemi.ml import report as report_mod
 from raysemi.ml import report_plots
 from raysemi.ml.metrics import classification_metrics
-from raysemi.ml.report import fmt, fmt_seconds, render_markdown, write_report
+from raysemi.ml.report import fmt_seconds, metric, render_markdown, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 CLASSES = ["COVID", "Normal", "Viral Pneumonia"]
@@ -199,5 +200,6 @@ def test_auc_note_and_pipe_in_names():
 
 
 def test_formatting():
-    assert fmt(0.96612) == "0.9661" and fmt(3) == "3" and fmt(None) == "n/a" and fmt(float("inf")) == "n/a"
+    assert metric(0.96612) == "0.9661" and metric(3) == "3" and metric(None) == "n/a" and metric(float("inf")) == "n/a"
+    assert fmt(0.96612) == "0.9661" and fmt(12.34) == "12.3" and fmt(True) == "yes" and fmt(float("nan")) == "n/a"
     assert fmt_seconds(4.24) == "4.2s" and fmt_seconds(123) == "2m 03s" and fmt_seconds(3723) == "1h 02m 03s"

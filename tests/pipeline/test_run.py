@@ -128,6 +128,7 @@ def test_retrain_from_previous_and_resume_reuses_finished_rounds(ray_session, de
     """Two rounds: each starts from the previous classifier at a tenth of the lr; round r uses r x budget
     pseudo-labels; the test split is evaluated on the round chosen on validation (made round 1 here, not the
     last); a resumed run trains nothing again."""
+    from raysemi.pipeline import rounds
     from raysemi.pipeline import run as pipeline
 
     out = tmp_path / "run"
@@ -144,7 +145,8 @@ def test_retrain_from_previous_and_resume_reuses_finished_rounds(ray_session, de
             metrics = {**metrics, "accuracy": 1.0, "balanced_accuracy": 1.0, "macro_f1": 1.0}
         return metrics
 
-    monkeypatch.setattr(pipeline, "split_metrics", split_metrics)
+    monkeypatch.setattr(pipeline, "split_metrics", split_metrics)  # test
+    monkeypatch.setattr(rounds, "split_metrics", split_metrics)  # val, after each round
     first = json.loads(Path(run_pipeline(cfg)).read_text())
     byol = out / "pretrain" / "byol.safetensors"
     model = {r: str(out / f"round={r}" / "classifier.safetensors") for r in (0, 1, 2)}

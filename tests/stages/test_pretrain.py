@@ -36,7 +36,7 @@ def _one_step(cfg_dict: dict, x1: torch.Tensor, x2: torch.Tensor, freeze_bn: boo
     """One BYOL update from a fixed init on (x1, x2); DDP-wrapped when a process group is up."""
     cfg = from_dict(cfg_dict)
     torch.manual_seed(0)
-    model = pretrain.build_model(cfg)
+    model = pretrain.build_byol(cfg)
     device = torch.device("cpu")
     online = wrap_ddp(model.online, device)
     opt = build_optimizer(cfg.pretrain.optimizer, model.online, 0.5, 1e-4)
@@ -87,7 +87,7 @@ def test_ddp_two_workers_equal_one_worker_full_batch(ray_session, tmp_path):
     assert moved > 10
     # The step did something: online weights moved away from the (seeded) initial weights.
     torch.manual_seed(0)
-    fresh = pretrain.build_model(cfg).state_dict()
+    fresh = pretrain.build_byol(cfg).state_dict()
     conv = next(k for k, v in fresh.items() if k.startswith("online.backbone.") and v.dim() == 4)
     assert not torch.allclose(fresh[conv], single[conv])
 
@@ -110,7 +110,7 @@ def test_checkpoint_from_another_model_is_refused(tmp_path, demo_dataset):
                              "pretrain.batch_size=32"])
     other = cfg.replace(**{"model.proj_dim": 16})
     rio.save_weights(
-        str(tmp_path / "pretrain" / pretrain.WEIGHTS), pretrain.build_model(cfg).state_dict(),
+        str(tmp_path / "pretrain" / pretrain.WEIGHTS), pretrain.build_byol(cfg).state_dict(),
         {"config": config_to_yaml(other)},
     )
     with pytest.raises(RaysemiError, match="pretrained with another model config"):

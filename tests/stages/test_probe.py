@@ -21,8 +21,8 @@ TINY = ["model.backbone=test_resnet", "model.small_image=false", "model.proj_hid
 
 
 def _save_byol(path, cfg, perturb: bool = False) -> str:
-    torch.manual_seed(cfg.pretrain.seed)  # what the Train worker does before build_model
-    model = pretrain.build_model(cfg)
+    torch.manual_seed(cfg.pretrain.seed)  # what the Train worker does before build_byol
+    model = pretrain.build_byol(cfg)
     if perturb:
         with torch.no_grad():
             for p in model.online.backbone.parameters():

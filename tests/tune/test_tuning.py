@@ -19,6 +19,7 @@ from raysemi.commands.cli import main
 from raysemi.core.config import load_config
 from raysemi.core.errors import RaysemiError
 from raysemi.core.event_log import read_scalars
+from raysemi.pipeline.rounds import RoundResult
 from raysemi.tune import SETUP, SpaceError, load_space, parse_space, results, run_tune, search, validate_space
 from raysemi.tune import experiment as tune_experiment
 from raysemi.tune.space import TRIAL_METRICS, max_reports
@@ -439,7 +440,11 @@ def test_tiny_sweep_survives_a_trial_failure_and_an_interruption(ray_session, de
 
 
 def test_tune_reports_the_best_round_so_far_not_the_last():
-    rounds = [{"round": 0, "val_selected": 0.80}, {"round": 1, "val_selected": 0.85}, {"round": 2, "val_selected": 0.70}]
-    assert best_so_far(rounds)["round"] == 1
-    assert best_so_far(rounds[:1])["round"] == 0
-    assert best_so_far([*rounds, {"round": 3, "val_selected": 0.85}])["round"] == 1  # the tie: the earlier round
+    def rnd(r, acc, bal):
+        return RoundResult(round=r, val={"accuracy": acc, "balanced_accuracy": bal}, model=f"round={r}").to_dict()
+
+    rounds = [rnd(0, 0.80, 0.60), rnd(1, 0.85, 0.50), rnd(2, 0.70, 0.90)]
+    assert best_so_far(rounds, "accuracy").round == 1
+    assert best_so_far(rounds, "balanced_accuracy").round == 2  # by run.select_metric, not always accuracy
+    assert best_so_far(rounds[:1], "accuracy").round == 0
+    assert best_so_far([*rounds, rnd(3, 0.85, 0.0)], "accuracy").round == 1  # the tie: the earlier round

@@ -1,7 +1,7 @@
 """``raysemi ingest``: an image folder, a MedMNIST-style ``.npz`` or a CSV (local or on S3), or a local DICOM
 tree -> validated, deduplicated, group-split Parquet shards with a manifest (the data contract in ``shards.py``).
 
-The steps: scan the source as a stream (``sources.py``; DICOM headers in ``dicom_sources.py``), check the
+The steps: scan the source as a stream (``ingest/sources.py`` over ``data/sources.py``'s listing; DICOM headers in ``dicom/sources.py``), check the
 destination (``destination.py``), then, as tasks of a ``Mapper`` (in this process, or Ray tasks spread over
 the cluster: ``ray_tasks.task_mapper``), a bounded window of chunks at a time:
 
@@ -51,16 +51,15 @@ from raysemi.data.ingest.sources import (
     FORMATS,
     Item,
     Scan,
-    current_trees,
     detect_format,
     scan_csv,
     scan_folder,
     scan_npz,
     scan_unlabeled,
-    source_trees,
 )
 from raysemi.data.ingest.validate import DEFAULT_MAX_PIXELS
 from raysemi.data.shards import QUARANTINE, SPLITS, DatasetError, Manifest, Mapper, SplitInfo, local_map
+from raysemi.data.sources import current_trees, source_trees
 
 __all__ = ["FORMATS", "DicomOptions", "ingest", "summarize"]  # FORMATS: re-exported from sources
 

@@ -20,11 +20,8 @@ from __future__ import annotations
 
 import csv
 import itertools
-import os
 import re
 from collections.abc import Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +32,18 @@ from raysemi.data.ingest.dicom import read as dicom
 from raysemi.data.ingest.dicom import render as dicom_render
 from raysemi.data.ingest.validate import Checked
 from raysemi.data.shards import SPLITS, DatasetError
+from raysemi.data.sources import (
+    OUTSIDE_LINK,
+    Root,
+    child,
+    escapes,
+    is_dir,
+    is_remote_root,
+    name_of,
+    relative_path,
+    subdirs,
+    walk_files,
+)
 
 FORMATS = ("auto", "folder", "npz", "csv", "dicom")
 _SPLIT_DIRS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
@@ -59,127 +68,12 @@ class Item:
     named: bool = False  # named by a CSV: a missing file stops the ingest (a listed one is just quarantined)
 
 
-# The source trees a symbolic link may point into (ingest sets them unless --follow-symlinks); None: any.
-_TREES: ContextVar[tuple[Path, ...] | None] = ContextVar("raysemi_source_trees", default=None)
-OUTSIDE_LINK = "symbolic link out of the source folder (not read; --follow-symlinks reads it)"
-
-
-@contextmanager
-def source_trees(roots: list[Path] | None) -> Iterator[None]:
-    """Within the block, files and folders reached through a symbolic link that leaves ``roots`` (real
-    paths) are not read nor entered: ``escapes`` says so, and ingest quarantines them with ``OUTSIDE_LINK``.
-    ``None``: links are followed anywhere."""
-    token = _TREES.set(tuple(Path(os.path.realpath(r)) for r in roots) if roots is not None else None)
-    try:
-        yield
-    finally:
-        _TREES.reset(token)
-
-
-def current_trees() -> tuple[Path, ...] | None:
-    """The source trees set by ``source_trees`` (for a task that checks links in another process)."""
-    return _TREES.get()
-
-
-def escapes(path: Path, trees: tuple[Path, ...] | None = None) -> bool:
-    """Whether ``path``, inside the source trees (``source_trees``, or ``trees``) as written, leads out of them
-    through a symbolic link. (A path written outside them, e.g. ``../x.png`` in a CSV, is the user's own choice.)"""
-    trees = trees if trees is not None else _TREES.get()
-    if trees is None:
-        return False
-    roots = [str(t) for t in trees]
-
-    def inside(p: str) -> bool:
-        return any(p == t or p.startswith(t.rstrip(os.sep) + os.sep) for t in roots)
-
-    return inside(os.path.abspath(path)) and not inside(os.path.realpath(path))
-
-
 def quarantine_escaping(items: list[Item], trees: tuple[Path, ...] | None = None) -> list[Item]:
     """``items``, those whose file escapes the source trees quarantined (``OUTSIDE_LINK``) before any read."""
     for it in items:
         if it.path is not None and it.check is None and it.dicom is None and escapes(it.path, trees):
             it.check = Checked(reason=OUTSIDE_LINK)
     return items
-
-
-def _visible(name: str) -> bool:
-    return not name.startswith((".", "_"))
-
-
-Root = Path | str  # a local folder, or a folder on an object store as a URI ("s3://bucket/prefix")
-
-
-def _remote(root: Root) -> bool:
-    return isinstance(root, str) and rio.is_remote(root)
-
-
-def _name(p: Root) -> str:
-    return p.name if isinstance(p, Path) else p.rstrip("/").rsplit("/", 1)[-1]
-
-
-def _child(root: Root, name: str) -> Root:
-    return root / name if isinstance(root, Path) else rio.join(root, name)
-
-
-def _is_dir(p: Root) -> bool:
-    if isinstance(p, Path):
-        return p.is_dir()
-    fs, path = rio.filesystem(p)
-    return fs.isdir(path)
-
-
-def _subdirs(root: Root) -> list[Root]:
-    if isinstance(root, Path):
-        return sorted(p for p in root.iterdir() if p.is_dir() and _visible(p.name))
-    fs, path = rio.filesystem(root)
-    names = [e["name"].rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(path, detail=True) if e["type"] == "directory"]
-    return [rio.join(root, n) for n in sorted(names) if _visible(n)]
-
-
-def walk_files(root: Root) -> Iterator[Root]:
-    """Every visible file under ``root``, in sorted order, one folder at a time (nothing is listed whole).
-    Locally, through symbolic links to folders too (each real folder once); under ``source_trees``, a link
-    that leaves them is yielded itself, not entered, for the caller to quarantine."""
-    if _remote(root):
-        fs, path = rio.filesystem(root)
-        scheme = root.split("://", 1)[0]
-        for dirpath, dirnames, filenames in fs.walk(path, detail=False):
-            dirnames[:] = sorted(d for d in dirnames if _visible(d))  # walked top-down: prunes and orders
-            fs.invalidate_cache(dirpath)  # one level's listing at a time: the cache would hold every key
-            for f in sorted(filenames):
-                if not f.startswith("."):
-                    yield f"{scheme}://{dirpath.rstrip('/')}/{f}"
-        return
-    if escapes(root):  # a class or unlabeled folder that is itself such a link
-        yield root
-        return
-    seen = {os.path.realpath(root)}
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        keep = []
-        for d in sorted(d for d in dirnames if _visible(d)):
-            full = Path(dirpath) / d
-            if escapes(full):
-                yield full
-            elif os.path.realpath(full) not in seen:  # a link back up the tree: entered once
-                seen.add(os.path.realpath(full))
-                keep.append(d)
-        dirnames[:] = keep
-        for f in sorted(filenames):
-            if not f.startswith("."):
-                yield Path(dirpath) / f
-
-
-def list_files(root: Path) -> list[Path]:
-    """``walk_files`` as a list (for sources that are read whole: DICOM headers, ``predict``'s listing)."""
-    return list(walk_files(root))
-
-
-def relative_path(f: Root, root: Root) -> str:
-    """The path of ``f`` (from ``walk_files(root)``) relative to ``root``, with ``/``."""
-    if isinstance(f, Path):
-        return f.relative_to(root).as_posix()
-    return f[len(str(root).rstrip("/")) + 1:]
 
 
 def _item(f: Root, source: str, label: str | None, group: str | None, split: str | None) -> Item:
@@ -206,30 +100,30 @@ class Scan:
 
 
 def scan_folder(root: Root, regex, say_names: bool = True) -> Scan:
-    subdirs = _subdirs(root)
-    split_dirs = [p for p in subdirs if _name(p).lower() in _SPLIT_DIRS]
+    folders = subdirs(root)
+    split_dirs = [p for p in folders if name_of(p).lower() in _SPLIT_DIRS]
     if split_dirs:
-        others = [_name(p) for p in subdirs if p not in split_dirs and _name(p) != "unlabeled"]
+        others = [name_of(p) for p in folders if p not in split_dirs and name_of(p) != "unlabeled"]
         if others:
             # A DICOM export's folders can be named after patients: count them, do not print them.
             what = ", ".join(others) if say_names else f"{len(others)} of them"
             raise DatasetError(f"{root} mixes split folders (train/val/test) with other folders: {what}")
-        layout = [(_SPLIT_DIRS[_name(p).lower()], p) for p in split_dirs]
+        layout = [(_SPLIT_DIRS[name_of(p).lower()], p) for p in split_dirs]
     else:
         layout = [(None, root)]
-    per_split = [(split, [c for c in _subdirs(base) if not (split is None and _name(c) == "unlabeled")])
+    per_split = [(split, [c for c in subdirs(base) if not (split is None and name_of(c) == "unlabeled")])
                  for split, base in layout]
-    classes = sorted({_name(c) for _, cdirs in per_split for c in cdirs})
+    classes = sorted({name_of(c) for _, cdirs in per_split for c in cdirs})
     if not classes:
         raise DatasetError(f"{root} has no class subfolders (expected {root}/<class>/<image files>)")
-    unlabeled = _child(root, "unlabeled")
+    unlabeled = child(root, "unlabeled")
 
     def items() -> Iterator[Item]:
         for split, cdirs in per_split:
             for cdir in cdirs:
                 for f in walk_files(cdir):
-                    yield _item(f, relative_path(f, root), _name(cdir), _group_of(_name(f), regex), split)
-        if _is_dir(unlabeled):
+                    yield _item(f, relative_path(f, root), name_of(cdir), _group_of(name_of(f), regex), split)
+        if is_dir(unlabeled):
             yield from scan_unlabeled(unlabeled, regex, prefix="unlabeled/")
 
     return Scan(items(), classes, {s for s, _ in layout if s})
@@ -237,7 +131,7 @@ def scan_folder(root: Root, regex, say_names: bool = True) -> Scan:
 
 def scan_unlabeled(root: Root, regex, prefix: str) -> Iterator[Item]:
     for f in walk_files(root):
-        yield _item(f, f"{prefix}{relative_path(f, root)}", None, _group_of(_name(f), regex), "unlabeled")
+        yield _item(f, f"{prefix}{relative_path(f, root)}", None, _group_of(name_of(f), regex), "unlabeled")
 
 
 def scan_npz(path: Root) -> Scan:
@@ -340,7 +234,7 @@ def scan_csv(path: Root, regex) -> Scan:
                 if label is None or split == "unlabeled":
                     label, split = None, "unlabeled"
                 f = _resolve(base, rel)
-                group = cell("group") or _group_of(_name(f), regex)
+                group = cell("group") or _group_of(name_of(f), regex)
                 if label is not None:
                     labels.add(label)
                 if split in ("train", "val", "test"):
@@ -371,7 +265,7 @@ def detect_format(source: Root, fmt: str) -> str:
     """The source's format: ``fmt``, or (``auto``) told from what ``source`` is (a local path or a URI)."""
     if fmt not in FORMATS:
         raise DatasetError(f"unknown format {fmt!r} (expected one of: {', '.join(FORMATS)})")
-    if _remote(source):
+    if is_remote_root(source):
         fs, path = rio.filesystem(source)
         is_dir, exists = fs.isdir(path), fs.exists(path)
         if fmt == "dicom":
@@ -385,8 +279,8 @@ def detect_format(source: Root, fmt: str) -> str:
     if fmt != "auto":
         return fmt
     if is_dir:
-        return "dicom" if not _remote(source) and dicom.looks_like_dicom(source) else "folder"
-    suffix = _name(source).rsplit(".", 1)[-1].lower() if "." in _name(source) else ""
+        return "dicom" if not is_remote_root(source) and dicom.looks_like_dicom(source) else "folder"
+    suffix = name_of(source).rsplit(".", 1)[-1].lower() if "." in name_of(source) else ""
     if suffix in ("npz", "csv"):
         return suffix
     raise DatasetError(f"unknown source format: {source} (expected an image folder, a .npz or a .csv file)")

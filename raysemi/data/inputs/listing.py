@@ -11,7 +11,7 @@
 ``list_source`` checks SOURCE and finds its first image (so an empty source is refused before anything is
 written); ``stream_listing`` then walks it once, in bounded memory, into ``<dest>/list-NNNNN.parquet`` parts
 of ``LIST_ROWS`` paths (``path``, ``uri``) and ``<dest>/listing.json`` last, computing the fingerprint on the
-way. The folder and prefix walk (ingest's ``sources.walk_files``: one folder level listed at a time, the same rules
+way. The folder and prefix walk (``data/sources.walk_files``, ingest's too: one folder level listed at a time, the same rules
 and order locally and on S3) and the CSV reader (pyarrow's streaming reader) are generators: what they hold is
 one folder's names (the sort needs them) or one CSV block. A CSV's repeated paths are found in a temporary on-disk
 SQLite index beside the driver, not a Python set. A listing's ``fingerprint`` names what was listed, so that a
@@ -38,8 +38,8 @@ import pyarrow.parquet as pq
 
 from raysemi.core import io as rio
 from raysemi.core.errors import RaysemiError
-from raysemi.data.ingest.sources import relative_path, walk_files
 from raysemi.data.shards import MANIFEST, SPLITS, dataset_exists, read_manifest
+from raysemi.data.sources import relative_path, walk_files
 
 IMAGE_EXTENSIONS = frozenset(
     {".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".dib", ".tif", ".tiff", ".gif", ".webp",

@@ -14,9 +14,10 @@ from pathlib import Path
 from raysemi.data.ingest.dicom import header as dicom_header
 from raysemi.data.ingest.dicom import read as dicom
 from raysemi.data.ingest.dicom import render as dicom_render
-from raysemi.data.ingest.sources import OUTSIDE_LINK, Item, escapes, list_files, scan_folder, scan_unlabeled
+from raysemi.data.ingest.sources import Item, scan_folder, scan_unlabeled
 from raysemi.data.ingest.validate import Checked
 from raysemi.data.shards import DatasetError
+from raysemi.data.sources import OUTSIDE_LINK, escapes, list_files
 
 _KEY_COLUMNS = {
     "path": "path",
