@@ -45,14 +45,13 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import functools
 import itertools
 import json
 import os
 import platform
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -65,6 +64,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 import multinode_cluster as mc  # noqa: E402
+from moto_s3 import MotoStartError, moto_s3  # noqa: E402
 
 from raysemi.core import io as rio  # noqa: E402
 from raysemi.core.config import load_config  # noqa: E402
@@ -84,25 +84,6 @@ KINDS = ("pretrain", "pretrain-replaced", "pretrain-elastic", "finetune", "finet
 
 PSEUDOLABEL = [*MODEL, "model.proj_hidden_dim=32", "model.proj_dim=16", "data.image_size=32", "data.loader=torch",
                "pseudolabel.num_actors=3", "pseudolabel.batch_size=4", "ray.placement_strategy=SPREAD"]
-
-
-def start_moto() -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
-                      AWS_DEFAULT_REGION="us-east-1")
-    for _ in range(120):
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return proc, endpoint
-        except OSError:
-            time.sleep(0.25)
-    proc.terminate()
-    raise SystemExit("bench/node_loss.py: error: the moto server did not start")
 
 
 def checkpoint_dirs(run_dir: str) -> set[str]:
@@ -324,10 +305,14 @@ def main() -> None:
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "tests"), os.environ.get("PYTHONPATH")) if p)
     os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="rnl", dir="/tmp")  # short: Ray's unix sockets live there
     work = tempfile.mkdtemp(prefix="node-loss-")
-    moto, cluster, tries = None, None, []
+    moto, cluster, tries = contextlib.ExitStack(), None, []
     try:
-        moto, endpoint = start_moto()
-        s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}).mkdir("node-loss")
+        try:
+            s3 = moto.enter_context(moto_s3())
+        except MotoStartError as err:
+            raise SystemExit(f"bench/node_loss.py: error: {err}") from None
+        os.environ.update(s3.env)  # the driver's and, through the processes that start the nodes, the workers'
+        s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3.endpoint}).mkdir("node-loss")
         bucket, data = "s3://node-loss", "s3://node-loss/dataset"
         from raysemi.data.ingest.run import ingest
         from raysemi.data.synthetic import GROUP_REGEX, make_demo_dataset
@@ -355,9 +340,7 @@ def main() -> None:
             ray.shutdown()
         if cluster is not None:
             cluster.shutdown()
-        if moto is not None:
-            moto.terminate()
-            moto.wait()
+        moto.close()
         shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(os.environ["RAY_TMPDIR"], ignore_errors=True)
     rows = summary(tries)

@@ -12,7 +12,10 @@ seed, with the same config (so the same optimizer steps per round for every row)
 - BYOL + fine-tune at the rung: round 0 of the full method's run (the same computation: same
   pretrained weights, labelled rows, steps and seed), evaluated on test,
 - the full method (BYOL, fine-tune, pseudo-label rounds; the round chosen on validation by
-  ``run.select_metric``).
+  ``run.select_metric``),
+- FixMatch (Sohn et al. 2020, the method paper's Table 2 comparison; ``run.mode=fixmatch``): the BYOL weights
+  fine-tuned on the labelled rows plus FixMatch's consistency loss on the pool, with ``--methods`` naming it
+  (``--methods supervised full fixmatch``; by default the first two).
 
 With ``--steps-menu 300 600 1200 2400`` nothing wins or loses by compute: every row (each seed) runs once per
 fine-tuning length and keeps the one that validates best (the full method by its chosen round, BYOL +
@@ -56,7 +59,9 @@ ROWS = (
     ("supervised_all", "supervised, all labels"),
     ("byol_finetune", "BYOL + fine-tune, few labels"),
     ("full", "full method, few labels"),
+    ("fixmatch", "FixMatch from BYOL, few labels"),
 )
+METHODS = ("supervised", "full", "fixmatch")  # the runs of a rung (BYOL + fine-tune is the full method's round 0)
 METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "auc_ovr")
 
 
@@ -76,6 +81,8 @@ def _relevant(cfg: dict[str, Any]) -> dict[str, Any]:
         cfg["run"].pop(key, None)
     if cfg["run"]["mode"] != "full":
         cfg.pop("pseudolabel")
+    if cfg["run"]["mode"] != "fixmatch" and not (cfg["run"]["mode"] == "full" and cfg.get("fixmatch", {}).get("in_rounds")):
+        cfg.pop("fixmatch", None)
     if cfg["run"]["mode"] == "supervised":
         cfg.pop("pretrain")
     return cfg
@@ -179,9 +186,10 @@ def _pick(done: list[tuple[int | None, Path, Any]], round_of) -> tuple[int | Non
 
 
 def measure(config: str, dataset: str, seed: int, extra: list[str], out: Path,
-            rungs: list[str | None], menu: list[int] | None = None) -> list[dict[str, Any]]:
+            rungs: list[str | None], menu: list[int] | None = None,
+            methods: tuple[str, ...] = ("supervised", "full")) -> list[dict[str, Any]]:
     """Every row of one data set and one label seed: supervised at 100% once, and per rung below 100%
-    supervised, BYOL + fine-tune and the full method. With a step ``menu`` every row picks its fine-tuning
+    supervised, BYOL + fine-tune, the full method and the other ``methods``. With a step ``menu`` every row picks its fine-tuning
     length on validation among the menu's runs (BYOL + fine-tune by round 0 of the full method's runs)."""
     base = [f"data.path={dataset}", f"data.label_seed={seed}", f"finetune.seed={seed}",
             f"pretrain.cache={out / 'pretrain_cache'}", *extra]
@@ -194,7 +202,8 @@ def measure(config: str, dataset: str, seed: int, extra: list[str], out: Path,
         if tag == "100pc":
             continue  # the ceiling, measured above
         where = out / tag if tag else out
-        for key, mode in (("supervised", ["run.mode=supervised"]), ("full", ["run.mode=full"])):
+        for key in methods:
+            mode = [f"run.mode={key}"]
             done = run_menu(config, base + sets + mode, where / f"{key}-seed{seed}", menu)
             steps, _, (report, wall, reused) = _pick(done, lambda r: r["best_round"])
             rows.append(_row(key, seed, report, report["test"], wall, reused, report["best_round"], rung, steps))
@@ -252,7 +261,7 @@ def _mean_std(values: list[float | None]) -> str:
 
 
 def _gap_cell(rows: list[dict[str, Any]], rung: str | None, key: str) -> str:
-    if key not in ("byol_finetune", "full"):
+    if key not in ("byol_finetune", "full", "fixmatch"):
         return "-"
     gaps = [gap_closed(rows, rung, key, m) for m in ("accuracy", "balanced_accuracy")]
     return " / ".join("-" if g is None else f"{100 * g:.0f}%" for g in gaps)
@@ -290,6 +299,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="the label ladder: rungs N/class or P%% (default: the config's own label choice)")
     ap.add_argument("--steps-menu", nargs="+", type=int, default=None,
                     help="fine-tuning lengths every row chooses from on validation (default: the config's own)")
+    ap.add_argument("--methods", nargs="+", default=["supervised", "full"], choices=METHODS,
+                    help="the runs of each rung (default: supervised full; BYOL + fine-tune is full's round 0)")
     ap.add_argument("--set", dest="sets", action="append", default=[], help="key=value, passed to every run")
     ap.add_argument("--out", default="outputs/quality", help="run folders (default outputs/quality)")
     ap.add_argument("--results", default=None, help="JSON to write (default bench/results/quality-<config>.json)")
@@ -311,7 +322,7 @@ def main(argv: list[str] | None = None) -> None:
         results[d] = []
         for seed in args.seeds:
             t1 = time.time()
-            results[d] += measure(args.config, d, seed, args.sets, out, rungs, args.steps_menu)
+            results[d] += measure(args.config, d, seed, args.sets, out, rungs, args.steps_menu, tuple(args.methods))
             print(f"{Path(d).name} seed {seed}: {time.time() - t1:.0f} s", flush=True)
     table = format_table(results)
     print(table)
@@ -323,7 +334,7 @@ def main(argv: list[str] | None = None) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_text(json.dumps({"benchmark": "quality", "command": command, "config": args.config,
                                 "config_values": cfg, "sets": args.sets, "seeds": args.seeds, "labels": rungs,
-                                "steps_menu": args.steps_menu,
+                                "steps_menu": args.steps_menu, "methods": args.methods,
                                 "wall_s": round(wall, 1), "table": table, "runs": results}, indent=2) + "\n")
     runs_s = sum(r["wall_s"] for rows in results.values() for r in rows)
     dest.with_suffix(".md").write_text(

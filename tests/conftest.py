@@ -6,16 +6,15 @@ standard AWS environment variables, exactly as they would on a cluster node.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
 import uuid
 from pathlib import Path
 
 import pytest
+
+from tests.moto_s3 import CREDENTIALS, MotoStartError, moto_s3
 
 REPO = Path(__file__).resolve().parents[1]
 COVID = REPO.parent / "shared" / "data" / "covid19-radiography-3class"
@@ -52,20 +51,13 @@ def _no_ray_in_the_fast_tier(monkeypatch):
     yield
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def point_s3_at(monkeypatch, endpoint: str) -> None:
     """Send this test's S3 calls to ``endpoint`` with test credentials and quick failures (1 s timeouts, 2 tries
     per request), and drop the s3fs clients cached for another endpoint."""
     import s3fs
 
     env = {
-        "AWS_ENDPOINT_URL": endpoint,
-        "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": endpoint, **CREDENTIALS,
         "RAYSEMI_S3_CONNECT_TIMEOUT": "1", "RAYSEMI_S3_READ_TIMEOUT": "1", "RAYSEMI_S3_MAX_ATTEMPTS": "2",
     }
     for k, v in env.items():
@@ -75,36 +67,17 @@ def point_s3_at(monkeypatch, endpoint: str) -> None:
 
 @pytest.fixture(scope="session")
 def s3_server():
-    """A moto S3 server on a free loopback port; yields its endpoint URL and sets the AWS environment."""
+    """A moto S3 server on a free loopback port (``tests/moto_s3.py``); yields its endpoint URL and sets the
+    AWS environment in ``os.environ`` for the session (the Ray workers and subprocesses started later inherit it)."""
     pytest.importorskip("moto")
-    port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    env = {
-        "AWS_ENDPOINT_URL": endpoint,
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    deadline = time.time() + 30
-    while time.time() < deadline:
+    with contextlib.ExitStack() as stack:
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                break
-        except OSError:
-            time.sleep(0.2)
-    else:
-        proc.kill()
-        pytest.fail("moto server did not start")
-    yield endpoint
-    proc.terminate()
-    proc.wait(timeout=10)
+            server = stack.enter_context(moto_s3())
+        except MotoStartError as err:
+            pytest.fail(str(err))
+        old = {k: os.environ.get(k) for k in server.env}
+        os.environ.update(server.env)
+        yield server.endpoint
     for k, v in old.items():
         if v is None:
             os.environ.pop(k, None)

@@ -180,7 +180,7 @@ def train_stage(stage: str, cfg) -> TrainStage:
                           rio.join(cfg.run.output_dir, "pretrain"), "epoch", None)
     from raysemi.data.labels import label_split
     from raysemi.data.shards import read_manifest
-    from raysemi.pipeline.run import labeled_trainset
+    from raysemi.pipeline.rounds import labeled_trainset
     from raysemi.stages import finetune
 
     manifest = read_manifest(cfg.data.path)

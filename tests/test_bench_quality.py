@@ -72,3 +72,19 @@ def test_pick_reads_the_chosen_rounds_validation(quality, tmp_path):
             (600, tmp_path / "b", (report([0.70, 0.65], 0), 1.0, False))]
     assert quality._pick(done, lambda r: r["best_round"])[0] == 300  # the full method: 0.80 at its best round
     assert quality._pick(done, lambda r: 0)[0] == 600  # BYOL + fine-tune: round 0 alone, 0.70
+
+
+def test_a_run_is_reused_only_for_the_settings_its_mode_uses(quality):
+    """FixMatch's settings matter to a fixmatch run (and to the method with fixmatch.in_rounds), not to the others;
+    pseudo-labelling settings only to the method."""
+    from raysemi.core.config import load_config
+
+    def relevant(*sets):
+        return quality._relevant(load_config(None, list(sets)).to_dict())
+
+    for mode in ("supervised", "byol_finetune", "full"):
+        assert relevant(f"run.mode={mode}") == relevant(f"run.mode={mode}", "fixmatch.ratio=2")
+    assert relevant("run.mode=fixmatch") != relevant("run.mode=fixmatch", "fixmatch.ratio=2")
+    assert relevant("run.mode=fixmatch") == relevant("run.mode=fixmatch", "pseudolabel.budget=0.5")
+    assert relevant("run.mode=full", "fixmatch.in_rounds=true") != relevant(
+        "run.mode=full", "fixmatch.in_rounds=true", "fixmatch.ratio=2")

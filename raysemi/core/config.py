@@ -1,8 +1,9 @@
 """One frozen configuration tree for every raysemi command.
 
-Loaded from YAML (any subset of keys; the rest are the defaults below) with dotted overrides
-(``--set pretrain.epochs=50``). Unknown keys and values of the wrong type are refused with the key's
-dotted name, once, before any work starts. The resolved tree is dumped next to every output
+Loaded from YAML (any subset of keys; the rest are the defaults of :mod:`raysemi.core.config_sections`)
+with dotted overrides (``--set pretrain.epochs=50``). Validated by pydantic; unknown keys, values of the
+wrong type or out of bounds are refused as one ``ConfigError`` line naming the dotted key, once, before
+any work starts. The resolved tree is dumped next to every output
 (``config.yaml``) so that a result always names what produced it.
 """
 
@@ -12,196 +13,99 @@ import dataclasses
 import os
 import types
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any
 
 import yaml
+from pydantic import Field, TypeAdapter, ValidationError, model_validator
+from pydantic.dataclasses import dataclass
+from pydantic.fields import FieldInfo
 
-from raysemi.core.config_checks import (  # ConfigError: imported from here by every caller
-    ConfigError,
-    validate,
+from raysemi.core.config_sections import (
+    SECTION,
+    AugmentConfig,
+    DataConfig,
+    FinetuneConfig,
+    FixMatchConfig,
+    ModelConfig,
+    PretrainConfig,
+    PseudoLabelConfig,
+    RayConfig,
+    RunConfig,
 )
+from raysemi.core.errors import RaysemiError
+
+__all__ = [
+    "PATH_KEYS",
+    "AugmentConfig",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "FinetuneConfig",
+    "FixMatchConfig",
+    "ModelConfig",
+    "PretrainConfig",
+    "PseudoLabelConfig",
+    "RayConfig",
+    "RunConfig",
+    "absolute_paths",
+    "apply_overrides",
+    "config_from_yaml",
+    "config_to_yaml",
+    "from_dict",
+    "load_config",
+    "parse_override",
+]
 
 
-@dataclass(frozen=True)
-class DataConfig:
-    path: str = "outputs/demo/dataset"  # dataset URI: local folder or s3://bucket/prefix
-    image_size: int = 64  # training resolution (square)
-    loader: Literal["auto", "dali", "torch"] = "auto"  # auto = DALI wherever it imports
-    num_threads: int = 2  # decode threads per worker (DALI) / DataLoader workers (torch)
-    # torch loader: each training image decoded once per run, its pixels kept up to this many MB per
-    # loader (raysemi.data.loading.decoded_cache); 0 = decode every epoch
-    decode_cache_mb: int = 2048
-    # "Few labels" on a fully labeled set: keep a deterministic subset (by id hash) of train labels.
-    label_fraction: float | None = None
-    labels_per_class: int | None = None
-    label_seed: int = 0
+class ConfigError(RaysemiError):
+    """A configuration problem, reported as one line naming the key."""
 
 
-@dataclass(frozen=True)
-class AugmentConfig:
-    """BYOL's asymmetric two-view recipe (Grill et al. 2020, Table 6); greyscale-friendly defaults."""
-
-    crop_scale: tuple[float, float] = (0.08, 1.0)
-    hflip_p: float = 0.5
-    jitter_p: float = 0.8
-    brightness: float = 0.4
-    contrast: float = 0.4
-    saturation: float = 0.2
-    hue: float = 0.0  # 0.1 in the paper; hue carries no information in greyscale radiographs
-    grey_p: float = 0.2
-    blur_p: tuple[float, float] = (1.0, 0.1)  # view 1, view 2
-    solarize_p: tuple[float, float] = (0.0, 0.2)
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-    # Fine-tuning's (single-view) augmentation; not part of the pretraining cache key.
-    # "light": crop + flip (the method paper's); "trivialaugment": + torchvision's TrivialAugmentWide
-    # (Mueller & Hutter 2021); "randaugment": + RandAugment(2, 9) (Cubuk et al. 2020).
-    finetune_policy: Literal["light", "trivialaugment", "randaugment"] = "trivialaugment"
-    finetune_crop_scale: tuple[float, float] = (0.35, 1.0)
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    backbone: str = "resnet18"  # any timm model name
-    small_image: bool = True  # 3x3 stem, no max-pool: for 28-64 px inputs
-    proj_hidden_dim: int = 4096  # BYOL paper defaults
-    proj_dim: int = 256
-    pred_hidden_dim: int = 4096
-    head: Literal["projector", "encoder"] = "projector"  # paper: classifier on the projector output
-    sync_batchnorm: bool = False
-
-
-@dataclass(frozen=True)
-class PretrainConfig:
-    epochs: int = 100
-    batch_size: int = 256  # global, split across workers
-    optimizer: Literal["lars", "sgd", "adamw"] = "lars"
-    lr: float = 0.2  # base lr per 256 images, scaled linearly with the global batch (BYOL: 0.2 x B/256)
-    weight_decay: float = 1.5e-6
-    warmup_epochs: int = 10
-    tau_base: float = 0.99
-    # auto = bf16 autocast where the device has bf16 units (GPU; CPU with AMX / AVX512-BF16), else fp32
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    channels_last: bool = True  # NHWC: faster on GPUs and on the CPUs measured (bench/pretrain.py)
-    compile: bool = False  # torch.compile the networks (pays only in long runs: bench/pretrain.py)
-    checkpoint_every: int = 1  # epochs
-    knn_every: int = 5  # epochs; 0 disables the kNN monitor
-    knn_k: int = 20
-    seed: int = 0
-    cache: str | None = None  # URI of the content-addressed pretraining cache (raysemi.pipeline.pretrain_cache); None = off
-
-
-@dataclass(frozen=True)
-class FinetuneConfig:
-    """Fine-tuning and every retraining round. Training length is counted in optimizer steps (``steps``),
-    the same for every round and every baseline whatever the size of its training set; ``steps: null``
-    falls back to ``epochs`` passes over the training set (the method paper's way)."""
-
-    steps: int | None = 600  # optimizer steps per round; null = epochs x steps per epoch
-    epochs: int = 30  # used only when steps is null
-    eval_every: int = 100  # steps between validations/reports when counting in steps
-    batch_size: int = 64
-    optimizer: Literal["lars", "sgd", "adamw"] = "adamw"
-    lr: float = 0.001  # peak lr, not scaled
-    weight_decay: float = 0.05
-    warmup_steps: int = 50  # when counting in steps (at most the steps: a shorter run warms up throughout)
-    warmup_epochs: int = 0  # when counting in epochs
-    freeze_backbone: bool = False  # True = linear probe
-    # lr of the pretrained parts (backbone, projector) relative to the head's: < 1 keeps more of what
-    # pretraining learnt (discriminative fine-tuning, Howard & Ruder 2018). 1 = one lr for all (the paper's).
-    backbone_lr_scale: float = 1.0
-    class_weighting: bool = True  # inverse-frequency class weights in the loss (labelled + pseudo rows)
-    pseudo_weight: float = 1.0  # loss weight of a pseudo-labeled row relative to a true label
-    label_smoothing: float = 0.1
-    ema_decay: float = 0.998  # EMA of the weights (timm ModelEmaV3, warmed up); 0 = off. The EMA model is
-    #                           validated, exported and labels the pool
-    dropout: float = 0.0  # before the classifier head (Noisy Student's student noise)
-    drop_path_rate: float = 0.1  # stochastic depth where the timm backbone has it (student noise)
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # also inference: validation, pseudo-labels
-    channels_last: bool = True
-    compile: bool = False
-    checkpoint_every: int = 5  # epochs (with steps: evaluation intervals)
-    seed: int = 0
-
-
-@dataclass(frozen=True)
-class PseudoLabelConfig:
-    rounds: int = 2
-    # Pseudo-labels added per round (cumulative: round r uses the r x budget most confident). A value
-    # <= 1 is a fraction of the unlabelled pool (0.2 = a fifth of it), a larger one a count of images.
-    budget: float = 0.25
-    # How the budget is shared among the predicted classes: "top" = most confident overall (the method
-    # paper's), "balanced" = equal shares, "prior" = shares in proportion to the labelled class counts.
-    selection: Literal["top", "balanced", "prior"] = "prior"
-    # Share of each round's training rows that are true labels, reached by repeating them (0 = no
-    # repetition): at equal steps per round, pseudo-labels would otherwise crowd the true labels out.
-    labeled_share: float = 0.0
-    soft_targets: bool = False  # train on the teacher's probabilities (Noisy Student) instead of argmax
-    temperature: float = 1.0  # soft targets: p^(1/T), renormalised; < 1 sharpens
-    min_confidence: float = 0.0
-    num_actors: int = 2
-    batch_size: int = 256
-    cpus_per_actor: float = 1.0
-    gpus_per_actor: float = 0.0
-    retrain_from: Literal["pretrained", "previous"] = "pretrained"
-    # Rounds >= 1 train at finetune.lr times this: with retrain_from "previous", < 1 continues the teacher
-    # gently instead of training it again at full strength.
-    retrain_lr_scale: float = 1.0
-
-
-@dataclass(frozen=True)
-class RayConfig:
-    address: str | None = None  # None: attach to a running cluster if there is one, else start a local Ray
-    num_workers: int = 2
-    use_gpu: bool = False
-    cpus_per_worker: float = 1.0
-    # Ray Train's checkpoints; None = <run.output_dir>/ray. Must be shared by all nodes (s3://) on a cluster.
-    storage_path: str | None = None
-    max_failures: int = 2
-    # How the Train workers (their placement group) and the pseudo-label actors are placed on the nodes:
-    # PACK fills a node first; SPREAD prefers distinct nodes (a lost node then takes fewer of them down);
-    # STRICT_SPREAD demands one Train worker per node (the actors are spread as with SPREAD).
-    placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"
-    # Elastic training (Ray Train V2): a run starts, and goes on after losing a node, with as few as min_workers
-    # workers, and grows back to num_workers when the room appears (looked for every resize_interval_s; a resize
-    # restarts the workers from the latest checkpoint). None: always num_workers (a run waits for room for all).
-    min_workers: int | None = None
-    resize_interval_s: float = 60.0
-    # How long a DDP collective (an all-reduce, a barrier) waits for the slowest rank before the run fails
-    # (torch's process-group timeout; Ray Train's default is 1800 s). Validation is shared by all ranks, so
-    # only a checkpoint upload or an evaluation far slower than a training interval comes near it.
-    collective_timeout_s: int = 3600
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    output_dir: str = "outputs/run"
-    mode: Literal["full", "byol_finetune", "supervised"] = "full"
-    # The metric that picks the best round on validation; balanced accuracy and macro-F1 cannot be won
-    # by predicting the majority class.
-    select_metric: Literal["accuracy", "balanced_accuracy", "macro_f1"] = "balanced_accuracy"
-    name: str = "raysemi"
-    seed: int = 0
-
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=SECTION)
 class Config:
-    data: DataConfig = field(default_factory=DataConfig)
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-    pseudolabel: PseudoLabelConfig = field(default_factory=PseudoLabelConfig)
-    ray: RayConfig = field(default_factory=RayConfig)
-    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    pseudolabel: PseudoLabelConfig = Field(default_factory=PseudoLabelConfig)
+    fixmatch: FixMatchConfig = Field(default_factory=FixMatchConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+
+    @model_validator(mode="after")
+    def _across_fields(self) -> Config:
+        """What one field's type and bounds cannot say; a ConfigError (a ValueError) here reaches the caller
+        as it is (``_config_error``)."""
+        d, m, pl, r = self.data, self.model, self.pseudolabel, self.ray
+        if d.label_fraction is not None and d.labels_per_class is not None:
+            raise ConfigError("data.label_fraction and data.labels_per_class: set at most one")
+        for stage, s in (("pretrain", self.pretrain), ("finetune", self.finetune)):
+            if s.warmup_epochs > s.epochs:
+                raise ConfigError(
+                    f"{stage}.warmup_epochs: {s.warmup_epochs} is outside [0, {stage}.epochs={s.epochs}]")
+            if s.batch_size < r.num_workers:  # each worker gets a share of the global batch
+                raise ConfigError(
+                    f"{stage}.batch_size: {s.batch_size} is smaller than ray.num_workers ({r.num_workers})")
+        if not (pl.cpus_per_actor > 0 or pl.gpus_per_actor > 0):
+            raise ConfigError("pseudolabel: an actor needs CPUs or GPUs (cpus_per_actor or gpus_per_actor > 0)")
+        if r.min_workers is not None and r.min_workers > r.num_workers:
+            raise ConfigError(
+                f"ray.min_workers: {r.min_workers} is not between 1 and ray.num_workers ({r.num_workers})")
+        # PyTorch's SyncBatchNorm runs on CUDA only; on CPU workers each rank normalises its own half-batch.
+        if m.sync_batchnorm and not r.use_gpu:
+            raise ConfigError("model.sync_batchnorm: needs ray.use_gpu=true (CUDA only)")
+        if self.fixmatch.ema_teacher and self.finetune.ema_decay <= 0:
+            raise ConfigError("fixmatch.ema_teacher: needs finetune.ema_decay > 0 (the EMA is the teacher)")
+        return self
 
     def replace(self, **dotted: Any) -> Config:
-        """A copy with dotted keys replaced: ``cfg.replace(**{"pretrain.epochs": 5})``."""
+        """A validated copy with dotted keys replaced: ``cfg.replace(**{"pretrain.epochs": 5})``."""
         return apply_overrides(self, dotted)
 
     def to_dict(self) -> dict[str, Any]:
+        """The tree as plain YAML-able values (tuples as lists)."""
         return _to_plain(dataclasses.asdict(self))
 
 
@@ -213,73 +117,90 @@ def _to_plain(value: Any) -> Any:
     return value
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check (and minimally coerce) ``value`` against the annotation ``tp``; raise naming ``key``."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError as err:
-                errors.append(str(err))
-        raise ConfigError(errors[0] if errors else f"{key}: must not be null")
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")
-        return value
-    if origin is tuple:
-        if not isinstance(value, list | tuple) or len(value) != len(args):
-            raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")
-        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true/false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return value
-    raise ConfigError(f"{key}: unsupported type {tp!r}")  # pragma: no cover - schema bug
+_ADAPTER = TypeAdapter(Config)
+_TYPE_NAMES = {"int_type": "an integer", "float_type": "a number", "bool_type": "true/false",
+               "string_type": "a string", "dataclass_type": "a mapping"}
+_BOUNDS = ("greater_than", "greater_than_equal", "less_than", "less_than_equal")
 
 
-def _build(cls: type, data: Any, prefix: str) -> Any:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        where = f"{prefix}." if prefix else ""
-        raise ConfigError(f"unknown config key {where}{unknown[0]} (known: {', '.join(sorted(names))})")
-    kwargs = {}
-    for name, value in data.items():
-        key = f"{prefix}.{name}" if prefix else name
-        tp = hints[name]
-        if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, value, key)
+def _dotted(loc: tuple[Any, ...]) -> str:
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
+
+
+def _unwrap(tp: Any, meta: list[Any]) -> Any:
+    """``X | None`` -> ``X``, ``Annotated[X, ...]`` -> ``X`` with its constraints added to ``meta``."""
+    while True:
+        if typing.get_origin(tp) in (typing.Union, types.UnionType):
+            tp = next(a for a in typing.get_args(tp) if a is not type(None))
+        elif typing.get_origin(tp) is Annotated:
+            for m in tp.__metadata__:
+                meta.extend(m.metadata if isinstance(m, FieldInfo) else [m])
+            tp = tp.__origin__
         else:
-            kwargs[name] = _coerce(value, tp, key)
-    return cls(**kwargs)
+            return tp
+
+
+def _schema_at(loc: tuple[Any, ...]) -> tuple[Any, list[Any], FieldInfo | None]:
+    """The type, constraints and field at a pydantic error location in the tree ((None, [], None) if none)."""
+    tp: Any = Config
+    meta: list[Any] = []
+    info: FieldInfo | None = None
+    for part in loc:
+        tp = _unwrap(tp, meta)
+        if isinstance(part, int):
+            args = typing.get_args(tp)
+            if part >= len(args):
+                return None, [], None
+            tp, meta, info = args[part], [], None
+        else:
+            fields = getattr(tp, "__pydantic_fields__", {})
+            if part not in fields:
+                return None, [], None
+            info = fields[part]
+            tp, meta = info.annotation, list(info.metadata)
+    return _unwrap(tp, meta), meta, info
+
+
+def _bounds(loc: tuple[Any, ...], ctx: dict[str, Any]) -> str:
+    """``must be in [0, 1)`` / ``must be >= 1`` from every bound of the field (pydantic names only the one broken)."""
+    _, meta, info = _schema_at(loc)
+    found = {name: getattr(m, name) for m in meta for name in ("ge", "gt", "le", "lt") if hasattr(m, name)}
+    found = found or dict(ctx)
+    lo = next((f"{'[' if n == 'ge' else '('}{found[n]}" for n in ("ge", "gt") if n in found), None)
+    hi = next((f"{found[n]}{']' if n == 'le' else ')'}" for n in ("le", "lt") if n in found), None)
+    ops = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+    text = f"must be in {lo}, {hi}" if lo and hi else " and ".join(f"must be {ops[n]} {v}" for n, v in found.items())
+    # A field's description, where it has one, is the hint that goes with its bound ("0 = off").
+    return f"{text} ({info.description})" if info is not None and info.description else text
+
+
+def _config_error(err: ValidationError) -> ConfigError:
+    """The one translation of pydantic's errors: the first one, as a line naming its dotted key."""
+    first = err.errors(include_url=False)[0]
+    kind, loc, value, ctx = first["type"], tuple(first["loc"]), first.get("input"), first.get("ctx") or {}
+    if isinstance(ctx.get("error"), ConfigError):  # raised by Config._across_fields, already worded
+        return ctx["error"]
+    key = _dotted(loc)
+    if kind in ("unexpected_keyword_argument", "extra_forbidden", "invalid_key"):
+        known = sorted(getattr(_schema_at(loc[:-1])[0], "__pydantic_fields__", {}))
+        return ConfigError(f"unknown config key {'.'.join(map(str, loc))} (known: {', '.join(known)})")
+    if kind in _TYPE_NAMES:
+        message = f"expected {_TYPE_NAMES[kind]}, got {value!r}"
+    elif kind == "literal_error":
+        message = f"{value!r} is not one of {ctx['expected']}"
+    elif kind in _BOUNDS:
+        message = f"{_bounds(loc, ctx)} (got {value!r})"
+    else:  # our own PydanticCustomErrors (config_sections) and anything unforeseen: pydantic's line
+        message = first["msg"]
+    return ConfigError(f"{key or 'config'}: {message}".splitlines()[0])
 
 
 def from_dict(data: dict[str, Any] | None) -> Config:
-    cfg = _build(Config, data or {}, "")
-    validate(cfg)
-    return cfg
+    """A validated Config from a (partial) mapping; the rest are the defaults."""
+    try:
+        return _ADAPTER.validate_python(data or {})
+    except ValidationError as err:
+        raise _config_error(err) from None
 
 
 def parse_override(item: str) -> tuple[str, Any]:
@@ -296,6 +217,7 @@ def parse_override(item: str) -> tuple[str, Any]:
 
 
 def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
+    """``cfg`` with dotted keys replaced, validated as a whole."""
     data = cfg.to_dict()
     for key, value in overrides.items():
         parts = key.split(".")
@@ -342,10 +264,11 @@ def absolute_paths(cfg: Config) -> Config:
     return cfg.replace(**changes) if changes else cfg
 
 
-
 def config_to_yaml(cfg: Config) -> str:
+    """The resolved tree as YAML, every key in the order of the sections."""
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
 
 def config_from_yaml(text: str) -> Config:
+    """The inverse of ``config_to_yaml``, validated."""
     return from_dict(yaml.safe_load(text) or {})

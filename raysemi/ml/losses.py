@@ -1,4 +1,5 @@
-"""Losses: BYOL's normalised-MSE and cross-entropy with optional per-sample (pseudo-label) weights."""
+"""Losses: BYOL's normalised-MSE, cross-entropy with optional per-sample (pseudo-label) weights, and
+FixMatch's thresholded consistency loss on unlabelled images."""
 
 from __future__ import annotations
 
@@ -72,6 +73,22 @@ def cross_entropy(
         denom_w = w * (targets.to(per_sample.dtype) @ cw if soft else cw[targets])
     # clamp: an all-zero-weight batch gives 0 / tiny = 0 instead of NaN.
     return (w * per_sample).sum() / denom_w.sum().clamp_min(torch.finfo(per_sample.dtype).tiny)
+
+
+def consistency_loss(strong_logits: Tensor, teacher_probs: Tensor, threshold: float,
+                     class_weights: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """FixMatch's unlabelled loss (Sohn et al. 2020, arXiv 2001.07685, eq. 4): the cross-entropy of the strong
+    view's logits against the teacher's class on the weak view, for the rows where the teacher's confidence is
+    at least ``threshold``, averaged over *all* rows (so the term grows as the teacher grows sure of more of
+    the pool). ``class_weights`` scales a row by the weight of its pseudo-class, as the labelled loss does.
+    Returns ``(loss, mask)``; ``mask`` (float, 1 = the row counted) is for monitoring."""
+    if strong_logits.shape != teacher_probs.shape or strong_logits.ndim != 2:
+        raise ValueError(f"expected two (B, C) tensors of one shape, got {tuple(strong_logits.shape)} and "
+                         f"{tuple(teacher_probs.shape)}")
+    confidence, pseudo = teacher_probs.detach().max(dim=1)
+    mask = (confidence >= threshold).to(strong_logits.dtype)
+    per_row = F.cross_entropy(strong_logits, pseudo, weight=class_weights, reduction="none")
+    return (per_row * mask).mean(), mask
 
 
 def sharpen(probs: Tensor, temperature: float) -> Tensor:

@@ -23,6 +23,7 @@ from raysemi.data.trainset import LabeledRows, TrainSet, count_rows, read_trains
 from raysemi.distributed import ray_tasks
 from raysemi.ml.metrics import best_round
 from raysemi.stages import finetune, pool
+from raysemi.stages.consistency import PoolSet
 from raysemi.stages.evaluate import split_metrics
 from raysemi.stages.pseudolabel import predict_shards
 from raysemi.stages.selection import selection_prior
@@ -141,6 +142,15 @@ def trained_round(out: str) -> finetune.FinetuneResult | None:
                                    int(extra.get("steps", 0)), int(extra.get("images_seen", 0)))
 
 
+def consistency_pool(cfg: Config, manifest: Manifest) -> PoolSet | None:
+    """The pool FixMatch's consistency term reads (every train and unlabelled shard) when the run uses it:
+    ``run.mode=fixmatch``, or the method with ``fixmatch.in_rounds``; else None."""
+    if cfg.run.mode != "fixmatch" and not (cfg.run.mode == "full" and cfg.fixmatch.in_rounds):
+        return None
+    shards = pool.pool_shards(cfg.data.path, manifest)
+    return PoolSet([s.uri for s in shards], [s.rows for s in shards])
+
+
 @dataclass(frozen=True)
 class RunState:
     """What every round of one run shares: the data set, the label split, round 0's training set, the
@@ -173,7 +183,8 @@ def run_round(cfg: Config, r: int, state: RunState, teacher: str | None, resume:
     if r > 0 and pl.retrain_lr_scale != 1.0:
         round_cfg = cfg.replace(**{"finetune.lr": cfg.finetune.lr * pl.retrain_lr_scale})
     classes = state.manifest.classes
-    result = done or finetune.run(round_cfg, trainset, init, out, f"{cfg.run.name}-round{r}", classes, f"round {r}")
+    result = done or finetune.run(round_cfg, trainset, init, out, f"{cfg.run.name}-round{r}", classes, f"round {r}",
+                                  pool=consistency_pool(cfg, state.manifest))
     val = split_metrics(result.weights, cfg, "val", classes)
     return RoundResult(
         round=r, val=val, model=result.weights, n_pseudo=n_pseudo, train_rows=labels.n_labeled + n_pseudo,

@@ -1,7 +1,8 @@
 """``run_pipeline(cfg)``: pretrain -> fine-tune -> R x (pseudo-label -> retrain) -> evaluate. Sequencing only.
 
 ``run.mode`` picks the method or one of its baselines: ``full`` (the method), ``byol_finetune`` (BYOL then
-fine-tuning, no pseudo-labels) and ``supervised`` (random init, labelled rows only). Round 0 is fine-tuning
+fine-tuning, no pseudo-labels), ``supervised`` (random init, labelled rows only) and ``fixmatch`` (BYOL, then
+fine-tuning on the labelled rows with FixMatch's consistency loss on the pool: ``stages/consistency.py``). Round 0 is fine-tuning
 on the labelled rows; round r >= 1 retrains on them plus the ``r x budget`` most confident predictions of
 the previous round's model (the teacher, on clean eval-transform images) over the unlabelled pool, shared
 among classes by ``pseudolabel.selection``, as hard labels or the teacher's probabilities

@@ -1,4 +1,4 @@
-"""Fine-tuning (and each round's retraining): builder, ``train_one_epoch``, worker, ``run``.
+"""Fine-tuning (and each round's retraining): builder, ``train_interval``, worker, ``run``.
 
 The BYOL predictor is replaced by a linear classifier (on the projector output by default, as in the
 method paper; on the encoder features with ``model.head=encoder``), and the network is trained with
@@ -43,6 +43,7 @@ from raysemi.models.backbone import unwrap
 from raysemi.models.byol import Classifier
 from raysemi.models.checkpoint import build_classifier, classifier_from_byol, load_classifier, save_classifier
 from raysemi.models.checkpoint import check_init as check_classifier_init
+from raysemi.stages import consistency
 from raysemi.stages.common import StepTimer, all_reduce_sum, wrap_ddp
 from raysemi.stages.inference import predict_probs
 from raysemi.stages.worker import TrainState, build_replica
@@ -65,7 +66,7 @@ class FinetuneResult:
 # ---------------------------------------------------------------- builders
 
 
-def build_model(cfg: Config, num_classes: int, init: str | None) -> Classifier:
+def initial_classifier(cfg: Config, num_classes: int, init: str | None) -> Classifier:
     """Classifier from BYOL weights (``byol.safetensors``), a previous round's classifier, or random init."""
     if init is None:
         model = build_classifier(cfg, num_classes)
@@ -95,7 +96,7 @@ def optimizer_groups(model: Classifier, weight_decay: float, backbone_lr_scale: 
 
 def check_init(cfg: Config, num_classes: int, init: str | None) -> None:
     """In the driver, before anything is written or any worker starts: refuse an ``init`` that
-    ``build_model`` would refuse in every worker (another backbone, shapes or class count; not there)."""
+    ``initial_classifier`` would refuse in every worker (another backbone, shapes or class count; not there)."""
     if init is not None:
         check_classifier_init(cfg, num_classes, init, classifier=init.endswith(WEIGHTS))
 
@@ -132,7 +133,7 @@ def training_plan(f: FinetuneConfig, steps_per_epoch: int) -> TrainingPlan:
 # ---------------------------------------------------------------- one interval / evaluation
 
 
-def train_one_epoch(
+def train_interval(
     model: torch.nn.Module,
     batches: Iterable[dict[str, Any]],
     optimizer: torch.optim.Optimizer,
@@ -144,9 +145,11 @@ def train_one_epoch(
     compute: Compute,
     weights_per_class: torch.Tensor | None,
     ema: ModelEmaV3 | None = None,
+    pool: Iterable[dict[str, Any]] | None = None,
 ) -> dict[str, float]:
     """Train on ``batches`` (one interval of the plan, from global step ``start_step``); the lr follows the
-    plan's warmup + cosine schedule and the EMA (when given) is updated after every step.
+    plan's warmup + cosine schedule and the EMA (when given) is updated after every step. ``pool`` (pair
+    batches of the unlabelled pool, one per step) adds FixMatch's consistency term (``stages/consistency.py``).
 
     The loss and the correct predictions are summed on the device and read once, at the end of the interval:
     an ``.item()`` per step would make the host wait for the device at every step."""
@@ -158,6 +161,12 @@ def train_one_epoch(
     correct = torch.zeros((), dtype=torch.long, device=device)
     seen = steps = 0
     lr = 0.0
+    fm = cfg.fixmatch
+    stats = consistency.PoolStats(device) if pool is not None else None
+    pool_it = iter(timer.batches(pool)) if pool is not None else None
+    teacher = None
+    if pool is not None:
+        teacher = ema.module if fm.ema_teacher and ema is not None else unwrap(model)
     for i, batch in enumerate(timer.batches(batches)):
         step = start_step + i
         lr = warmup_cosine_lr(step, plan.total_steps, plan.warmup_steps, f.lr)
@@ -165,12 +174,23 @@ def train_one_epoch(
         targets = batch["label"]
         if "target" in batch:  # soft targets (Noisy Student): class probabilities per row
             targets = torch.tensor(batch["target"], dtype=torch.float32, device=device)
+        images, unl = batch["image"], None
+        if pool_it is not None:
+            unl = next(pool_it)
+            probs = consistency.teacher_probs(teacher, unl["weak"], compute)
+            images = torch.cat([images, unl["strong"]])  # one forward: batch norm sees both together (FixMatch)
         with compute.autocast():
-            logits = model(compute.images(batch["image"]))
+            out = model(compute.images(images))
+        logits = out[: len(targets)]
         loss = cross_entropy(
             logits.float(), targets, weights=batch["weight"], class_weights=weights_per_class,
             label_smoothing=f.label_smoothing,
         )
+        if unl is not None:
+            term, mask = consistency.consistency_term(out[len(targets):], probs, fm.weight, fm.threshold,
+                                                      weights_per_class)
+            stats.add(term, mask, probs, unl["label"])
+            loss = loss + term
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -182,8 +202,10 @@ def train_one_epoch(
         seen += len(batch["label"])
         steps += 1
     timer.stop()
-    loss_tot, steps_tot, correct_tot, seen_tot = all_reduce_sum([float(loss_sum), steps, int(correct), seen], device)
-    return {
+    extra = stats.totals() if stats is not None else []
+    loss_tot, steps_tot, correct_tot, seen_tot, *pool_tot = all_reduce_sum(
+        [float(loss_sum), steps, int(correct), seen, *extra], device)
+    metrics = {
         "step": start_step + int(steps),
         "loss": loss_tot / max(steps_tot, 1),
         "train_accuracy": correct_tot / max(seen_tot, 1),
@@ -194,6 +216,9 @@ def train_one_epoch(
         "workers": ray_utils.world_size(),
         **compute.describe(),
     }
+    if stats is not None:
+        metrics.update(consistency.PoolStats.metrics(pool_tot, steps_tot))
+    return metrics
 
 
 def val_shares(uris: list[str], rank: int, world: int) -> list[str]:
@@ -246,14 +271,25 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     step = int(state["step"]) if state is not None else 0
     plan = training_plan(f, len(loader))
     stream = loader.stream(step, plan.total_steps)  # one decoder start-up for the round
+    pool_stream = None
+    if loop_config.get("pool"):  # FixMatch: ratio x the batch of pool images per step, from its own loader
+        pool = consistency.PoolSet(**loop_config["pool"])
+        pool_loader = build_loader(
+            pool.uris, mode="pair", size=cfg.data.image_size, batch_size=batch * cfg.fixmatch.ratio,
+            augment=cfg.augment, rank=rank, world_size=world, seed=f.seed + 1, backend=cfg.data.loader,
+            device=device, num_threads=cfg.data.num_threads, shard_rows=pool.rows,
+            decode_cache_mb=cfg.data.decode_cache_mb,
+        )
+        pool_stream = pool_loader.stream(step, plan.total_steps)
     if loader.backend == "dali":
         # DALI decodes in threads of its own. Not the torch backend: its DataLoader forks worker processes,
         # and a fork from a second thread while this one builds the model can copy a held lock into the
         # child (a restarted worker's DataLoader child hung on a futex in the multi-node tests).
         stream = in_background(stream)
+        pool_stream = in_background(pool_stream) if pool_stream is not None else None
 
     compute = compute_for(device, f.precision, f.channels_last)
-    model = compute.model(build_replica(lambda: build_model(cfg, num_classes, loop_config["init"]), f.seed,
+    model = compute.model(build_replica(lambda: initial_classifier(cfg, num_classes, loop_config["init"]), f.seed,
                                         cfg.model.sync_batchnorm, device))
     ddp_model = wrap_ddp(model, device)
     optimizer = build_optimizer(f.optimizer, optimizer_groups(model, f.weight_decay, f.backbone_lr_scale),
@@ -280,8 +316,9 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     events = EventLog(loop_config["events"]) if rank == 0 and loop_config.get("events") else None
     while step < plan.total_steps:
         n = min((step // plan.interval + 1) * plan.interval, plan.total_steps) - step
-        metrics = train_one_epoch(ddp_model, itertools.islice(stream, n), optimizer, scaler, cfg,
-                                  start_step=step, plan=plan, compute=compute, weights_per_class=cw, ema=ema)
+        metrics = train_interval(ddp_model, itertools.islice(stream, n), optimizer, scaler, cfg,
+                                  start_step=step, plan=plan, compute=compute, weights_per_class=cw, ema=ema,
+                                  pool=itertools.islice(pool_stream, n) if pool_stream is not None else None)
         step = int(metrics["step"])
         metrics["epoch"] = math.ceil(step / plan.interval) - 1
         metrics["val_accuracy"] = validate(ema.module if ema is not None else model, val_loader, compute)
@@ -293,6 +330,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         due = (metrics["epoch"] + 1) % f.checkpoint_every == 0 or step >= plan.total_steps
         train_state.report(metrics, cfg, due, step=step, history=history)
     stream.close()
+    if pool_stream is not None:
+        pool_stream.close()
     if events is not None:
         events.close()
 
@@ -301,13 +340,14 @@ def train_worker(loop_config: dict[str, Any]) -> None:
 
 
 def run(cfg: Config, trainset: TrainSet, init: str | None, out_dir: str, name: str,
-        classes: list[str], label: str = "finetune") -> FinetuneResult:
+        classes: list[str], label: str = "finetune", pool: consistency.PoolSet | None = None) -> FinetuneResult:
     """Train a classifier on ``trainset`` with Ray Train and save it as ``<out_dir>/classifier.safetensors``.
-    ``label`` names the stage in the progress lines (e.g. ``round 1``)."""
+    ``label`` names the stage in the progress lines (e.g. ``round 1``); ``pool`` adds FixMatch's consistency
+    term on those shards (``stages/consistency.py``)."""
     t0 = time.time()
     check_init(cfg, len(classes), init)
     loop = {"cfg": cfg.to_dict(), "trainset": trainset.__dict__, "init": init, "label": label,
-            "events": out_dir}
+            "events": out_dir, "pool": pool.__dict__ if pool is not None else None}
     result = ray_utils.fit(train_worker, loop, cfg, name)
     if result.checkpoint is None:
         raise RaysemiError(f"fine-tuning run {name!r} finished without a checkpoint")

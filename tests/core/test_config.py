@@ -3,7 +3,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from raysemi.core.config import Config, ConfigError, config_to_yaml, load_config, parse_override
+from raysemi.core.config import (
+    Config,
+    ConfigError,
+    config_from_yaml,
+    config_to_yaml,
+    from_dict,
+    load_config,
+    parse_override,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -44,7 +52,7 @@ def test_frozen():
         ("finetune.freeze_backbone=yes please", "finetune.freeze_backbone: expected true/false"),
         ("augment.blur_p=[1.0]", "augment.blur_p: expected a list of 2 values"),
         ("pretrain.batch_size=1", "pretrain.batch_size: 1 is smaller than ray.num_workers (2)"),
-        ("data.label_fraction=1.5", "data.label_fraction: 1.5 is outside (0, 1]"),
+        ("data.label_fraction=1.5", "data.label_fraction: must be in (0, 1] (got 1.5)"),
         ("pretrain", "is not of the form key=value"),
         ("pseudolabel.budget=1.5", "pseudolabel.budget: 1.5 is neither a fraction in (0, 1] nor a whole number"),
         ("pseudolabel.budget=0", "pseudolabel.budget: 0.0 is neither a fraction"),
@@ -53,14 +61,25 @@ def test_frozen():
         ("pseudolabel.labeled_share=1.0", "pseudolabel.labeled_share: must be in [0, 1)"),
         ("pseudolabel.retrain_lr_scale=0", "pseudolabel.retrain_lr_scale: must be > 0"),
         ("finetune.steps=0", "finetune.steps: must be >= 1 (or null to count in epochs)"),
-        ("finetune.ema_decay=1.0", "finetune.ema_decay: 1.0 is outside [0, 1)"),
+        ("finetune.ema_decay=1.0", "finetune.ema_decay: must be in [0, 1) (got 1.0)"),
         ("finetune.drop_path_rate=1", "finetune.drop_path_rate: must be in [0, 1)"),
         ("augment.finetune_policy=autoaugment", "augment.finetune_policy: 'autoaugment' is not one of"),
         ("augment.finetune_crop_scale=[0.5, 0.2]", "augment.finetune_crop_scale: (0.5, 0.2) is not in (0, 1]"),
         ("run.select_metric=loss", "run.select_metric: 'loss' is not one of"),
         ("pretrain.precision=fp8", "pretrain.precision: 'fp8' is not one of"),
         ("finetune.compile=maybe", "finetune.compile: expected true/false"),
-        ("data.decode_cache_mb=-1", "data.decode_cache_mb: must be >= 0 (0 = off)"),
+        ("data.decode_cache_mb=-1", "data.decode_cache_mb: must be >= 0 (0 = off) (got -1)"),
+        ("pretrain.epochs=0", "pretrain.epochs: must be >= 1 (got 0)"),
+        ("pretrain.epochs=true", "pretrain.epochs: expected an integer, got True"),
+        ("pretrain.lr=false", "pretrain.lr: expected a number, got False"),
+        ("data.path=3", "data.path: expected a string, got 3"),
+        ("augment.blur_p=[1.5, 0.1]", "augment.blur_p[0]: must be in [0, 1] (got 1.5)"),
+        ("augment.std=[0.2, 0, 0.2]", "augment.std[1]: must be > 0 (got 0)"),
+        ("augment.mean=grey", "augment.mean: expected a list of 3 values, got 'grey'"),
+        ("pseudolabel.budget=.inf", "pseudolabel.budget: inf is neither a fraction"),
+        ("model.sync_batchnorm=true", "model.sync_batchnorm: needs ray.use_gpu=true"),
+        ("pretrain.warmup_epochs=101", "pretrain.warmup_epochs: 101 is outside [0, pretrain.epochs=100]"),
+        ("pseudolabel.cpus_per_actor=0", "pseudolabel: an actor needs CPUs or GPUs"),
     ],
 )
 def test_bad_overrides_name_the_key(override, message):
@@ -169,8 +188,9 @@ def test_min_workers_makes_train_elastic_between_it_and_num_workers():
         load_config(None, ["ray.num_workers=3", "ray.min_workers=1", "ray.resize_interval_s=5"]).ray)
     assert elastic.elasticity_enabled and (elastic.min_workers, elastic.max_workers) == (1, 3)
     assert elastic.elastic_resize_monitor_interval_s == 5
-    for bad in ("ray.min_workers=0", "ray.min_workers=4"):
-        with pytest.raises(ConfigError, match="ray.min_workers: .* not between 1 and ray.num_workers"):
+    for bad, message in (("ray.min_workers=0", r"ray.min_workers: must be >= 1 \(got 0\)"),
+                         ("ray.min_workers=4", r"ray.min_workers: 4 is not between 1 and ray.num_workers \(3\)")):
+        with pytest.raises(ConfigError, match=message):
             load_config(None, ["ray.num_workers=3", bad])
     with pytest.raises(ConfigError, match="ray.resize_interval_s"):
         load_config(None, ["ray.resize_interval_s=-1"])
@@ -199,3 +219,60 @@ def test_collective_timeout_reaches_the_process_group_and_is_checked(monkeypatch
     assert isinstance(built["torch_config"], LoopbackTorchConfig) and built["torch_config"].timeout_s == 7200
     with pytest.raises(ConfigError, match="ray.collective_timeout_s: must be >= 1"):
         load_config(None, ["ray.collective_timeout_s=0"])
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"data": {"imag_size": 32}}, "unknown config key data.imag_size (known: decode_cache_mb, image_size,"),
+        ({"dataa": {}}, "unknown config key dataa (known: augment, data, finetune,"),
+        ({"data": {1: 2}}, "unknown config key data.1"),
+        ({"data": "here"}, "data: expected a mapping, got 'here'"),
+        ([1, 2], "config: expected a mapping, got [1, 2]"),
+        ({"pretrain": {"epochs": "3"}}, "pretrain.epochs: expected an integer, got '3'"),
+        ({"pretrain": {"epochs": True}}, "pretrain.epochs: expected an integer, got True"),
+        ({"pretrain": {"epochs": 3.0}}, "pretrain.epochs: expected an integer, got 3.0"),
+        ({"pretrain": {"lr": "0.1"}}, "pretrain.lr: expected a number, got '0.1'"),
+        ({"model": {"small_image": 1}}, "model.small_image: expected true/false, got 1"),
+        ({"augment": {"crop_scale": [0.2, "1"]}}, "augment.crop_scale[1]: expected a number, got '1'"),
+        ({"data": {"label_fraction": 0.1, "labels_per_class": 5}},
+         "data.label_fraction and data.labels_per_class: set at most one"),
+        ({"finetune": {"batch_size": 4}, "ray": {"num_workers": 8}},
+         "finetune.batch_size: 4 is smaller than ray.num_workers (8)"),
+    ],
+)
+def test_from_dict_refuses_in_one_line_naming_the_key(data, message):
+    with pytest.raises(ConfigError) as info:
+        from_dict(data)
+    assert str(info.value).startswith(message) and "\n" not in str(info.value)
+
+
+def test_yaml_gives_ints_for_floats_and_lists_for_tuples():
+    cfg = from_dict({"pretrain": {"lr": 1}, "augment": {"crop_scale": [1, 1], "std": [1, 1, 1]}})
+    assert cfg.pretrain.lr == 1.0 and type(cfg.pretrain.lr) is float
+    assert cfg.augment.crop_scale == (1.0, 1.0) and type(cfg.augment.crop_scale) is tuple
+    assert all(type(v) is float for v in cfg.augment.std)
+
+
+def test_replace_validates_and_leaves_the_original():
+    cfg = Config()
+    assert cfg.replace(**{"pretrain.epochs": 5, "pretrain.warmup_epochs": 1}).pretrain.epochs == 5
+    with pytest.raises(ConfigError, match=r"^pretrain.epochs: must be >= 1 \(got 0\)$"):
+        cfg.replace(**{"pretrain.epochs": 0})
+    with pytest.raises(ConfigError, match="^pretrain.warmup_epochs: 10 is outside"):  # the cross-field check too
+        cfg.replace(**{"pretrain.epochs": 5})
+    with pytest.raises(ConfigError, match="^unknown config key pretrain.epoch$"):
+        cfg.replace(**{"pretrain.epoch": 5})
+    assert cfg == Config()
+
+
+def test_yaml_round_trip_equality_hash_and_pickle():
+    import dataclasses
+    import pickle
+
+    cfg = load_config(REPO / "configs" / "demo.yaml", ["augment.crop_scale=[0.25, 1]", "data.label_fraction=0.2"])
+    assert config_from_yaml(config_to_yaml(cfg)) == cfg
+    assert yaml.safe_load(config_to_yaml(cfg))["augment"]["crop_scale"] == [0.25, 1.0]  # plain lists, not tuples
+    assert pickle.loads(pickle.dumps(cfg)) == cfg and hash(pickle.loads(pickle.dumps(cfg))) == hash(cfg)
+    # The sections stay dataclasses: the data-loading tests vary them with dataclasses.replace.
+    assert dataclasses.replace(cfg.augment, hue=0.1).hue == 0.1

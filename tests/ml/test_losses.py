@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from raysemi.ml.losses import byol_loss, cross_entropy, sharpen, symmetric_byol_loss
+from raysemi.ml.losses import byol_loss, consistency_loss, cross_entropy, sharpen, symmetric_byol_loss
 
 
 def _np_byol(p: np.ndarray, z: np.ndarray) -> float:
@@ -139,3 +139,28 @@ def test_sharpen():
     assert sharpen(p, 0.01).argmax().item() == 0 and sharpen(p, 0.01)[0, 0] > 0.999
     with pytest.raises(ValueError):
         sharpen(p, 0.0)
+
+
+def test_consistency_loss_matches_numpy():
+    """FixMatch eq. 4: CE of the strong view against the weak view's argmax, only above the threshold, mean over
+    all rows; class weights scale a row by its pseudo-class's weight; no gradient into the teacher."""
+    rng = np.random.default_rng(7)
+    logits = rng.normal(size=(8, 3))
+    probs = rng.dirichlet([0.3, 0.3, 0.3], size=8)
+    threshold, cw = 0.7, np.array([1.0, 2.0, 0.5])
+    teacher, student = torch.tensor(probs, requires_grad=True), torch.tensor(logits, requires_grad=True)
+    loss, mask = consistency_loss(student, teacher, threshold, torch.tensor(cw))
+    keep = probs.max(1) >= threshold
+    pseudo = probs.argmax(1)
+    expected = np.sum(keep * cw[pseudo] * _np_ce(logits, pseudo)) / len(logits)
+    assert 0 < keep.sum() < len(keep)  # the data exercise both sides of the threshold
+    assert loss.item() == pytest.approx(expected, rel=1e-10)
+    assert mask.tolist() == keep.astype(float).tolist()
+    loss.backward()
+    assert teacher.grad is None and student.grad is not None
+    assert student.grad[~torch.tensor(keep)].abs().sum() == 0  # rows below the threshold teach nothing
+    # nobody above the threshold: no loss; the shapes must agree
+    none, m0 = consistency_loss(torch.tensor(logits), torch.tensor(probs), 1.01)
+    assert none.item() == 0.0 and m0.sum().item() == 0.0
+    with pytest.raises(ValueError):
+        consistency_loss(torch.zeros(4, 3), torch.zeros(4, 2), 0.5)

@@ -174,7 +174,7 @@ def test_retrain_from_previous_and_resume_reuses_finished_rounds(ray_session, de
     assert [r["n_pseudo"] for r in again["rounds"]] == [r["n_pseudo"] for r in first["rounds"]]
 
 
-@pytest.mark.parametrize("mode", ["supervised", "byol_finetune"])
+@pytest.mark.parametrize("mode", ["supervised", "byol_finetune", "fixmatch"])
 def test_baseline_modes_train_round_0_only(mode, ray_session, demo_dataset, tmp_path, monkeypatch):
     out = tmp_path / "run"
     cfg = load_config(None, [f"data.path={demo_dataset}", f"run.output_dir={out}", *QUICK, f"run.mode={mode}"])
@@ -188,3 +188,10 @@ def test_baseline_modes_train_round_0_only(mode, ray_session, demo_dataset, tmp_
     else:
         assert inits == [str(out / "pretrain" / "byol.safetensors")] and report["stages"]["pretrain"] > 0
     assert report["test"]["accuracy"] is not None and (out / "report.md").is_file()
+    metrics = json.loads((out / "round=0" / "finetune_metrics.json").read_text())
+    pool_seen = sum(m.get("pool_images_seen", 0) for m in metrics)
+    if mode == "fixmatch":  # the pool, ratio x the batch per step, beside the labelled rows
+        assert pool_seen == sum(m["images_seen"] for m in metrics) * cfg.fixmatch.ratio > 0
+        assert all(0 <= m["pool_mask_rate"] <= 1 for m in metrics)
+    else:
+        assert pool_seen == 0

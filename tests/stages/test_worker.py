@@ -7,7 +7,7 @@ import torch
 from raysemi.core.config import load_config
 from raysemi.core.io import load_state, save_state
 from raysemi.ml.optim import build_optimizer
-from raysemi.stages.finetune import build_ema, build_model
+from raysemi.stages.finetune import build_ema, initial_classifier
 from raysemi.stages.worker import TrainState, build_replica
 
 TINY = ["model.backbone=test_resnet", "model.small_image=false", "model.proj_hidden_dim=32", "model.proj_dim=16",
@@ -15,7 +15,7 @@ TINY = ["model.backbone=test_resnet", "model.small_image=false", "model.proj_hid
 
 
 def fresh(cfg) -> TrainState:
-    model = build_replica(lambda: build_model(cfg, 3, None), seed=1, sync_batchnorm=False, device=torch.device("cpu"))
+    model = build_replica(lambda: initial_classifier(cfg, 3, None), seed=1, sync_batchnorm=False, device=torch.device("cpu"))
     opt = build_optimizer("sgd", [p for p in model.parameters() if p.requires_grad], 0.1, 1e-4)
     return TrainState(model, opt, torch.amp.GradScaler("cpu"), build_ema(model, cfg.finetune.ema_decay))
 

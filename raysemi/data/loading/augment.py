@@ -116,6 +116,15 @@ def train_transform(size: int, cfg: AugmentConfig) -> Transform:
     return T.Compose(steps + _normalise(cfg))
 
 
+def weak_transform(size: int, cfg: AugmentConfig) -> Transform:
+    """The weak view of a pool image in FixMatch (Sohn et al. 2020): the eval transform plus a horizontal flip,
+    so that the teacher labels images as validation measures it."""
+    steps: list[T.Transform] = [T.Resize((size, size), antialias=True)]
+    if cfg.hflip_p > 0:
+        steps.append(T.RandomHorizontalFlip(p=cfg.hflip_p))
+    return T.Compose(steps + _normalise(cfg))
+
+
 def eval_transform(size: int, cfg: AugmentConfig) -> Transform:
     """Deterministic: resize to ``size x size`` (bilinear, antialiased), normalise."""
     return T.Compose([T.Resize((size, size), antialias=True), *_normalise(cfg)])

@@ -41,7 +41,7 @@ from raysemi.data.loading.augment import (
     blur_kernel_size,
 )
 
-Mode = Literal["byol", "train", "eval"]
+Mode = Literal["byol", "train", "pair", "eval"]
 INSTALL_HINT = "pip install nvidia-dali-cuda120"
 
 
@@ -180,6 +180,14 @@ def train_view(images, cfg: AugmentConfig, size: int):
     return _normalise(v, cfg, mirror=_mirror(cfg.hflip_p))
 
 
+def weak_view(images, cfg: AugmentConfig, size: int):
+    """Resize to ``size x size``, flip, normalise: ``augment.weak_transform`` (FixMatch's weak view)."""
+    from nvidia.dali import fn
+
+    v = fn.resize(images, size=(float(size), float(size)), antialias=True)
+    return _normalise(v, cfg, mirror=_mirror(cfg.hflip_p))
+
+
 def eval_view(images, cfg: AugmentConfig, size: int):
     """Resize to ``size x size`` (linear, antialiased), normalise: ``augment.eval_transform``."""
     from nvidia.dali import fn
@@ -200,6 +208,8 @@ def _graph(source, mode: Mode, size: int, cfg: AugmentConfig, gpu: bool):
         )
     if mode == "train":
         return (train_view(images, cfg, size),)
+    if mode == "pair":  # one decode, FixMatch's weak and strong view of every image
+        return weak_view(images, cfg, size), train_view(images, cfg, size)
     if mode == "eval":
         return (eval_view(images, cfg, size),)
     raise ValueError(f"unknown loader mode {mode!r}")

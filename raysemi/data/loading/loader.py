@@ -5,10 +5,13 @@ Batch contract (every tensor on ``device``; images float32 ``(B, 3, size, size)`
 - ``mode="byol"``:  ``{"view1", "view2"}``, the two asymmetric BYOL views of the same rows.
 - ``mode="train"``: ``{"image", "label": int64 (B,), "weight": float32 (B,)}``; the weight comes from a
   ``weight`` column when the shard has one (pseudo-labelled training sets), else ones; null labels are -1.
+- ``mode="pair"``:  ``{"weak", "strong", "label"}``: FixMatch's two views of the same rows (the weak one as
+  ``augment.weak_transform``, the strong one as the fine-tuning augmentation) and the stored label (-1 = none;
+  for monitoring only: consistency training must not learn from it).
 - ``mode="eval"``:  ``{"image", "label": int64 (-1 = unlabelled), "id": list[str]}``.
 - plus one list per name in ``columns_extra`` (e.g. ``"source"``), in every mode.
 
-byol/train (training): rank ``r`` reads only ``assign_shards(shard_uris, r, world_size)``, one shard at a
+byol/train/pair (training): rank ``r`` reads only ``assign_shards(shard_uris, r, world_size)``, one shard at a
 time with the next one read ahead in a background thread (S3 reads are slow). Each epoch the shard order
 and the rows within each shard are reshuffled from ``(seed, epoch, rank)``, and a small carry-over buffer
 mixes rows across shard boundaries. Every rank yields exactly ``len(loader)`` =
@@ -53,9 +56,9 @@ from raysemi.data.shards import DatasetError, assign_shards, steps_per_epoch
 
 log = logging.getLogger(__name__)
 
-Mode = Literal["byol", "train", "eval"]
+Mode = Literal["byol", "train", "pair", "eval"]
 Backend = Literal["auto", "dali", "torch"]
-MODES = ("byol", "train", "eval")
+MODES = ("byol", "train", "pair", "eval")
 SHUFFLE_CARRY = 1024  # rows carried from one shard's shuffle into the next (cross-shard mixing)
 CACHE_KEY = "_cache_key"  # column added to the rows when the decoded-image cache is on
 
@@ -124,7 +127,7 @@ class Loader:
             if self._all_rows is None:
                 self._all_rows = shard_row_counts(self.uris)
             self._len = steps_per_epoch(self._all_rows, world_size, batch_size)
-        self._columns = {"byol": (), "train": ("label", "weight"), "eval": ("id", "label")}[mode]
+        self._columns = {"byol": (), "train": ("label", "weight"), "pair": ("label",), "eval": ("id", "label")}[mode]
         self._dali: DaliRunner | None = None
         keep = decode_cache_mb > 0 and self.backend == "torch"
         self.cache = DecodedCache(decode_cache_mb * 2**20) if keep else None
@@ -285,6 +288,8 @@ class Loader:
             batch: dict[str, Any] = {"view1": outs[0], "view2": outs[1]}
         elif self.mode == "train":
             batch = {"image": outs[0], "label": tensor("label"), "weight": tensor("weight")}
+        elif self.mode == "pair":
+            batch = {"weak": outs[0], "strong": outs[1], "label": tensor("label")}
         else:
             batch = {"image": outs[0], "label": tensor("label"), "id": rows.column("id").to_pylist()}
         for k in self.columns_extra:

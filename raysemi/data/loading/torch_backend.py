@@ -37,6 +37,9 @@ class _TorchTransformDataset(torch.utils.data.Dataset):
                 self._transforms = aug.byol_views(self.augment, self.size)
             elif self.mode == "train":
                 self._transforms = (aug.train_transform(self.size, self.augment),)
+            elif self.mode == "pair":
+                self._transforms = (aug.weak_transform(self.size, self.augment),
+                                    aug.train_transform(self.size, self.augment))
             else:
                 self._transforms = (aug.eval_transform(self.size, self.augment),)
         return self._transforms

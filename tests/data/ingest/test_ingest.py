@@ -8,9 +8,6 @@ import json
 import os
 import shutil
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -25,6 +22,7 @@ from raysemi.data import shards
 from raysemi.data.ingest.run import ingest, summarize
 from raysemi.data.shards import DatasetError
 from tests.conftest import point_s3_at
+from tests.moto_s3 import moto_s3
 
 
 def encode(arr: np.ndarray, fmt: str = "PNG") -> bytes:
@@ -216,7 +214,7 @@ def test_group_regex_keeps_patients_on_one_side(tmp_path):
 
 
 def test_symlinks_out_of_the_source_are_listed_not_read(tmp_path):
-    from raysemi.data.ingest.sources import OUTSIDE_LINK
+    from raysemi.data.sources import OUTSIDE_LINK
 
     src = tmp_path / "src"
     make_folder(src, {"a": 10, "b": 10})
@@ -337,30 +335,13 @@ def own_s3(monkeypatch):
     pytest.importorskip("moto")
     import s3fs
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    point_s3_at(monkeypatch, f"http://127.0.0.1:{port}")
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "moto server did not start"
-                time.sleep(0.2)
-        s3fs.S3FileSystem.clear_instance_cache()  # no client of the session's endpoint
-        s3fs.S3FileSystem().mkdir("raysemi-own")
-        yield proc, "s3://raysemi-own"
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGCONT)
-            proc.kill()
-        proc.wait(timeout=10)
-        s3fs.S3FileSystem.clear_instance_cache()
+    with moto_s3() as server:  # stopped on exit, continued first if the test froze it
+        point_s3_at(monkeypatch, server.endpoint)  # also drops the s3fs clients of the session's endpoint
+        try:
+            s3fs.S3FileSystem().mkdir("raysemi-own")
+            yield server.proc, "s3://raysemi-own"
+        finally:
+            s3fs.S3FileSystem.clear_instance_cache()
 
 
 def signal_after_first_shard(monkeypatch, proc, sig: int) -> None:

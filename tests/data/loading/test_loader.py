@@ -143,6 +143,27 @@ def test_train_contract_with_weights(tmp_path, backend):
         assert y == j % 3 and w == pytest.approx(j / 10)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_pair_contract(tmp_path, backend):
+    """FixMatch's pool batches: a weak view (resize + flip only: a flip of the eval view) and a strong view of the
+    same rows, with their stored labels (-1 where there is none)."""
+    uris = write_shards(tmp_path, [6, 6])
+    ld = loader(uris, backend, mode="pair", batch_size=4, columns_extra=("id",))
+    plain = {i: img for b in loader(uris, backend, mode="eval", batch_size=4, columns_extra=("id",))
+             for i, img in zip(b["id"], b["image"])}
+    batches = list(ld)
+    assert len(batches) == len(ld) == 3
+    for b in batches:
+        assert set(b) == {"weak", "strong", "label", "id"}
+        assert b["weak"].shape == b["strong"].shape == (4, 3, SIZE, SIZE)
+        for i, weak, strong, y in zip(b["id"], b["weak"], b["strong"], b["label"].tolist()):
+            j = int(i.split("-")[1])
+            assert y == (-1 if j % 4 == 0 else j % 3)
+            ref = plain[i]
+            assert any(torch.allclose(weak, r, atol=0.05) for r in (ref, ref.flip(-1)))
+            assert not torch.allclose(weak, strong, atol=1e-3)
+
+
 def test_train_without_weight_column_gives_ones(tmp_path):
     uris = write_shards(tmp_path, [8])
     b = next(iter(loader(uris, batch_size=8, columns_extra=("id",))))
