@@ -16,13 +16,12 @@ patient. Each file is read, decoded, windowed to 8 bits and stored as PNG.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,39 +35,17 @@ from raysemi.core.tables import markdown_table  # noqa: E402
 from raysemi.data import shards  # noqa: E402
 from raysemi.data.ingest.run import ingest  # noqa: E402
 from raysemi.data.ingest.validate import check_image  # noqa: E402
+from tests.moto_s3 import moto_s3  # noqa: E402
 
 DEFAULT_SOURCE = REPO.parent / "shared" / "data" / "covid19-radiography-3class"
 
 
-def start_moto() -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                break
-        except OSError:
-            time.sleep(0.2)
-    else:
-        proc.kill()
-        raise SystemExit("moto server did not start")
-    endpoint = f"http://127.0.0.1:{port}"
-    os.environ.update(
-        {
-            "AWS_ENDPOINT_URL": endpoint,
-            "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_DEFAULT_REGION": "us-east-1",
-        }
-    )
-    return proc, endpoint
+def start_moto(stack: contextlib.ExitStack) -> str:
+    """A moto server (``tests/moto_s3.py``) for as long as ``stack`` is open; this process's AWS environment
+    points at it. Its endpoint."""
+    server = stack.enter_context(moto_s3())
+    os.environ.update(server.env)
+    return server.endpoint
 
 
 def make_dicom_export(root: Path, n: int, seed: int = 0) -> float:
@@ -131,7 +108,8 @@ def main() -> None:
         for f in files:
             check_image(f.read_bytes())
 
-    proc, endpoint = start_moto()
+    moto = contextlib.ExitStack()
+    endpoint = start_moto(moto)
     import s3fs
 
     tmp = Path(tempfile.mkdtemp(prefix="raysemi-bench-"))
@@ -185,8 +163,7 @@ def main() -> None:
         dicom_manifest = shards.read_manifest(str(tmp / "dcm")) if args.dicom else None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        proc.terminate()
-        proc.wait(timeout=10)
+        moto.close()
 
     if not args.dicom_only:
         print(f"\ningest of {source.name}: {len(files)} images, {mbytes:.1f} MB, {os.cpu_count()} CPUs")

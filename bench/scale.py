@@ -44,7 +44,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import tempfile
@@ -55,6 +54,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from tests.moto_s3 import moto_s3  # noqa: E402
 
 ROWS_PER_SHARD = 1000
 IMAGE_BYTES = 1024
@@ -270,28 +271,6 @@ def run_step(step: str, root: str, work: str, moto_log: str | None) -> dict[str,
 # ---------------------------------------------------------------- orchestration
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_moto(log: str) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
-    with open(log, "wb") as err:  # the server keeps its own copy of the descriptor
-        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                                stdout=subprocess.DEVNULL, stderr=err)
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return proc, f"http://127.0.0.1:{port}"
-        except OSError:
-            time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("the moto server did not start")
-
-
 def measure(root: str, work: str, env: dict[str, str], moto_log: str | None) -> list[dict[str, Any]]:
     out = []
     for step in STEPS:
@@ -359,8 +338,8 @@ def main() -> None:
             subprocess.run(["rm", "-rf", work], check=False)
             if args.s3 and rows <= args.s3_max_rows:
                 log = f"{tmp}/moto-{rows}.log"
-                proc, endpoint = start_moto(log)
-                try:
+                with moto_s3(log=log) as server:
+                    endpoint = server.endpoint
                     s3env = {**env, "AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "bench",
                              "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1",
                              "AWS_EC2_METADATA_DISABLED": "true"}
@@ -373,8 +352,6 @@ def main() -> None:
                     print(f"{rows:,} rows on S3 ({endpoint}):", flush=True)
                     results["runs"].append({"rows": rows, "storage": "s3", "steps": measure(
                         "s3://scale/ds", f"s3://scale/work-{rows}", s3env, log)})
-                finally:
-                    proc.kill()
             Path(root).exists() and subprocess.run(["rm", "-rf", root], check=False)
     write(results, Path(args.out))
 

@@ -1,6 +1,6 @@
 """A real S3 API on loopback: moto's server mode in a process of its own, the one way the tests and the bench
 scripts start one (``tests/conftest.py``'s session server, ``tests/data/ingest/test_ingest.py``'s private
-servers that a test kills or freezes, ``bench/node_loss.py``).
+servers that a test kills or freezes, ``bench/node_loss.py``, ``bench/ingest.py``, ``bench/scale.py``).
 
 ``moto_s3()`` picks a free loopback port, starts ``python -m moto.server`` on it, waits until the server
 answers an S3 request, yields an ``S3Server`` (its endpoint, the AWS environment that points clients at it,
@@ -75,12 +75,14 @@ def stop(proc: subprocess.Popen, timeout_s: float = 10.0) -> None:
 
 
 @contextlib.contextmanager
-def moto_s3(start_timeout_s: float = 30.0) -> Iterator[S3Server]:
+def moto_s3(start_timeout_s: float = 30.0, log: str | None = None) -> Iterator[S3Server]:
     """A moto S3 server on a free loopback port for the ``with`` block (see the module docstring); raises
-    ``MotoStartError`` when it does not answer within ``start_timeout_s``."""
+    ``MotoStartError`` when it does not answer within ``start_timeout_s``. ``log``: a file that receives the
+    server's request log (``bench/scale.py`` counts the requests in it)."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with open(log or "/dev/null", "wb") as err:  # the server keeps its own copy of the descriptor
+        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                stdout=subprocess.DEVNULL, stderr=err)
     server = S3Server(f"http://127.0.0.1:{port}", proc)
     try:
         deadline = time.monotonic() + start_timeout_s
