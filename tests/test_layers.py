@@ -6,7 +6,8 @@
 - layers 0 and 1 (``core``, ``ml``, ``models``, ``data``) never import Ray: they run in any process, with or
   without a Ray session;
 - ``distributed`` (the Ray glue) holds no ML: it imports no models, data, ml or stages;
-- no module imports another module's private (underscore) names.
+- no module imports another module's private (underscore) names;
+- no import cycle between modules, lazy imports included (a lazy import is not a way out of a cycle).
 """
 
 from __future__ import annotations
@@ -119,3 +120,62 @@ def test_no_module_imports_private_names():
             if mod.startswith("raysemi"):
                 bad += [f"{me}:{line} {mod}.{n}" for n in names if n.startswith("_")]
     assert bad == []
+
+
+def import_graph(pkg: Path = PKG) -> dict[str, set[str]]:
+    """Module -> the raysemi modules it imports (lazy imports included)."""
+    names = {".".join(p.relative_to(pkg.parent).with_suffix("").parts).removesuffix(".__init__"): p
+             for p in pkg.rglob("*.py")}
+    graph = {}
+    for me, path in names.items():
+        found = set()
+        for mod, imported, _ in imports(path):
+            if mod.startswith("raysemi"):
+                found |= {t for t in _targets(mod, imported, pkg.parent) if t in names and t != me}
+        graph[me] = found
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The import cycles of ``graph``: each strongly connected set of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                found.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_import_cycle():
+    assert cycles(import_graph()) == []
+
+
+def test_a_lazy_import_cycle_is_found(tmp_path):
+    pkg = tmp_path / "raysemi" / "data"
+    pkg.mkdir(parents=True)
+    (pkg / "a.py").write_text("from raysemi.data import b\n")
+    (pkg / "b.py").write_text("def f():\n    from raysemi.data.a import g\n")
+    (pkg / "c.py").write_text("from raysemi.data import a\n")
+    assert cycles(import_graph(tmp_path / "raysemi")) == [["raysemi.data.a", "raysemi.data.b"]]

@@ -105,11 +105,11 @@ def cmd_pseudolabel(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from raysemi.commands import predict as classify
+    from raysemi.commands import predict
     from raysemi.commands.predict_output import summary_text
 
     cfg = _load(args)
-    summary = classify.run(
+    summary = predict.run(
         cfg, args.model, args.source, args.out, split=args.split, min_confidence=args.min_confidence,
         actors=args.actors, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet,
     )

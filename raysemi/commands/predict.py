@@ -1,9 +1,9 @@
 """``raysemi predict MODEL SOURCE OUT``: classify new images with an exported classifier.
 
 SOURCE is an image folder, an ``s3://`` prefix of images, a CSV of paths or an ingested dataset (one split
-or all): ``data/image_inputs.py`` lists it, streaming the paths into Parquet listing parts under OUT/inputs.
+or all): ``data/inputs/listing.py`` lists it, streaming the paths into Parquet listing parts under OUT/inputs.
 Images that are not in a dataset are staged first by Ray tasks (read and validated once, the bad ones listed
-with their reason, exact copies stored once: ``data/image_staging.py``); then the pseudo-label actor pool
+with their reason, exact copies stored once: ``data/inputs/staging.py``); then the pseudo-label actor pool
 (``stages/pseudolabel.predict_shards``) predicts every shard exactly once, committed per shard, with as many
 actors as the cluster's CPUs (or GPUs, with ``pseudolabel.gpus_per_actor``) hold unless told; then tasks join
 paths and predictions chunk by chunk and the driver streams their parts into the result files.
@@ -16,7 +16,7 @@ names at a time), and copies the result parts batch by batch.
     OUT/predictions/          prediction shards and their commit markers
     OUT/results/              the result parts of the tasks, while the result files are written
     OUT/predictions.parquet   \\
-    OUT/predictions.csv        > the results (``stages/classify_output.py``), summary.json last
+    OUT/predictions.csv        > the results (``commands/predict_output.py``), summary.json last
     OUT/failed.csv, summary.json
 
 Every check (the model, SOURCE, the split, OUT) comes before any image is read or any actor starts. An

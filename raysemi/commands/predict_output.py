@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 
 from raysemi.core import io as rio
 from raysemi.core.errors import RaysemiError
-from raysemi.data.inputs.staging import read_record
+from raysemi.data.inputs.chunks import read_record
 from raysemi.data.shards import read_shard
 from raysemi.stages.commits import PRED_SCHEMA, part_uri
 

@@ -20,8 +20,8 @@ import pytest
 import torch
 from PIL import Image
 
-from raysemi.commands import predict as classify
-from raysemi.commands import predict_output as classify_output
+from raysemi.commands import predict as predict_command
+from raysemi.commands import predict_output
 from raysemi.commands.cli import main
 from raysemi.commands.predict_output import FAILED, PREDICTIONS, PREDICTIONS_CSV, SUMMARY, prediction_rows
 from raysemi.core import io as rio
@@ -30,7 +30,7 @@ from raysemi.core.errors import RaysemiError
 from raysemi.data import shards
 from raysemi.data.ingest import validate
 from raysemi.data.ingest.validate import check_image
-from raysemi.data.inputs import staging as image_staging
+from raysemi.data.inputs import staging
 from raysemi.data.loading.augment import decode_rgb, eval_transform
 from raysemi.data.shards import image_id, local_map, read_shard
 from raysemi.models.checkpoint import load_classifier
@@ -104,7 +104,7 @@ def test_folder_with_a_corrupt_image_a_killed_actor_and_a_rerun(ray_session, cfg
     # 1. The actor predicting staged shard 3 is killed before it commits; Ray restarts it and redoes the shard.
     gate = tmp_path / "held"
     with ThreadPoolExecutor(1) as pool:
-        running = pool.submit(classify.run, cfg, model, str(src), out, progress=False,
+        running = pool.submit(predict_command.run, cfg, model, str(src), out, progress=False,
                               predictor=held_predictor(3, gate))
         os.kill(wait_for(lambda: held_process(gate), running, what="the held actor"), signal.SIGKILL)
         summary = running.result(timeout=300)
@@ -134,7 +134,7 @@ def test_folder_with_a_corrupt_image_a_killed_actor_and_a_rerun(ray_session, cfg
 
     # 2. A second run into the same OUT is refused unless told.
     with pytest.raises(RaysemiError, match="already holds earlier predictions.*--resume"):
-        classify.run(cfg, model, str(src), out, progress=False)
+        predict_command.run(cfg, model, str(src), out, progress=False)
 
     # 3. A driver killed before the end: no result files, one staged chunk and one prediction commit lost.
     #    --resume stages that chunk again and predicts that shard only, and gives the same files.
@@ -143,14 +143,14 @@ def test_folder_with_a_corrupt_image_a_killed_actor_and_a_rerun(ray_session, cfg
         fs.rm(rio.join(out, name))
     fs.rm(rio.join(out, "inputs", "chunk-00004.json"))
     fs.rm(commits.marker_uri(rio.join(out, "predictions"), 5))
-    again = classify.run(cfg, model, str(src), out, resume=True, actors=1, progress=False)
+    again = predict_command.run(cfg, model, str(src), out, resume=True, actors=1, progress=False)
     assert again["run"]["shards"] == {"total": 7, "computed": 1, "reused": 6}
     assert again["run"]["inputs_chunks_reused"] == 8 and again["run"]["resumed"]
     assert results(out) == first
 
     # 4. Nothing lost: no actor starts, the same files again.
     fs.rm(rio.join(out, SUMMARY))
-    third = classify.run(cfg, model, str(src), out, resume=True, progress=False)
+    third = predict_command.run(cfg, model, str(src), out, resume=True, progress=False)
     assert third["run"]["shards"] == {"total": 7, "computed": 0, "reused": 7}
     assert results(out) == first
 
@@ -180,7 +180,7 @@ def test_s3_prefix_and_dataset_split(ray_session, s3_bucket, cfg, model, tmp_pat
     root = str(tmp_path / "ds")
     uris = make_dataset(root, shards=3, rows=3)
     dout = str(tmp_path / "dout")
-    summary = classify.run(cfg, model, root, dout, split="unlabeled", actors=1, progress=False)
+    summary = predict_command.run(cfg, model, root, dout, split="unlabeled", actors=1, progress=False)
     assert summary["kind"] == "dataset" and summary["predicted"] == 6 and summary["failed"] == 0
     table = results(dout)[0]
     assert set(table.column("split").to_pylist()) == {"unlabeled"}
@@ -193,8 +193,8 @@ def test_bad_input_is_refused_before_any_actor(cfg, model, tmp_path, monkeypatch
     def no_ray(*a, **k):
         raise AssertionError("an actor pool was started")
 
-    monkeypatch.setattr(classify, "predict_shards", no_ray)
-    monkeypatch.setattr(classify, "cluster_actors", no_ray)
+    monkeypatch.setattr(predict_command, "predict_shards", no_ray)
+    monkeypatch.setattr(predict_command, "cluster_actors", no_ray)
     src = tmp_path / "new"
     new_images(src, 2)
     out = str(tmp_path / "out")
@@ -217,7 +217,7 @@ def test_bad_input_is_refused_before_any_actor(cfg, model, tmp_path, monkeypatch
     ]
     for args, kw, message in cases:
         with pytest.raises(RaysemiError, match=message):
-            classify.run(cfg, *args, progress=False, **kw)
+            predict_command.run(cfg, *args, progress=False, **kw)
     assert not os.path.exists(out)
 
     # The CLI says it in one line, exit status 2.
@@ -228,21 +228,21 @@ def test_bad_input_is_refused_before_any_actor(cfg, model, tmp_path, monkeypatch
     junk.mkdir()
     (junk / "a.png").write_bytes(b"")
     (junk / "b.jpg").write_bytes(b"\xff\xd8\xff" + b"x" * 40)
-    summary = classify.run(cfg, model, str(junk), out, progress=False, mapper=local_map)
+    summary = predict_command.run(cfg, model, str(junk), out, progress=False, mapper=local_map)
     assert (summary["predicted"], summary["failed"], summary["per_class"]) == (0, 2, dict.fromkeys(CLASSES, 0))
     assert results(out)[2].decode().splitlines()[1] == '"a.png","zero bytes"'
     # --resume with another source is refused; --overwrite replaces the earlier run.
     with pytest.raises(RaysemiError, match="holds predictions of another source"):
-        classify.run(cfg, model, str(src), out, resume=True, progress=False)
+        predict_command.run(cfg, model, str(src), out, resume=True, progress=False)
     assert json.loads(Path(out, "run.json").read_text())["source"] == str(junk)
     # --overwrite replaces the earlier run and keeps the user's file in OUT; an OUT raysemi did not mark (the
     # user's own run.json, or an older raysemi's output) is refused, one line.
     Path(out, "my-notes.md").write_text("mine")
-    summary = classify.run(cfg, model, str(junk), out, overwrite=True, progress=False, mapper=local_map)
+    summary = predict_command.run(cfg, model, str(junk), out, overwrite=True, progress=False, mapper=local_map)
     assert summary["failed"] == 2 and Path(out, "my-notes.md").read_text() == "mine"
     Path(out, ".raysemi-output").unlink()
     with pytest.raises(RaysemiError, match="holds earlier predictions \\(run.json\\) but no raysemi marker"):
-        classify.run(cfg, model, str(junk), out, overwrite=True, progress=False)
+        predict_command.run(cfg, model, str(junk), out, overwrite=True, progress=False)
     assert Path(out, "run.json").is_file() and Path(out, "my-notes.md").is_file()
 
 
@@ -281,14 +281,14 @@ def test_driver_reads_no_image_and_the_streamed_output_is_the_in_memory_join(ray
         raise AssertionError("the driver read or decoded an image")
 
     real_read, real_sha = rio.read_bytes, rio.file_sha256
-    monkeypatch.setattr(image_staging, "GROUP_ROWS", 6)
-    monkeypatch.setattr(image_staging, "BUCKET_ROWS", 10)
-    for target, name in ((image_staging, "check_image"), (image_staging, "read_image"), (validate, "check_image"),
-                         (Image, "open"), (shards, "read_shard"), (classify_output, "read_shard")):
+    monkeypatch.setattr(staging, "GROUP_ROWS", 6)
+    monkeypatch.setattr(staging, "BUCKET_ROWS", 10)
+    for target, name in ((staging, "check_image"), (staging, "read_image"), (validate, "check_image"),
+                         (Image, "open"), (shards, "read_shard"), (predict_output, "read_shard")):
         monkeypatch.setattr(target, name, banned)
     monkeypatch.setattr(rio, "read_bytes", lambda u: banned() if u.endswith((".png", ".jpg")) else real_read(u))
     monkeypatch.setattr(rio, "file_sha256", lambda u: banned() if "part-" in u else real_sha(u))
-    summary = classify.run(cfg, model, str(src), out, actors=2, progress=False)
+    summary = predict_command.run(cfg, model, str(src), out, actors=2, progress=False)
     monkeypatch.undo()
 
     assert (summary["images"], summary["predicted"], summary["failed"]) == (41, 38, 3)

@@ -1,7 +1,7 @@
 """Ingest's decisions over the index of every input: dedup, group-stratified carving of val/test, the shards.
 
 Nothing here reads images or writes files: each step takes an Arrow table with one row per input (the small
-columns ``data/ingest_chunks.py`` stages: ``source``, ``sort_key``, ``label``, ``group``, ``group_sort``,
+columns ``ingest/chunks.py`` stages: ``source``, ``sort_key``, ``label``, ``group``, ``group_sort``,
 ``split``, ``sha``, ``nbytes``, ``reason``) and decides, vectorised (pyarrow, numpy), so that it runs in one
 task at a million rows in seconds. The rules are the ones ingest always had (the per-item implementation is
 kept in ``tests/data/ingest/test_partition.py`` as the reference the tests compare with):

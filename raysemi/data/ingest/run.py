@@ -7,7 +7,7 @@ the cluster: ``ray_tasks.task_mapper``), a bounded window of chunks at a time:
 
 1. stage: every input of a chunk read once, validated (decoded) once, written with what is to be stored to a
    staging folder (in the destination when tasks run on a cluster, else a local temporary one:
-   ``ingest_chunks.stage_chunk``);
+   ``chunks.stage_chunk``);
 2. plan: dedup, carve val/test by group, plan the shards (``partition.py``) over the small columns of every
    staged part, in one task; the quarantine list goes to ``quarantine.parquet``;
 3. scatter the kept rows of each staged part by destination shard, then gather each shard in planned order;

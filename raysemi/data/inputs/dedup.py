@@ -1,4 +1,4 @@
-"""Exact copies across staged chunks, found by tasks bucketed by id prefix (see ``image_staging.py``).
+"""Exact copies across staged chunks, found by tasks bucketed by id prefix (see ``staging.py``).
 
     <dest>/keys-GGGGG.parquet   id, pos (listing position), bucket: a staging task's chunks' ids (each id's first
                                 row in its chunk), sorted by id, one row group per id-prefix bucket
@@ -20,6 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from raysemi.core import io as rio
+from raysemi.data.inputs.chunks import read_record, write_chunk
 from raysemi.data.shards import DatasetError, Mapper, read_shard
 
 KEYS_SCHEMA = pa.schema([pa.field("id", pa.string()), pa.field("pos", pa.int64()), pa.field("bucket", pa.int32())])
@@ -101,8 +102,6 @@ def find_copies(dest: str, firsts: list[int], buckets: int, size: int, mapper: M
 def drop_copies(dest: str, first: int, end: int, buckets: int, size: int) -> list[tuple[int, int, str | None]]:
     """A task: rewrite the shards of chunks ``[first, end)`` that hold later copies without them, and name the
     chunk that owns each in their record; ``(chunk, rows, sha256)`` of each chunk changed."""
-    from raysemi.data.inputs.staging import read_record, write_chunk  # the staging module imports this one
-
     owners: dict[int, dict[str, int]] = {}
     for b in range(buckets):
         with rio.open_exact(dups_uri(dest, b)) as fh:

@@ -1,6 +1,6 @@
 """Staging listed images for prediction, in tasks: read and validate each once, write Parquet shards of the good.
 
-The listing (``image_inputs.stream_listing``: Parquet parts under ``dest``) is cut into fixed chunks of
+The listing (``listing.stream_listing``: Parquet parts under ``dest``) is cut into fixed chunks of
 ``rows_per_shard(n)`` images (chunk ``c`` holds the same paths on every run). A task stages a group of
 consecutive chunks (``GROUP_ROWS`` images): it reads its rows of the listing, reads each image (threads: S3
 latency, and Pillow decodes without the GIL), validates it with ingest's ``check_image`` (what fails gets its
@@ -14,7 +14,7 @@ Then the chunk's record, written last, commits it::
 A rerun reuses every committed chunk whose paths are the same. The driver sees one summary per chunk.
 
 **Exact copies across chunks** are stored once, in the chunk of their first path, so that every stored id is
-unique (the prediction commits rely on it), without any process holding every id (``image_dedup.py``): each
+unique (the prediction commits rely on it), without any process holding every id (``dedup.py``): each
 staging task also writes its chunks' ids (the first of each in its chunk) with their listing positions,
 sorted by id and cut into row groups by id prefix (``keys-GGGGG.parquet``); one task per id-prefix bucket reads
 that bucket's row group of every key file and finds the ids seen in more than one chunk; the chunks that hold a
@@ -24,7 +24,6 @@ their record names the chunk that owns each dropped id (``owners``), where the o
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -36,6 +35,7 @@ from raysemi.core import console
 from raysemi.core import io as rio
 from raysemi.data import shards
 from raysemi.data.ingest.validate import DEFAULT_MAX_PIXELS, check_image
+from raysemi.data.inputs.chunks import read_record, write_chunk
 from raysemi.data.inputs.dedup import drop_copies, find_copies, write_keys
 from raysemi.data.inputs.listing import ImageRef, Listing, listing_rows
 from raysemi.data.shards import Mapper, local_map
@@ -49,10 +49,6 @@ MAP_TASKS = 64  # tasks per call of the mapper: bounds the work in flight, and t
 
 def rows_per_shard(n: int) -> int:
     return max(1, min(MAX_ROWS, math.ceil(n / MIN_SHARDS)))
-
-
-def chunk_uri(dest: str, c: int) -> str:
-    return rio.join(dest, f"chunk-{c:05d}.json")
 
 
 @dataclass
@@ -126,13 +122,6 @@ def _check(ref: ImageRef, max_pixels: int) -> tuple[str | None, bytes | None, st
     return shards.image_id(data), checked.data, None
 
 
-def read_record(dest: str, c: int) -> dict | None:
-    try:
-        return rio.read_json(chunk_uri(dest, c))
-    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
-        return None
-
-
 def _reusable(dest: str, c: int, paths: list[str]) -> dict | None:
     record = read_record(dest, c)
     if record is None or record.get("paths") != paths:
@@ -143,21 +132,6 @@ def _reusable(dest: str, c: int, paths: list[str]) -> dict | None:
                 return None
         except (FileNotFoundError, OSError, pa.ArrowInvalid):
             return None
-    return record
-
-
-def write_chunk(dest: str, c: int, record: dict, table: pa.Table | None) -> dict:
-    """The chunk's shard (or none, and an earlier one removed), then its record: the commit."""
-    name = f"part-{c:05d}.parquet"
-    record.update(shard=None, rows=0, sha256=None)
-    if table is not None and table.num_rows:
-        info = shards.write_shard(dest, name, table)
-        record.update(shard=name, rows=info.rows, sha256=info.sha256)
-    else:
-        fs, path = rio.filesystem(rio.join(dest, name))
-        if fs.exists(path):
-            fs.rm(path)
-    rio.write_json(chunk_uri(dest, c), record)  # last: the chunk's commit
     return record
 
 

@@ -15,10 +15,11 @@ from PIL import Image
 
 from raysemi.core import io as rio
 from raysemi.data import shards
-from raysemi.data.inputs import listing as image_inputs
-from raysemi.data.inputs import staging as image_staging
+from raysemi.data.inputs import listing as listing_mod
+from raysemi.data.inputs import staging
+from raysemi.data.inputs.chunks import chunk_uri, read_record
 from raysemi.data.inputs.listing import InputError, list_source, read_listing, stream_listing
-from raysemi.data.inputs.staging import chunk_uri, read_record, rows_per_shard, stage_listing
+from raysemi.data.inputs.staging import rows_per_shard, stage_listing
 
 
 def png(seed: int, size: int = 24) -> bytes:
@@ -104,7 +105,7 @@ def test_csv_staging_lists_failures_dedups_and_resumes(tmp_path, monkeypatch):
     dest = str(tmp_path / "inputs")
     listing = streamed(str(img / "list.csv"), dest)
     assert listing.kind == "csv" and listing.rows == 8  # 1.png named twice: once
-    assert rows_per_shard(8) == 1 and rows_per_shard(10_000) == image_staging.MAX_ROWS
+    assert rows_per_shard(8) == 1 and rows_per_shard(10_000) == staging.MAX_ROWS
 
     staged = stage_listing(listing, progress=False)
     index = index_of(staged)
@@ -150,9 +151,9 @@ def test_s3_prefix_listing(s3_bucket):
 def test_streamed_listing_parts_folder_and_csv(tmp_path, monkeypatch):
     """Parts of a fixed size (small here), read back by range; links to folders entered once; a CSV read in
     blocks, its repeated paths once, across blocks too."""
-    monkeypatch.setattr(image_inputs, "LIST_ROWS", 4)
-    monkeypatch.setattr(image_inputs, "LIST_GROUP", 2)
-    monkeypatch.setattr(image_inputs, "CSV_BLOCK", 64)
+    monkeypatch.setattr(listing_mod, "LIST_ROWS", 4)
+    monkeypatch.setattr(listing_mod, "LIST_GROUP", 2)
+    monkeypatch.setattr(listing_mod, "CSV_BLOCK", 64)
     src = tmp_path / "src"
     names = [f"d{i % 3}/{i:02d}.png" for i in range(11)] + ["top.jpg", "_skip/x.png", ".h/y.png", "d1/.z.png"]
     for n in names:
@@ -167,7 +168,7 @@ def test_streamed_listing_parts_folder_and_csv(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path / "a")) == ["list-00000.parquet", "list-00001.parquet", "list-00002.parquet",
                                                  "listing.json"]
     for lo, hi in ((0, 12), (3, 9), (4, 8), (5, 6), (11, 12)):
-        assert image_inputs.listing_rows(listing.dest, lo, hi).column("path").to_pylist() == want[lo:hi]
+        assert listing_mod.listing_rows(listing.dest, lo, hi).column("path").to_pylist() == want[lo:hi]
 
     rows = [f"{i % 7}.png" for i in range(30)]  # seven paths, each named again in later blocks
     (tmp_path / "list.csv").write_bytes(("\ufeffPath ,note\n" + "".join(f"{r},n{i}\n" for i, r in enumerate(rows))
@@ -183,7 +184,7 @@ def test_streamed_listing_parts_folder_and_csv(tmp_path, monkeypatch):
 def test_streamed_s3_listing_is_in_the_order_of_a_local_folder(s3_bucket, monkeypatch, tmp_path):
     """A prefix walked one folder level at a time (ingest's ``sources.walk_files``) comes in the order a local
     folder with the same files has: a folder's files sorted, then its subfolders, across several listing parts."""
-    monkeypatch.setattr(image_inputs, "LIST_ROWS", 3)
+    monkeypatch.setattr(listing_mod, "LIST_ROWS", 3)
     fs, _ = rio.filesystem(s3_bucket)
     keys = ["a.png", "a/x.png", "a0.png", "a/b/c.png", "a-b.png", "b/.hid/z.png", "b/1.png", "b/notes.md", "c.png"]
     for key in keys:
@@ -200,8 +201,8 @@ def test_streamed_s3_listing_is_in_the_order_of_a_local_folder(s3_bucket, monkey
 def test_copies_across_chunks_groups_and_buckets_are_stored_once(tmp_path, monkeypatch):
     """Many chunks in several staging tasks and dedup buckets: every stored id unique, each in the chunk of its
     first path, and each record names the chunk that stores its dropped copies."""
-    monkeypatch.setattr(image_staging, "GROUP_ROWS", 8)
-    monkeypatch.setattr(image_staging, "BUCKET_ROWS", 10)
+    monkeypatch.setattr(staging, "GROUP_ROWS", 8)
+    monkeypatch.setattr(staging, "BUCKET_ROWS", 10)
     src = tmp_path / "src"
     src.mkdir()
     contents = [png(i % 23) for i in range(60)]  # 23 distinct images, most named two or three times

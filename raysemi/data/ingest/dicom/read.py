@@ -1,7 +1,7 @@
 """DICOM in: find DICOM files, read their headers, render their pixels for ``raysemi ingest``.
 
-The scanning (which files, which labels, which items) is ``dicom_sources.py``'s; rendering a frame's pixels
-is ``dicom_render.py``'s; this module knows DICOM files: options, detection, headers, the group hash.
+The scanning (which files, which labels, which items) is ``dicom/sources.py``'s; rendering a frame's pixels
+is ``dicom/render.py``'s; this module knows DICOM files: options, detection, headers, the group hash.
 
 **Pixels as a radiologist sees them** (the PS3.4 N.2 greyscale pipeline, with pydicom's own functions):
 modality LUT (Modality LUT Sequence, or Rescale Slope/Intercept: ``apply_modality_lut``), then VOI (the VOI
