@@ -34,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from pretrain import machine_info
-from quality import run_one, rung_sets
+from quality import _reusable, run_one, rung_sets
 from train_steps import _byol_runner, _finetune_runner, _time
 
 from raysemi.core.tables import markdown_table
@@ -95,12 +95,18 @@ def project(cfg, rows: dict[str, int], speeds: dict[str, float], budget_s: float
             "byol_epochs_in_budget": max(0, int((budget_s - rest) // byol_epoch))}
 
 
-def supervised_all(config: str, dataset: str, sets: list[str], steps: int, seed: int, out: Path) -> dict[str, Any]:
-    """Supervised on 100% of the train labels at ``steps`` fine-tuning steps: val / test accuracy, wall seconds."""
+def supervised_all(config: str, dataset: str, sets: list[str], steps: int, seed: int, out: Path,
+                   reuse_only: bool = False) -> dict[str, Any] | None:
+    """Supervised on 100% of the train labels at ``steps`` fine-tuning steps: val / test accuracy, wall seconds
+    (None with ``reuse_only`` when that run has not been made)."""
     _, all_sets = rung_sets("100%")
     run = [f"data.path={dataset}", f"data.label_seed={seed}", f"finetune.seed={seed}", "run.mode=supervised",
            *all_sets, *sets, f"finetune.steps={steps}"]
-    report, wall, reused = run_one(config, run, out / f"supervised_all-seed{seed}-steps{steps}")
+    folder = out / f"supervised_all-seed{seed}-steps{steps}"
+    if reuse_only and not _reusable(folder, config, [*run, f"run.output_dir={folder}",
+                                                     f"run.name=quality-{folder.name}"]):
+        return None
+    report, wall, reused = run_one(config, run, folder)
     val = report["rounds"][0]["val"]
     return {"seed": seed, "steps": steps, "val_accuracy": val["accuracy"],
             "val_balanced_accuracy": val["balanced_accuracy"], "test_accuracy": report["test"]["accuracy"],
@@ -139,6 +145,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--step-seconds", type=float, default=4.0)
     ap.add_argument("--skip-accuracy", action="store_true", help="speeds and projections only")
+    ap.add_argument("--reuse-only", action="store_true",
+                    help="accuracy only from runs already made in --out (the others shown as not measured)")
     ap.add_argument("--set", dest="sets", action="append", default=[], help="key=value, passed to every run")
     ap.add_argument("--out", default="outputs/recipe", help="run folders (default outputs/recipe)")
     ap.add_argument("--results", default=str(ROOT / "bench" / "results" / "recipe.json"))
@@ -170,7 +178,9 @@ def main(argv: list[str] | None = None) -> None:
             for seed in args.seeds:
                 for steps in args.steps:
                     res = supervised_all(args.config, args.dataset, sets, steps, seed,
-                                         Path(args.out) / f"{r['backbone']}@{r['size']}")
+                                         Path(args.out) / f"{r['backbone']}@{r['size']}", args.reuse_only)
+                    if res is None:
+                        continue
                     r["supervised_all"].append(res)
                     print(f"{r['backbone']}@{r['size']} seed {seed} steps {steps}: val {res['val_accuracy']:.3f} "
                           f"test {res['test_accuracy']:.3f} ({res['wall_s']:.0f} s)", flush=True)
