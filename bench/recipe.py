@@ -8,7 +8,9 @@ rows are measured against).
 Per candidate (``backbone@size``):
 
 - BYOL and fine-tuning training images/s (the stages' own step functions, the precision ``auto`` resolves to here,
-  channels_last, random batches: no data wait, which ``bench/pretrain.py`` shows to be small), interleaved repeats;
+  channels_last, random batches: no data wait, which ``bench/pretrain.py`` shows to be small), interleaved repeats,
+  on as many torch threads as a Ray Train worker of the config gets (Ray sets ``OMP_NUM_THREADS`` to the whole
+  CPUs of ``ray.cpus_per_worker``, at least 1: one thread for the CPU recipe's 0.99), unless ``--threads``;
 - the projected wall time of one full run of the config (``run.mode=full``) on ``DATASET``: BYOL epochs x the
   train + unlabelled images, fine-tuning ``(rounds + 1) x steps x batch`` images, pseudo-labelling the pool
   each round (inference, about a third of a training step per image), and the BYOL epochs that fit in
@@ -80,6 +82,11 @@ def step_speeds(cfg, repeat: int, seconds: float) -> dict[str, float]:
     return {k: round(statistics.median(v), 1) for k, v in samples.items()}
 
 
+def worker_threads(cpus_per_worker: float) -> int:
+    """The torch threads of a Ray Train worker with ``cpus_per_worker`` CPUs (Ray's ``OMP_NUM_THREADS``)."""
+    return max(1, int(cpus_per_worker))
+
+
 def project(cfg, rows: dict[str, int], speeds: dict[str, float], budget_s: float) -> dict[str, float]:
     """Projected seconds of a full run's stages and the BYOL epochs that fit in ``budget_s`` beside the rest."""
     pool_all = rows.get("train", 0) + rows.get("unlabeled", 0)
@@ -143,6 +150,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
     ap.add_argument("--budget-min", type=float, default=30.0, help="minutes one full run may take (default 30)")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads for the step speeds (default: a Ray Train worker's, from ray.cpus_per_worker)")
     ap.add_argument("--step-seconds", type=float, default=4.0)
     ap.add_argument("--skip-accuracy", action="store_true", help="speeds and projections only")
     ap.add_argument("--reuse-only", action="store_true",
@@ -156,7 +165,9 @@ def main(argv: list[str] | None = None) -> None:
 
     candidates = [parse_candidate(c) for c in args.candidates]
     rows = dataset_rows(args.dataset)
-    torch.set_num_threads(torch.get_num_threads())
+    base = load_config(args.config, [f"data.path={args.dataset}", *args.sets])
+    threads = args.threads or worker_threads(base.ray.cpus_per_worker)
+    torch.set_num_threads(threads)
     t0 = time.time()
     results = []
     for backbone, size in candidates:
@@ -187,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
     table = format_table(results, args.steps)
     print(table)
     out = {"command": " ".join(["python bench/recipe.py", *(argv if argv is not None else sys.argv[1:])]),
-           "dataset": args.dataset, "dataset_rows": rows, "config": args.config, "budget_min": args.budget_min,
+           "dataset": args.dataset, "dataset_rows": rows, "config": args.config, "budget_min": args.budget_min, "threads": threads,
            "machine": machine_info(), "wall_s": round(time.time() - t0, 0), "results": results, "table": table}
     Path(args.results).parent.mkdir(parents=True, exist_ok=True)
     Path(args.results).write_text(json.dumps(out, indent=2) + "\n")

@@ -218,6 +218,9 @@ class RayConfig:
     num_workers: StrictInt = Field(2, ge=1)
     use_gpu: StrictBool = False
     cpus_per_worker: StrictFloat = Field(1.0, gt=0)
+    # Torch threads of a Train worker. None: the node's CPUs shared among the Train workers on it (Ray itself
+    # gives a worker of 0.99 CPU one thread: half a 2-core machine idle while one worker trains).
+    torch_threads: StrictInt | None = Field(None, ge=1)
     # Ray Train's checkpoints; None = <run.output_dir>/ray. Must be shared by all nodes (s3://) on a cluster.
     storage_path: StrictStr | None = None
     max_failures: StrictInt = Field(2, ge=0)

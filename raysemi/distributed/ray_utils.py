@@ -258,6 +258,20 @@ def world_size() -> int:
     return ctx.get_world_size() if ctx is not None else 1
 
 
+def local_world_size() -> int:
+    """The Train workers on this node (1 outside Ray Train)."""
+    ctx = _train_context()
+    return ctx.get_local_world_size() if ctx is not None else 1
+
+
+def node_cpus() -> int:
+    """The CPUs of this node that a worker may use (the process's affinity where the OS tells it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def get_device() -> torch.device:
     """The worker's device: Ray Train's assignment inside a worker, else CUDA if present, else CPU."""
     if _train_context() is not None:

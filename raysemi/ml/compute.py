@@ -88,7 +88,7 @@ class Compute:
     def describe(self) -> dict[str, object]:
         """What ran, for the metrics and ``report.json``."""
         return {"device": self.device.type, "precision": self.precision, "channels_last": self.channels_last,
-                "cpu_bf16_units": cpu_has_bf16_units()}
+                "cpu_bf16_units": cpu_has_bf16_units(), "torch_threads": torch.get_num_threads()}
 
 
 def compute_for(device: torch.device, precision: str = "auto", channels_last: bool = True) -> Compute:

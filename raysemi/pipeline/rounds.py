@@ -126,7 +126,9 @@ def ran_with(metrics: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The precision and layout a training stage ran with, from its last metrics row (None: not recorded)."""
     keys = ("device", "precision", "channels_last", "cpu_bf16_units")
     last = metrics[-1] if metrics else {}
-    return {k: last[k] for k in keys} if all(k in last for k in keys) else None
+    if not all(k in last for k in keys):
+        return None
+    return {k: last[k] for k in (*keys, "torch_threads") if k in last}
 
 
 def trained_round(out: str) -> finetune.FinetuneResult | None:

@@ -46,7 +46,7 @@ from raysemi.models.checkpoint import check_init as check_classifier_init
 from raysemi.stages import consistency
 from raysemi.stages.common import StepTimer, all_reduce_sum, wrap_ddp
 from raysemi.stages.inference import predict_probs
-from raysemi.stages.worker import TrainState, build_replica
+from raysemi.stages.worker import TrainState, build_replica, use_threads
 
 log = logging.getLogger("raysemi.finetune")
 
@@ -254,6 +254,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     rank, world = ray_utils.world_rank(), ray_utils.world_size()
     trainset = TrainSet(**loop_config["trainset"])
     num_classes = len(trainset.class_counts)
+    use_threads(cfg.ray.torch_threads)
 
     batch = min(split_batch(f.batch_size, world), min(sum(trainset.rows[r::world]) for r in range(world)))
     if batch < split_batch(f.batch_size, world) and rank == 0:

@@ -36,7 +36,7 @@ from raysemi.models.backbone import backbone_for
 from raysemi.models.byol import BYOL, byol_forward
 from raysemi.stages.common import StepTimer, all_reduce_sum, wrap_ddp
 from raysemi.stages.inference import extract_features
-from raysemi.stages.worker import TrainState, build_replica
+from raysemi.stages.worker import TrainState, build_replica, use_threads
 
 log = logging.getLogger("raysemi.pretrain")
 
@@ -202,6 +202,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     uris, rows = pretrain_shards(manifest, cfg.data.path)
     batch = split_batch(p.batch_size, world)
 
+    use_threads(cfg.ray.torch_threads)
     # SyncBatchNorm in the online and target networks alike.
     compute = compute_for(device, p.precision, p.channels_last)
     model = compute.model(build_replica(lambda: build_byol(cfg), p.seed, cfg.model.sync_batchnorm, device))

@@ -20,6 +20,14 @@ from raysemi.core.config import Config
 from raysemi.distributed import ray_utils
 
 
+def use_threads(torch_threads: int | None) -> int:
+    """Set this worker's torch threads: ``torch_threads``, or (None) the node's CPUs shared among the Train
+    workers on it; returns the count. Ray sets ``OMP_NUM_THREADS`` to a worker's whole CPUs (one for 0.99)."""
+    n = torch_threads or max(1, ray_utils.node_cpus() // ray_utils.local_world_size())
+    torch.set_num_threads(n)
+    return n
+
+
 def build_replica(build: Callable[[], nn.Module], seed: int, sync_batchnorm: bool, device: torch.device) -> nn.Module:
     """``build()`` on ``device`` with the same initial weights on every rank (DDP also broadcasts rank 0's);
     BatchNorm becomes SyncBatchNorm with ``sync_batchnorm`` on more than one worker, so that every layer

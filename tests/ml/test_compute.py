@@ -43,7 +43,8 @@ def test_compute_for_describes_what_runs(flags):
     flags()
     c = compute_for(CPU, "auto", channels_last=True)
     assert c == Compute(CPU, "fp32", True)
-    assert c.describe() == {"device": "cpu", "precision": "fp32", "channels_last": True, "cpu_bf16_units": False}
+    assert c.describe() == {"device": "cpu", "precision": "fp32", "channels_last": True, "cpu_bf16_units": False,
+                            "torch_threads": torch.get_num_threads()}
     assert not c.grad_scaler().is_enabled() and not Compute(CPU, "bf16").grad_scaler().is_enabled()
     assert Compute(CPU, "fp16").grad_scaler().is_enabled()
 

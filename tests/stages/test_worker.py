@@ -61,3 +61,21 @@ def test_without_an_ema_the_checkpoint_has_none():
     cfg = load_config(None, [*TINY[:-1], "finetune.ema_decay=0"])
     state = fresh(cfg)
     assert state.ema is None and "ema" not in state.state_dict(step=0)
+
+
+def test_a_worker_uses_the_node_cpus_shared_among_its_train_workers(monkeypatch):
+    """Ray gives a 0.99-CPU worker one thread (OMP_NUM_THREADS=1); the worker takes the node's CPUs divided among
+    the Train workers on the node, or ray.torch_threads when set."""
+    from raysemi.distributed import ray_utils
+    from raysemi.stages.worker import use_threads
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setattr(ray_utils, "node_cpus", lambda: 8)
+        monkeypatch.setattr(ray_utils, "local_world_size", lambda: 3)
+        assert use_threads(None) == 2 and torch.get_num_threads() == 2
+        assert use_threads(5) == 5 and torch.get_num_threads() == 5
+        monkeypatch.setattr(ray_utils, "local_world_size", lambda: 16)
+        assert use_threads(None) == 1
+    finally:
+        torch.set_num_threads(before)
