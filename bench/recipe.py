@@ -9,8 +9,8 @@ Per candidate (``backbone@size``):
 
 - BYOL and fine-tuning training images/s (the stages' own step functions, the precision ``auto`` resolves to here,
   channels_last, random batches: no data wait, which ``bench/pretrain.py`` shows to be small), interleaved repeats,
-  on as many torch threads as a Ray Train worker of the config gets (Ray sets ``OMP_NUM_THREADS`` to the whole
-  CPUs of ``ray.cpus_per_worker``, at least 1: one thread for the CPU recipe's 0.99), unless ``--threads``;
+  on as many torch threads as a Ray Train worker of the config takes on this machine (``ray.torch_threads``, or
+  the machine's CPUs shared among ``ray.num_workers``: ``stages/worker.use_threads``), unless ``--threads``;
 - the projected wall time of one full run of the config (``run.mode=full``) on ``DATASET``: BYOL epochs x the
   train + unlabelled images, fine-tuning ``(rounds + 1) x steps x batch`` images, pseudo-labelling the pool
   each round (inference, about a third of a training step per image), and the BYOL epochs that fit in
@@ -82,9 +82,11 @@ def step_speeds(cfg, repeat: int, seconds: float) -> dict[str, float]:
     return {k: round(statistics.median(v), 1) for k, v in samples.items()}
 
 
-def worker_threads(cpus_per_worker: float) -> int:
-    """The torch threads of a Ray Train worker with ``cpus_per_worker`` CPUs (Ray's ``OMP_NUM_THREADS``)."""
-    return max(1, int(cpus_per_worker))
+def worker_threads(cfg) -> int:
+    """The torch threads a Train worker of ``cfg`` takes when all its workers run on this machine."""
+    from raysemi.distributed.ray_utils import node_cpus
+
+    return cfg.ray.torch_threads or max(1, node_cpus() // cfg.ray.num_workers)
 
 
 def project(cfg, rows: dict[str, int], speeds: dict[str, float], budget_s: float) -> dict[str, float]:
@@ -166,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     candidates = [parse_candidate(c) for c in args.candidates]
     rows = dataset_rows(args.dataset)
     base = load_config(args.config, [f"data.path={args.dataset}", *args.sets])
-    threads = args.threads or worker_threads(base.ray.cpus_per_worker)
+    threads = args.threads or worker_threads(base)
     torch.set_num_threads(threads)
     t0 = time.time()
     results = []
