@@ -158,7 +158,7 @@ _PROBE = NO_OTHER_RAY + textwrap.dedent(
     """
     import json, socket, urllib.error, urllib.request
     import ray
-    from raysemi.ray_utils import init_ray
+    from raysemi.distributed.ray_utils import init_ray
     from ray._raylet import AuthenticationMode, get_authentication_mode
 
     init_ray()
@@ -181,7 +181,7 @@ _PROBE = NO_OTHER_RAY + textwrap.dedent(
 
     # Then a 2-worker DDP training on this private Ray, its sockets sampled while the Train workers run.
     import threading
-    from raysemi.config import load_config
+    from raysemi.core.config import load_config
     from raysemi.data.synthetic import make_demo_dataset
     from raysemi.stages import pretrain
     from tests.procs import pids_titled

@@ -62,7 +62,7 @@ _DRIVER = NO_OTHER_RAY + textwrap.dedent(
     """
     import time
     import ray
-    from raysemi.ray_utils import init_ray
+    from raysemi.distributed.ray_utils import init_ray
 
     init_ray()
     assert ray.get(ray.remote(lambda: 1).remote()) == 1  # a worker process too

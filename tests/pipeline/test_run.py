@@ -15,6 +15,7 @@ from raysemi.core.config import load_config
 from raysemi.core.event_log import read_scalars
 from raysemi.data.labels import label_split
 from raysemi.data.shards import read_manifest, read_split
+from raysemi.distributed.ray_utils import node_cpus
 from raysemi.ml.compute import cpu_has_bf16_units, resolve_precision
 from raysemi.ml.metrics import best_round
 from raysemi.pipeline.run import run_pipeline
@@ -77,8 +78,9 @@ def test_full_run_counts_steps_keeps_the_pool_and_picks_the_best_round(ray_sessi
     assert (targets.argmax(1) == np.array(trainset.column("label").to_pylist())).all()
 
     # Which precision ran, as `precision: auto` resolves it on this machine's CPU.
+    # One Train worker here: it takes every CPU of the machine (ray.torch_threads unset).
     want = {"device": "cpu", "precision": resolve_precision("auto", torch.device("cpu")), "channels_last": True,
-            "cpu_bf16_units": cpu_has_bf16_units()}
+            "cpu_bf16_units": cpu_has_bf16_units(), "torch_threads": node_cpus()}
     assert report["compute"] == {"pretrain": want, "finetune": want} and rounds[1]["compute"] == want
     assert f"finetune ran as**: {want['precision']} on cpu, channels_last" in (tmp_path / "run" / "report.md").read_text()
 
