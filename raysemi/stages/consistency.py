@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from raysemi.core.config import Config
+from raysemi.data.loading.loader import build_loader
 from raysemi.ml.compute import Compute
 from raysemi.ml.losses import consistency_loss
 
@@ -28,6 +30,19 @@ class PoolSet:
 
     uris: list[str]
     rows: list[int]  # per shard
+
+
+def pool_stream(pool: PoolSet, cfg: Config, batch: int, rank: int, world: int, device: torch.device,
+                step: int, total_steps: int):
+    """This rank's pair batches of the pool (``fixmatch.ratio`` x its labelled ``batch``), one per step from
+    ``step`` to ``total_steps``, from a loader of its own (seeded apart from the labelled one)."""
+    loader = build_loader(
+        pool.uris, mode="pair", size=cfg.data.image_size, batch_size=batch * cfg.fixmatch.ratio,
+        augment=cfg.augment, rank=rank, world_size=world, seed=cfg.finetune.seed + 1, backend=cfg.data.loader,
+        device=device, num_threads=cfg.data.num_threads, shard_rows=pool.rows,
+        decode_cache_mb=cfg.data.decode_cache_mb,
+    )
+    return loader.stream(step, total_steps)
 
 
 @torch.no_grad()

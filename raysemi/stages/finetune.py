@@ -274,14 +274,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     stream = loader.stream(step, plan.total_steps)  # one decoder start-up for the round
     pool_stream = None
     if loop_config.get("pool"):  # FixMatch: ratio x the batch of pool images per step, from its own loader
-        pool = consistency.PoolSet(**loop_config["pool"])
-        pool_loader = build_loader(
-            pool.uris, mode="pair", size=cfg.data.image_size, batch_size=batch * cfg.fixmatch.ratio,
-            augment=cfg.augment, rank=rank, world_size=world, seed=f.seed + 1, backend=cfg.data.loader,
-            device=device, num_threads=cfg.data.num_threads, shard_rows=pool.rows,
-            decode_cache_mb=cfg.data.decode_cache_mb,
-        )
-        pool_stream = pool_loader.stream(step, plan.total_steps)
+        pool_stream = consistency.pool_stream(consistency.PoolSet(**loop_config["pool"]), cfg, batch, rank, world,
+                                              device, step, plan.total_steps)
     if loader.backend == "dali":
         # DALI decodes in threads of its own. Not the torch backend: its DataLoader forks worker processes,
         # and a fork from a second thread while this one builds the model can copy a held lock into the
