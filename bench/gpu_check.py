@@ -36,6 +36,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from bench import pretrain as bp  # noqa: E402
+from bench.machine import machine_info  # noqa: E402
 from raysemi.core.tables import markdown_table  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
@@ -188,7 +189,7 @@ def ddp(ctx: dict[str, Any]) -> dict[str, Any]:
 
     from raysemi.core.config import load_config
     from raysemi.core.io import load_state
-    from raysemi.distributed import ray_utils
+    from raysemi.distributed import ray_session, ray_utils
 
     s, cuda = ctx["s"], ctx["cuda"]
     gpus = torch.cuda.device_count() if cuda else 0
@@ -199,7 +200,7 @@ def ddp(ctx: dict[str, Any]) -> dict[str, Any]:
         if gpus == 1 and total < DDP_MIN_GIB:
             return {"status": "skipped", "reason": f"one GPU of {total:.0f} GiB, under {DDP_MIN_GIB:.0f} GiB for two ranks"}
         resources["GPU"] = 1.0 if gpus >= 2 else 0.5
-    ray_utils.init_ray(None)
+    ray_session.init_ray(None)
     if __name__ != "__main__":  # imported (the tests): the workers cannot import this file, so ship it by value
         from ray import cloudpickle
 
@@ -276,7 +277,7 @@ def run_section(name: str, fn, ctx: dict[str, Any]) -> dict[str, Any]:
 def machine() -> dict[str, Any]:
     import ray
 
-    info = bp.machine_info()
+    info = machine_info()
     info.update(torch_cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(), ray=ray.__version__,
                 gpus=torch.cuda.device_count() if torch.cuda.is_available() else 0)
     if torch.cuda.is_available():

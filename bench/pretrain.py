@@ -37,7 +37,6 @@ import argparse
 import io
 import json
 import os
-import platform
 import resource
 import shutil
 import statistics
@@ -56,6 +55,7 @@ import pyarrow as pa  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image, ImageFilter  # noqa: E402
 
+from bench.machine import machine_info  # noqa: E402
 from bench.train_steps import step_overhead, step_rows, step_table  # noqa: E402
 from raysemi.core import io as rio  # noqa: E402
 from raysemi.core.config import AugmentConfig  # noqa: E402
@@ -193,38 +193,6 @@ ROW_BUILDERS: list[Callable[[argparse.Namespace, dict[str, Any]], list[dict[str,
 
 
 # ---------------------------------------------------------------- report
-
-
-def machine_info() -> dict[str, Any]:
-    import torch
-    import torchvision
-
-    model = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    from raysemi.ml.compute import BF16_CPU_FLAGS, cpu_flags, cpu_has_bf16_units
-
-    info: dict[str, Any] = {
-        "cpus": os.cpu_count(),
-        "cpu_model": model,
-        "cpu_bf16_flags": sorted(f for f in cpu_flags() if f in BF16_CPU_FLAGS or f.startswith(("amx", "avx512"))),
-        "cpu_has_bf16_units": cpu_has_bf16_units(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-    }
-    if dali_available():
-        import nvidia.dali
-
-        info["dali"] = nvidia.dali.__version__
-    return info
 
 
 def ratios(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:

@@ -31,7 +31,6 @@ import argparse
 import io
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -43,6 +42,7 @@ import pyarrow as pa
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.machine import cpu_model, machine_info  # noqa: E402
 from raysemi.core import io as rio  # noqa: E402
 from raysemi.core.config import load_config  # noqa: E402
 from raysemi.core.io import join  # noqa: E402
@@ -56,7 +56,7 @@ from raysemi.data.shards import (  # noqa: E402
     write_manifest,
     write_shard,
 )
-from raysemi.ml.compute import BF16_CPU_FLAGS, compute_for, cpu_flags, cpu_has_bf16_units  # noqa: E402
+from raysemi.ml.compute import compute_for  # noqa: E402
 from raysemi.models.checkpoint import build_classifier, save_classifier  # noqa: E402
 from raysemi.stages import commits, predictor  # noqa: E402
 from raysemi.stages import pseudolabel as pl  # noqa: E402
@@ -100,16 +100,6 @@ def generate(root: str, images: int, shards: int, size: int, seed: int = 0) -> l
 def dataset_shards(root: str) -> list[str]:
     manifest = read_manifest(root)
     return [u for split in ("train", "unlabeled") if split in manifest.splits for u in manifest.shard_uris(root, split)]
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 # ---------------------------------------------------------------- the forward pass alone
@@ -352,12 +342,8 @@ def main(argv: list[str] | None = None) -> int:
         "model": {"backbone": args.backbone, "small_image": args.small_image, "image_size": args.size,
                   "batch_size": args.batch_size},
         "machine": {
-            "cores": cores, "cpu": cpu_model(), "torch_threads_default": default_threads,
-            "cpu_bf16_flags": sorted(f for f in cpu_flags() if f in BF16_CPU_FLAGS),
-            "cpu_has_bf16_units": cpu_has_bf16_units(),
+            **machine_info(), "cores": cores, "torch_threads_default": default_threads,
             "torch_threads_per_actor": 1, "torch_threads_single_process": cores,
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "torch": torch.__version__, "ray": ray.__version__, "python": platform.python_version(),
             "load_average_before": load_before, "load_average_after": os.getloadavg(),
         },
         "workers": "actors (1 CPU, 1 torch thread each) for the pool and Ray Data; torch threads for the single process",

@@ -332,7 +332,11 @@ def main(argv: list[str] | None = None) -> None:
     command = "python bench/quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
     cfg = yaml.safe_load(Path(args.config).read_text())
     dest.parent.mkdir(parents=True, exist_ok=True)
-    dest.write_text(json.dumps({"benchmark": "quality", "command": command, "config": args.config,
+    sys.path.insert(0, str(ROOT))
+    from bench.machine import machine_info
+
+    dest.write_text(json.dumps({"benchmark": "quality", "command": command, "machine": machine_info(),
+                                "config": args.config,
                                 "config_values": cfg, "sets": args.sets, "seeds": args.seeds, "labels": rungs,
                                 "steps_menu": args.steps_menu, "methods": args.methods,
                                 "wall_s": round(wall, 1), "table": table, "runs": results}, indent=2) + "\n")

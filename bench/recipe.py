@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from pretrain import machine_info
+from machine import machine_info
 from quality import _reusable, run_one, rung_sets
 from train_steps import _byol_runner, _finetune_runner, _time
 

@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -55,6 +54,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.machine import machine_info  # noqa: E402
 from tests.moto_s3 import moto_s3  # noqa: E402
 
 ROWS_PER_SHARD = 1000
@@ -180,7 +180,7 @@ def run_step(step: str, root: str, work: str, moto_log: str | None) -> dict[str,
     from raysemi.data.labels import label_split
     from raysemi.data.shards import read_manifest
     from raysemi.data.trainset import LabeledRows, count_rows, write_trainset
-    from raysemi.distributed import ray_tasks, ray_utils
+    from raysemi.distributed import ray_session, ray_tasks
     from raysemi.stages import pool
     from raysemi.stages.commits import verify_exactly_once
     from raysemi.stages.selection import budget_count, selection_prior
@@ -192,7 +192,7 @@ def run_step(step: str, root: str, work: str, moto_log: str | None) -> dict[str,
     uris = [s.uri for s in shards]
     state: dict[str, Any] = {}
     maps = [0]
-    ray_utils.init_ray(None)
+    ray_session.init_ray(None)
     remote = ray_tasks.task_mapper(None)
 
     def tasks(fn, args):
@@ -289,22 +289,6 @@ def measure(root: str, work: str, env: dict[str, str], moto_log: str | None) -> 
     return out
 
 
-def machine() -> dict[str, Any]:
-    info: dict[str, Any] = {"cpus": os.cpu_count(), "python": platform.python_version()}
-    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    for line in text.splitlines():
-        if line.startswith("model name"):
-            info["cpu_model"] = line.split(":", 1)[1].strip()
-            break
-    flags = next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), [])
-    info["bf16_flags"] = sorted(f for f in flags if f in ("amx_bf16", "avx512_bf16", "amx_tile"))
-    import pyarrow
-    import ray
-
-    info.update(pyarrow=pyarrow.__version__, ray=ray.__version__)
-    return info
-
-
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         step, root, work, log = sys.argv[2:6]
@@ -318,7 +302,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = ap.parse_args()
 
-    results: dict[str, Any] = {"machine": machine(), "rows_per_shard": ROWS_PER_SHARD, "image_bytes": IMAGE_BYTES,
+    results: dict[str, Any] = {"machine": machine_info(), "rows_per_shard": ROWS_PER_SHARD, "image_bytes": IMAGE_BYTES,
                                "label_fraction": LABEL_FRACTION, "budget": BUDGET, "runs": []}
     commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     results["revision"] = commit.stdout.strip()
@@ -374,7 +358,7 @@ def write(results: dict[str, Any], out: Path) -> None:
                          f"{s['s3_requests_all'] / s['input_shards']:.1f}" if s3 else ""])
     m = results["machine"]
     text = (f"# The data plane at scale: ingest, a round, predict (`bench/scale.py`, revision {results['revision']})\n\n"
-            f"{m.get('cpu_model', '?')}, {m['cpus']} cores, bf16 flags: {', '.join(m['bf16_flags']) or 'none'}; "
+            f"{m.get('cpu_model', '?')}, {m['cpus']} cores, bf16 flags: {', '.join(m['cpu_bf16_flags']) or 'none'}; "
             f"{results['rows_per_shard']:,} rows per shard, {results['image_bytes']} B images, "
             f"label fraction {results['label_fraction']}, budget {results['budget']} of the pool.\n\n"
             + "\n".join(markdown_table(header, body, ["r", "l", "l", "r", "r", "r", "r", "r", "r"])) + "\n")

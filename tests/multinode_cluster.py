@@ -208,12 +208,12 @@ def do_train_node_loss(args: dict, cluster, nodes) -> dict:
     import ray
 
     from raysemi.core.config import load_config
-    from raysemi.distributed import ray_utils
+    from raysemi.distributed import ray_session, ray_utils
 
     _add_missing_nodes(cluster, nodes, args.get("tag", "p"))
     names = node_names(nodes)
     cfg = load_config(None, [*args["overrides"], f"ray.address={cluster.address}"])
-    ray_utils.init_ray(cfg.ray.address)
+    ray_session.init_ray(cfg.ray.address)
     fit, name, events, unit, _ = train_stage(args.get("stage", "pretrain"), cfg)
     # Start on an idle cluster: an elastic run starts with the workers it finds room for, and an earlier command's
     # actors may still be ending on the nodes. (Its view of the nodes comes from Ray Data's autoscaling coordinator,
@@ -399,13 +399,13 @@ def do_tune(args: dict, cluster, nodes) -> dict:
 
     from raysemi.core import io as rio
     from raysemi.core.config import load_config
-    from raysemi.distributed import ray_utils
+    from raysemi.distributed import ray_session, ray_utils
     from raysemi.tune import experiment
 
     _add_missing_nodes(cluster, nodes, "t")
     names = node_names(nodes)
     cfg = load_config(None, [*args["overrides"], f"ray.address={cluster.address}"])
-    ray_utils.init_ray(cfg.ray.address)
+    ray_session.init_ray(cfg.ray.address)
     space_path = os.path.join(os.environ["RAY_TMPDIR"], f"{args['name']}.yaml")
     with open(space_path, "w") as fh:
         yaml.safe_dump(args["space"], fh)

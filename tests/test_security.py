@@ -35,7 +35,7 @@ from raysemi.core.io import (
     save_state,
     save_weights,
 )
-from raysemi.distributed import ray_utils
+from raysemi.distributed import ray_session
 from tests.procs import NO_OTHER_RAY
 
 REPO = Path(__file__).resolve().parents[1]
@@ -137,7 +137,7 @@ def fake_ray(monkeypatch):
 
 def test_init_ray_without_a_cluster_starts_a_loopback_ray(fake_ray):
     fake = fake_ray(auto_finds=False)
-    ray_utils.init_ray()
+    ray_session.init_ray()
     # One plain ray.init(): Ray attaches to a cluster that `ray start` left on this machine, else starts a
     # private one; never address="auto", which would join any other process's local Ray.
     assert [c.get("address") for c in fake.calls] == [None]
@@ -150,7 +150,7 @@ def test_init_ray_without_a_cluster_starts_a_loopback_ray(fake_ray):
 def test_init_ray_uses_the_address_a_ray_job_gives(fake_ray, monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")
     fake = fake_ray(auto_finds=False)
-    ray_utils.init_ray()
+    ray_session.init_ray()
     assert [c.get("address") for c in fake.calls] == ["10.0.0.5:6379"]
 
 
@@ -158,7 +158,7 @@ _PROBE = NO_OTHER_RAY + textwrap.dedent(
     """
     import json, socket, urllib.error, urllib.request
     import ray
-    from raysemi.distributed.ray_utils import init_ray
+    from raysemi.distributed.ray_session import init_ray
     from ray._raylet import AuthenticationMode, get_authentication_mode
 
     init_ray()

@@ -51,7 +51,8 @@ def _dicom_options(args: argparse.Namespace):
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    from raysemi.data.ingest.run import ingest, summarize
+    from raysemi.data.ingest.run import ingest
+    from raysemi.data.ingest.summary import summarize
     from raysemi.data.shards import local_map
 
     address = args.address or os.environ.get("RAY_ADDRESS")

@@ -50,7 +50,7 @@ from raysemi.core.outputs import PREDICT, check_marked, guard_output, mark
 from raysemi.data.inputs.listing import Listing, committed_listing, list_source, stream_listing
 from raysemi.data.inputs.staging import Staged, map_batched, stage_listing
 from raysemi.data.shards import Mapper
-from raysemi.distributed import ray_tasks, ray_utils
+from raysemi.distributed import ray_session, ray_tasks
 from raysemi.stages.commits import pending_shards
 from raysemi.stages.predictor import ShardPredictor, model_classes
 from raysemi.stages.pseudolabel import predict_shards
@@ -111,7 +111,7 @@ def cluster_actors(cfg: Config) -> int:
     """Actors the cluster holds at once: its GPUs / ``gpus_per_actor`` (when set), its CPUs / ``cpus_per_actor``."""
     import ray
 
-    ray_utils.init_ray(cfg.ray.address)
+    ray_session.init_ray(cfg.ray.address)
     res, pl = ray.cluster_resources(), cfg.pseudolabel
     fits = [res.get(k, 0.0) / per for k, per in (("GPU", pl.gpus_per_actor), ("CPU", pl.cpus_per_actor)) if per > 0]
     return max(1, int(min(fits))) if fits else 1

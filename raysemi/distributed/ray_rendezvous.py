@@ -3,7 +3,7 @@
 Ray Train's torch backend rendezvous through torch's ``TCPStore`` on rank 0, which listens on every interface
 (``::``) whatever host it is given, and has no authentication; gloo and NCCL then open their own sockets on the
 address the host name resolves to. On a cluster those ports must be reachable between nodes (docs/cluster.md
-says so). When every node of the Ray is on loopback (the private local Ray of ``ray_utils.init_ray``, or a
+says so). When every node of the Ray is on loopback (the private local Ray of ``ray_session.init_ray``, or a
 ``ray start --node-ip-address 127.0.0.1``), all workers share this machine, so:
 
 * the rendezvous goes through a ``FileStore`` (``file://`` in the temporary folder: no socket at all), and

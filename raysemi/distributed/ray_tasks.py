@@ -10,7 +10,7 @@ import functools
 from typing import Any
 
 from raysemi.core.errors import RaysemiError
-from raysemi.distributed import ray_utils
+from raysemi.distributed import ray_session, ray_utils
 
 _REMOTES: dict[Any, Any] = {}
 
@@ -25,7 +25,7 @@ def map_tasks(fn, args: list[tuple], address: str | None = None, num_cpus: float
     results in order. A task that raised a ``RaysemiError`` raises it here; any other error, in one line."""
     import ray
 
-    ray_utils.init_ray(address)
+    ray_session.init_ray(address)
     key = (fn, num_cpus)
     if key not in _REMOTES:
         _REMOTES[key] = ray.remote(fn).options(num_cpus=num_cpus, max_retries=3, **ray_utils.OUTSIDE_PLACEMENT_GROUP)

@@ -2,7 +2,7 @@
 
     python raysemi/ray_watchdog.py DRIVER_PID SESSION_DIR RAY_PACKAGE_DIR
 
-``ray_utils.init_ray`` starts this file (by path, stdlib only: nothing of Ray or raysemi is imported) right
+``ray_session.init_ray`` starts this file (by path, stdlib only: nothing of Ray or raysemi is imported) right
 after it has started a private local Ray. Ray makes the processes the driver starts (GCS, raylet, dashboard,
 monitors) die with it (PR_SET_PDEATHSIG), but not the raylet's children: its dashboard and runtime-env
 agents, with their ports open, lived on for 60-90 s after a killed driver, until their own checks noticed.

@@ -270,7 +270,7 @@ def pretrain_cached(cfg: Config, *, lease_s: float = LEASE_S, poll_s: float = PO
     (its Ray Train checkpoints under ``ray.storage_path`` when set, else inside the entry), always with
     ``resume=True``, so an owner taking over from a dead one continues its checkpoints.
     """
-    from raysemi.distributed import ray_utils
+    from raysemi.distributed import ray_session, ray_utils
     from raysemi.stages import pretrain
 
     if not cfg.pretrain.cache:
@@ -278,7 +278,7 @@ def pretrain_cached(cfg: Config, *, lease_s: float = LEASE_S, poll_s: float = PO
     cache = cfg.pretrain.cache
     manifest_sha = manifest_sha256(cfg.data.path)
     key = cache_key(cfg, manifest_sha)
-    ray_utils.init_ray(cfg.ray.address)
+    ray_session.init_ray(cfg.ray.address)
 
     def compute(entry: str) -> str:
         sub = cfg.replace(**{"run.output_dir": entry, "run.name": f"pretrain-{key[:12]}", "pretrain.cache": None})

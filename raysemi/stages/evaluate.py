@@ -19,7 +19,7 @@ from raysemi.core.errors import RaysemiError
 from raysemi.core.io import filesystem, is_remote, join, write_bytes_atomic
 from raysemi.data.loading.loader import build_loader
 from raysemi.data.shards import read_manifest
-from raysemi.distributed import ray_utils
+from raysemi.distributed import ray_session, ray_utils
 from raysemi.ml.compute import compute_for
 from raysemi.ml.metrics import classification_metrics
 from raysemi.ml.report import write_report
@@ -59,7 +59,7 @@ def split_metrics(model_uri: str, cfg: Config, split: str, classes: list[str]) -
     """``split_metrics_local`` as a Ray task on a worker with the configured resources."""
     import ray
 
-    ray_utils.init_ray(cfg.ray.address)
+    ray_session.init_ray(cfg.ray.address)
     task = ray.remote(split_metrics_local).options(
         num_cpus=cfg.ray.cpus_per_worker, num_gpus=1 if cfg.ray.use_gpu else 0, **ray_utils.OUTSIDE_PLACEMENT_GROUP
     )

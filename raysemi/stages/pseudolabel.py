@@ -31,7 +31,7 @@ from raysemi.core import console
 from raysemi.core import io as rio
 from raysemi.core.config import Config
 from raysemi.core.errors import RaysemiError
-from raysemi.distributed import ray_utils
+from raysemi.distributed import ray_session, ray_utils
 from raysemi.stages.commits import pending_shards, remove_stale, verify_exactly_once
 from raysemi.stages.predictor import STAGE, ShardPredictor, model_classes
 
@@ -214,7 +214,7 @@ def predict_shards(
 
     computed_rows, restarts, run_s = 0, 0, 0.0
     if todo:
-        ray_utils.init_ray(cfg.ray.address)
+        ray_session.init_ray(cfg.ray.address)
         pool = PredictorPool(
             model_uri, model_sha, cfg, min(cfg.pseudolabel.num_actors, len(todo)), predictor
         )

@@ -82,7 +82,7 @@ def run_tune(
     """Run (or ``resume``) the experiment ``<out>/<name>`` over the space in ``space_path``; every problem
     with the inputs is raised before any trial starts. ``overrides`` (dotted keys, the command line's
     ``--set``) win over the space's ``set``; ``callbacks`` are extra Ray Tune callbacks."""
-    from raysemi.distributed import ray_utils
+    from raysemi.distributed import ray_session, ray_utils
 
     out = absolute(out)
     if name is None:
@@ -129,7 +129,7 @@ def run_tune(
 
     from ray import tune
 
-    ray_utils.init_ray(base.ray.address)
+    ray_session.init_ray(base.ray.address)
     import ray
 
     n = max_concurrent or max_concurrent_trials(base, ray.cluster_resources())

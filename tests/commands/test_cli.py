@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from raysemi.commands.cli import main
-from raysemi.distributed import ray_utils
+from raysemi.distributed import ray_session, ray_utils
 
 
 @pytest.fixture
@@ -28,7 +28,7 @@ def no_ray(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("Ray was started")
 
-    monkeypatch.setattr(ray_utils, "init_ray", refuse)
+    monkeypatch.setattr(ray_session, "init_ray", refuse)
     monkeypatch.setattr(ray_utils, "fit", refuse)
 
 

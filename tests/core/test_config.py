@@ -199,7 +199,7 @@ def test_min_workers_makes_train_elastic_between_it_and_num_workers():
 def test_collective_timeout_reaches_the_process_group_and_is_checked(monkeypatch):
     import ray.train.torch
 
-    from raysemi.distributed import ray_utils
+    from raysemi.distributed import ray_session, ray_utils
     from raysemi.distributed.ray_rendezvous import LoopbackTorchConfig
 
     built = {}
@@ -212,7 +212,7 @@ def test_collective_timeout_reaches_the_process_group_and_is_checked(monkeypatch
             return None
 
     monkeypatch.setattr(ray.train.torch, "TorchTrainer", Recorder)
-    monkeypatch.setattr(ray_utils, "init_ray", lambda address=None: None)
+    monkeypatch.setattr(ray_session, "init_ray", lambda address=None: None)
     cfg = load_config(None, ["ray.collective_timeout_s=7200"])
     assert load_config(None).ray.collective_timeout_s == 3600
     ray_utils.fit(lambda c: None, {}, cfg, "x")

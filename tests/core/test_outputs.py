@@ -206,13 +206,13 @@ def test_removing_a_train_run_keeps_what_ray_train_did_not_write(tmp_path):
 
 def test_tune_overwrite_removes_tunes_files_only_and_refuses_an_unmarked_experiment(tmp_path, demo_dataset,
                                                                                    monkeypatch):
-    from raysemi.distributed import ray_utils
+    from raysemi.distributed import ray_session
     from raysemi.tune import SETUP, run_tune
 
     def no_ray(*args, **kwargs):
         raise AssertionError("no Ray")
 
-    monkeypatch.setattr(ray_utils, "init_ray", no_ray)  # the sweep must not start (Ray may be up: other tests)
+    monkeypatch.setattr(ray_session, "init_ray", no_ray)  # the sweep must not start (Ray may be up: other tests)
     space = Path(__file__).resolve().parents[2] / "tune_spaces" / "tiny.yaml"
     exp = tmp_path / "out" / "tiny"
     cfg = load_config(None, [f"data.path={demo_dataset}", "pretrain.batch_size=32"])

@@ -223,13 +223,13 @@ def save_byol(uri: str, cfg: Config, meta_cfg: Config | None = None) -> str:
 @pytest.fixture
 def no_workers(monkeypatch):
     """Fail the test if a Ray Train run (or Ray itself) is started."""
-    from raysemi.distributed import ray_utils
+    from raysemi.distributed import ray_session, ray_utils
 
     def refuse(*args, **kwargs):
         raise AssertionError("a Ray worker was started")
 
     monkeypatch.setattr(ray_utils, "fit", refuse)
-    monkeypatch.setattr(ray_utils, "init_ray", refuse)
+    monkeypatch.setattr(ray_session, "init_ray", refuse)
 
 
 def test_finetune_refuses_an_init_of_another_backbone_before_writing_anything(demo_dataset, tmp_path, no_workers):

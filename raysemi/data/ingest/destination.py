@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import uuid
 from pathlib import Path
@@ -14,6 +15,8 @@ from raysemi.data import shards
 from raysemi.data.shards import SPLITS, DatasetError
 
 PART = re.compile(r"part-\d+\.parquet(\.tmp-[0-9a-f]+)?$")
+log = logging.getLogger("raysemi")
+
 STAGING = "_staging-"  # an ingest's working folder in the destination (``ingest.py``), removed when it ends
 STAGED = re.compile(rf"{STAGING}[0-9a-f]{{8}}$")  # only such a name: never a folder of the user's
 
@@ -91,3 +94,25 @@ def clear_parts(dest: str, keep: str | None = None) -> None:
             fs.rm(doomed)
         if isinstance(fs, LocalFileSystem) and fs.exists(sdir) and not fs.ls(sdir):
             fs.rmdir(sdir)
+
+
+def remove_staging(staging: str) -> None:
+    """Remove the staging folder; when the storage is what failed, the next ingest there removes it."""
+    fs, path = rio.filesystem(staging)
+    try:
+        fs.rm(path, recursive=True)
+    except FileNotFoundError:
+        pass
+    except Exception as err:  # the original error is the one to report
+        log.warning("could not remove the staging folder %s (%s)", staging, type(err).__name__)
+
+
+def undo_partial(dest: str) -> str:
+    """Remove the shards of a failed ingest; says what is left behind."""
+    try:
+        clear_parts(dest)
+    except Exception as err:  # the storage may be what failed: the original error is the one to report
+        return (f"partial shards may be left under {dest}/<split>/ (removing them failed too: {type(err).__name__}); "
+                "without a manifest.json no command takes them for a dataset, and the next ingest to this "
+                "destination removes them")
+    return "no shard was left behind"

@@ -43,7 +43,14 @@ from raysemi.data.ingest.chunks import (
     scatter_chunk,
     stage_chunk,
 )
-from raysemi.data.ingest.destination import STAGING, check_destination, clear_parts, remove_if_empty
+from raysemi.data.ingest.destination import (
+    STAGING,
+    check_destination,
+    clear_parts,
+    remove_if_empty,
+    remove_staging,
+    undo_partial,
+)
 from raysemi.data.ingest.dicom import read as dicom
 from raysemi.data.ingest.dicom.read import DicomOptions
 from raysemi.data.ingest.dicom.sources import scan_dicom, scan_dicom_unlabeled
@@ -61,7 +68,7 @@ from raysemi.data.ingest.validate import DEFAULT_MAX_PIXELS
 from raysemi.data.shards import QUARANTINE, SPLITS, DatasetError, Manifest, Mapper, SplitInfo, local_map
 from raysemi.data.sources import current_trees, source_trees
 
-__all__ = ["FORMATS", "DicomOptions", "ingest", "summarize"]  # FORMATS: re-exported from sources
+__all__ = ["FORMATS", "DicomOptions", "ingest"]  # FORMATS: re-exported from sources
 
 log = logging.getLogger(__name__)
 
@@ -243,14 +250,14 @@ def ingest(
                               group_regex=group_regex, unlabeled=unlabeled, seed=seed, overwrite=overwrite,
                               max_pixels=max_pixels, progress=progress, synthetic=synthetic, workers=workers)
         except OSError as err:
-            _remove_staging(staging)
+            remove_staging(staging)
             remove_if_empty(dest, created)
             raise DatasetError(f"writing {dest} failed: {rio.storage_problem(err)}") from err
         except BaseException:
-            _remove_staging(staging)
+            remove_staging(staging)
             remove_if_empty(dest, created)
             raise
-        _remove_staging(staging)
+        remove_staging(staging)
         log.info("ingested %s -> %s: %d stored, %d quarantined, %d duplicates", shown[0], dest,
                  sum(s.rows for s in manifest.splits.values()), manifest.quarantined_total, manifest.duplicates)
         return manifest
@@ -324,7 +331,7 @@ def _build(src: _Source, dest: str, staging: str, regex, map_fn: Mapper, shown: 
         shards.write_manifest(dest, manifest)  # last: only a complete dataset has one
         return manifest
     except BaseException as err:
-        left = _undo_partial(dest)
+        left = undo_partial(dest)
         problem = None if isinstance(err, DatasetError) or not isinstance(err, Exception) else \
             rio.storage_problem(err)
         if problem is not None:  # the storage failed (S3 down, silent, refusing; a disk error)
@@ -332,53 +339,3 @@ def _build(src: _Source, dest: str, staging: str, regex, map_fn: Mapper, shown: 
         if not left.startswith("no shard"):
             log.warning("%s", left)
         raise
-
-
-def _remove_staging(staging: str) -> None:
-    """Remove the staging folder; when the storage is what failed, the next ingest there removes it."""
-    fs, path = rio.filesystem(staging)
-    try:
-        fs.rm(path, recursive=True)
-    except FileNotFoundError:
-        pass
-    except Exception as err:  # the original error is the one to report
-        log.warning("could not remove the staging folder %s (%s)", staging, type(err).__name__)
-
-
-def _undo_partial(dest: str) -> str:
-    """Remove the shards of a failed ingest; says what is left behind."""
-    try:
-        clear_parts(dest)
-    except Exception as err:  # the storage may be what failed: the original error is the one to report
-        return (f"partial shards may be left under {dest}/<split>/ (removing them failed too: {type(err).__name__}); "
-                "without a manifest.json no command takes them for a dataset, and the next ingest to this "
-                "destination removes them")
-    return "no shard was left behind"
-
-
-def summarize(manifest: Manifest) -> str:
-    """A few lines for the CLI: rows per split, quarantined, duplicates, conversions."""
-    stored = sum(s.rows for s in manifest.splits.values())
-    tag = " [SYNTHETIC]" if manifest.synthetic else ""
-    lines = [f"{stored:,} images stored, {manifest.num_classes} classes: {', '.join(manifest.classes)}{tag}"]
-    for name, s in manifest.splits.items():
-        if s.rows == 0 and name == "unlabeled":
-            continue
-        per = ", ".join(f"{c} {n:,}" for c, n in s.label_counts.items())
-        lines.append(
-            f"  {name:<9} {s.rows:>7,} rows in {len(s.shards)} shards" + (f" ({per})" if per else "")
-        )
-    detail = "; ".join(f"{r}: {n}" for r, n in manifest.quarantined.items())
-    lines.append(f"quarantined: {manifest.quarantined_total}" + (f" ({detail})" if detail else ""))
-    lines.append(f"duplicates dropped: {manifest.duplicates}")
-    converted = manifest.extra.get("converted") or {}
-    if converted:
-        lines.append("converted: " + "; ".join(f"{k}: {n}" for k, n in converted.items()))
-    d = manifest.extra.get("dicom")
-    if d:
-        skipped = ", ".join(f"{k} {n}" for k, n in d["skipped"].items()) or "none"
-        lines.append(
-            f"DICOM: {d['files']} files (skipped: {skipped}); groups: salted hash of {d['group_key']}; "
-            f"frames: {d['frames']}; rules: " + "; ".join(f"{r}: {n}" for r, n in d["rules"].items())
-        )
-    return "\n".join(lines)

@@ -19,7 +19,8 @@ from PIL import Image
 
 from raysemi.core import io as rio
 from raysemi.data import shards
-from raysemi.data.ingest.run import ingest, summarize
+from raysemi.data.ingest.run import ingest
+from raysemi.data.ingest.summary import summarize
 from raysemi.data.shards import DatasetError
 from tests.conftest import point_s3_at
 from tests.moto_s3 import moto_s3

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from raysemi.core.errors import RaysemiError
-from raysemi.distributed import ray_utils
+from raysemi.distributed import ray_session
 from tests.procs import NO_OTHER_RAY
 
 REPO = Path(__file__).resolve().parents[2]
@@ -39,21 +39,21 @@ def failing_ray_init(monkeypatch):
     monkeypatch.setattr(ray, "init", init)
     monkeypatch.setattr(ray, "shutdown", lambda: shutdowns.append(True))
     monkeypatch.setattr(services, "canonicalize_bootstrap_address", lambda *a, **k: None)
-    monkeypatch.setattr(ray_utils, "_loopback_node", contextlib.nullcontext, raising=False)  # env left alone
+    monkeypatch.setattr(ray_session, "_loopback_node", contextlib.nullcontext, raising=False)  # env left alone
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     return shutdowns
 
 
 def test_ray_that_cannot_start_is_one_line(failing_ray_init):
     with pytest.raises(RaysemiError, match="Ray could not start on this machine: The current node timed out") as err:
-        ray_utils.init_ray()
+        ray_session.init_ray()
     assert "\n" not in str(err.value)
     assert failing_ray_init == [True]  # what a half-started Ray left is shut down
 
 
 def test_cluster_that_cannot_be_reached_is_one_line(failing_ray_init):
     with pytest.raises(RaysemiError, match="cannot attach to the Ray cluster at 10.0.0.5:6379: The current node"):
-        ray_utils.init_ray("10.0.0.5:6379")
+        ray_session.init_ray("10.0.0.5:6379")
 
 
 # ---------------------------------------------------------------- a killed driver takes its private Ray along
@@ -62,7 +62,7 @@ _DRIVER = NO_OTHER_RAY + textwrap.dedent(
     """
     import time
     import ray
-    from raysemi.distributed.ray_utils import init_ray
+    from raysemi.distributed.ray_session import init_ray
 
     init_ray()
     assert ray.get(ray.remote(lambda: 1).remote()) == 1  # a worker process too
