@@ -14,9 +14,9 @@ from raysemi.core.outputs import DATASET, MARKER, check_marked, guard_output
 from raysemi.data import shards
 from raysemi.data.shards import SPLITS, DatasetError
 
-PART = re.compile(r"part-\d+\.parquet(\.tmp-[0-9a-f]+)?$")
 log = logging.getLogger("raysemi")
 
+PART = re.compile(r"part-\d+\.parquet(\.tmp-[0-9a-f]+)?$")
 STAGING = "_staging-"  # an ingest's working folder in the destination (``ingest.py``), removed when it ends
 STAGED = re.compile(rf"{STAGING}[0-9a-f]{{8}}$")  # only such a name: never a folder of the user's
 
